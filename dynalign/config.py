@@ -1,0 +1,541 @@
+"""Typed configuration: the one place where every hyperparameter is declared and documented.
+
+The YAML files under ``conf/`` hold values only. Their structure and types come from
+the dataclasses below, registered in Hydra's ConfigStore as ``train_schema``, so a
+wrong type or an unknown key fails while Hydra composes the config. Rules that
+relate values to each other (``group_size >= 2``, a known loss name, a batch that
+splits over the ranks) live in ``validate()`` methods and run before any model or
+data is loaded; every failure is a :class:`ConfigError` naming the full key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+
+DTYPES = ("float32", "bfloat16", "float16")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+ROLLOUT_BACKENDS = ("hf", "vllm")
+JUDGE_MODES = ("generate", "logprob")
+JUDGE_SOURCES = ("self", "frozen", "external")
+EXTERNAL_BACKENDS = ("hf", "vllm", "openai")
+COMBINE_RULES = ("mean", "weighted", "min")
+LOGGER_BACKENDS = ("wandb", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+OFFLOAD_DEVICES = ("none", "cpu")
+RESUME_MODES = ("never", "auto")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; ``key`` is the full dotted key (``grpo.group_size``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def _choice(value: Any, choices: Any, key: str) -> None:
+    valid = sorted(choices)
+    _require(value in valid, key, f"unknown value {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def _in_range(value: float, low: float, high: float, key: str, *, high_open: bool = False) -> None:
+    ok = low <= value < high if high_open else low <= value <= high
+    bracket = ")" if high_open else "]"
+    _require(ok and not math.isnan(value), key, f"must be in [{low}, {high}{bracket} (got {value})")
+
+
+def _positive(value: float, key: str) -> None:
+    _require(value > 0, key, f"must be > 0 (got {value})")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the embedded tiny model, built locally (no hub) when ``model.name_or_path=tiny``."""
+
+    seed: int = 0  # same seed -> byte-identical weights and tokenizer files
+    cache_dir: Optional[str] = None  # where it is built; None -> $DYNALIGN_CACHE or ~/.cache/dynalign
+    vocab_size: int = 1024  # byte-level BPE vocabulary trained on Python's standard library sources
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2  # head_dim = hidden_size / heads; vLLM's CPU kernels need 64
+    num_key_value_heads: int = 1
+    max_position_embeddings: int = 2048
+
+    def validate(self, key: str) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            _positive(getattr(self, name), f"{key}.{name}")
+        _require(self.vocab_size >= 300, f"{key}.vocab_size",
+                 f"must be >= 300 (256 bytes + special tokens; got {self.vocab_size})")
+        _require(self.hidden_size % self.num_attention_heads == 0, f"{key}.num_attention_heads",
+                 f"must divide hidden_size={self.hidden_size} (got {self.num_attention_heads})")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+                 f"{key}.num_key_value_heads",
+                 f"must divide num_attention_heads={self.num_attention_heads} "
+                 f"(got {self.num_key_value_heads})")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft; off by default (full fine-tuning)."""
+
+    enabled: bool = False
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling numerator: updates are scaled by alpha / r
+    dropout: float = 0.0
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"])
+
+    def validate(self, key: str) -> None:
+        if not self.enabled:
+            return
+        _positive(self.r, f"{key}.r")
+        _positive(self.alpha, f"{key}.alpha")
+        _in_range(self.dropout, 0.0, 1.0, f"{key}.dropout", high_open=True)
+        _require(len(self.target_modules) > 0, f"{key}.target_modules", "must name at least one module")
+
+
+@dataclass
+class ModelConfig:
+    """The policy: any causal LM that ``transformers`` loads."""
+
+    name_or_path: str = "tiny"  # hub id or local directory; "tiny" builds the embedded tiny model
+    dtype: str = "float32"  # weights and compute dtype: float32 | bfloat16 | float16
+    trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
+    attn_implementation: str = "sdpa"  # passed to from_pretrained (sdpa | eager | flash_attention_2)
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.name_or_path.strip()), f"{key}.name_or_path", "must not be empty")
+        _choice(self.dtype, DTYPES, f"{key}.dtype")
+        _choice(self.attn_implementation, ("sdpa", "eager", "flash_attention_2"),
+                f"{key}.attn_implementation")
+        if self.name_or_path == "tiny":
+            self.tiny.validate(f"{key}.tiny")
+        self.lora.validate(f"{key}.lora")
+
+
+# ----------------------------------------------------------------------- generator
+
+
+@dataclass
+class GeneratorEndpointConfig:
+    """An OpenAI-compatible chat endpoint that writes prompts (``generator.models: [openai:NAME]``)."""
+
+    base_url: Optional[str] = None  # e.g. http://localhost:8000/v1; required by any openai:NAME model
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key; unset: "EMPTY" is sent
+    timeout_s: float = 60.0  # per request
+    max_retries: int = 3  # retries of a failed request; after them the shard fails and a rerun resumes
+    concurrency: int = 8  # simultaneous requests
+
+
+@dataclass
+class GeneratorConfig:
+    """Synthesis of the training prompts (``python -m dynalign.generate``)."""
+
+    name: str = "ca_prompts"
+    num_prompts: int = 64  # target number of prompts after filtering and deduplication
+    output_dir: str = "data/prompts"  # where the datasets DatasetDict, JSONL and shards are written
+    prompts_per_call: int = 4  # prompts asked for in one meta-prompt
+    eval_fraction: float = 0.1  # share of prompts held out as the eval split
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    regenerate_each_iteration: bool = False  # train each iteration on prompts the current policy wrote
+    dataset: Optional[str] = None  # train on this: saved dataset / generation dir, data file or hub id
+    prompt_column: str = "prompt"  # column of ``dataset`` that holds the prompt text
+    models: List[str] = field(default_factory=lambda: ["policy"])  # policy | openai:NAME | path or hub id
+    endpoint: GeneratorEndpointConfig = field(default_factory=GeneratorEndpointConfig)  # for openai:NAME
+    taxonomy_file: Optional[str] = None  # domains x task types x aspect sets; None: shipped CA taxonomy
+    templates_file: Optional[str] = None  # meta-prompt templates (YAML); None: shipped templates
+    template_ids: List[str] = field(default_factory=list)  # templates to cycle through; empty: all
+    calls_per_shard: int = 8  # meta-prompts sampled as one batch and saved as one shard (resume unit)
+    max_calls: Optional[int] = None  # stop after this many meta-prompts; None: 4 x the calls needed
+    min_chars: int = 24  # parsed prompts shorter than this are dropped
+    max_chars: int = 1200  # parsed prompts longer than this are dropped
+    min_prose_fraction: float = 0.7  # min share of letters (of visible chars) and of words (of tokens)
+    min_ascii_fraction: float = 0.9  # min share of ASCII in visible chars (English); 0 keeps any script
+    max_meta_overlap: float = 0.5  # drop prompts whose word 3-grams lie this much in the meta-prompt
+    dedup_threshold: float = 0.7  # near duplicate: MinHash Jaccard of char 5-grams at least this
+    top_up_with_seeds: bool = True  # too few prompts survive: add shipped seed prompts (source=seed)
+
+    def validate(self, key: str) -> None:
+        from dynalign.datagen.settings import validate_generator
+
+        _positive(self.num_prompts, f"{key}.num_prompts")
+        _positive(self.prompts_per_call, f"{key}.prompts_per_call")
+        _in_range(self.eval_fraction, 0.0, 1.0, f"{key}.eval_fraction", high_open=True)
+        _positive(self.temperature, f"{key}.temperature")
+        _require(0.0 < self.top_p <= 1.0, f"{key}.top_p", f"must be in (0, 1] (got {self.top_p})")
+        _positive(self.max_new_tokens, f"{key}.max_new_tokens")
+        validate_generator(self, key)
+
+
+# --------------------------------------------------------------------------- judge
+
+
+@dataclass
+class AspectConfig:
+    """One scored aspect of a rubric, with a descriptor for each score level."""
+
+    name: str = "???"
+    description: str = "???"
+    levels: Dict[str, str] = field(default_factory=dict)  # score (as text) -> what that score means
+    weight: float = 1.0  # used when the rubric combines aspects with "weighted"
+
+
+@dataclass
+class RubricConfig:
+    """A value written down as aspects to score; rubrics are data, add one with a YAML file."""
+
+    name: str = "???"
+    description: str = ""  # the value in a paragraph, shown to the judge
+    scale_min: int = 0
+    scale_max: int = 5
+    combine: str = "mean"  # how aspect scores become one reward: mean | weighted | min
+    aspects: List[AspectConfig] = field(default_factory=list)
+
+    def validate(self, key: str) -> None:
+        _require(self.scale_max > self.scale_min, f"{key}.scale_max",
+                 f"must be > scale_min={self.scale_min} (got {self.scale_max})")
+        _choice(self.combine, COMBINE_RULES, f"{key}.combine")
+        _require(len(self.aspects) > 0, f"{key}.aspects", "a rubric needs at least one aspect")
+        names = [a.name for a in self.aspects]
+        _require(len(set(names)) == len(names), f"{key}.aspects", f"duplicate aspect names {names}")
+        for i, aspect in enumerate(self.aspects):
+            _require(aspect.weight >= 0, f"{key}.aspects.{i}.weight",
+                     f"must be >= 0 (got {aspect.weight})")
+
+
+@dataclass
+class ExternalJudgeConfig:
+    """A judge that is not the policy: a local model or an OpenAI-compatible endpoint."""
+
+    backend: str = "hf"  # hf | vllm | openai
+    model: str = "tiny"  # local path / hub id (hf, vllm) or served model name (openai)
+    base_url: Optional[str] = None  # openai: e.g. http://localhost:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    concurrency: int = 16  # simultaneous requests to the endpoint
+
+    def validate(self, key: str) -> None:
+        _choice(self.backend, EXTERNAL_BACKENDS, f"{key}.backend")
+        if self.backend == "openai":
+            _require(bool(self.base_url), f"{key}.base_url", "required when backend=openai")
+        _positive(self.timeout_s, f"{key}.timeout_s")
+        _require(self.max_retries >= 0, f"{key}.max_retries", f"must be >= 0 (got {self.max_retries})")
+        _positive(self.concurrency, f"{key}.concurrency")
+
+
+@dataclass
+class JudgeConfig:
+    """Who scores the candidates, how, and against which rubric."""
+
+    source: str = "self"  # self (current policy) | frozen (iteration's start) | external
+    mode: str = "generate"  # generate: parse k sampled verdicts | logprob: expected score
+    num_samples: int = 1  # generate mode: verdicts sampled per candidate, NaN-aware mean
+    temperature: float = 0.7  # generate mode sampling temperature
+    max_new_tokens: int = 256  # room for the judge's reasoning plus its verdict
+    rubric: RubricConfig = field(default_factory=RubricConfig)
+    external: ExternalJudgeConfig = field(default_factory=ExternalJudgeConfig)
+
+    def validate(self, key: str) -> None:
+        _choice(self.source, JUDGE_SOURCES, f"{key}.source")
+        _choice(self.mode, JUDGE_MODES, f"{key}.mode")
+        _positive(self.num_samples, f"{key}.num_samples")
+        _require(self.temperature >= 0, f"{key}.temperature", f"must be >= 0 (got {self.temperature})")
+        _positive(self.max_new_tokens, f"{key}.max_new_tokens")
+        self.rubric.validate(f"{key}.rubric")
+        if self.source == "external":
+            self.external.validate(f"{key}.external")
+
+
+# ---------------------------------------------------------------------------- grpo
+
+
+@dataclass
+class GRPOConfig:
+    """Group Relative Policy Optimization: the update rule and its batch geometry."""
+
+    lr: float = 1e-5  # peak learning rate of AdamW
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warmup, then constant
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    group_size: int = 4  # G: answers sampled per prompt; advantages are relative within a group
+    prompts_per_step: int = 4  # prompts per optimizer step; the step sees prompts_per_step * G answers
+    micro_batch_size: int = 4  # sequences per forward/backward on one rank (gradient accumulation)
+    max_prompt_length: int = 256  # prompts are left-truncated to this many tokens
+    max_completion_length: int = 32  # new tokens per answer; also dr_grpo's normaliser
+    loss_type: str = "grpo"  # aggregation of the per-token loss; see dynalign.grpo.POLICY_LOSSES
+    clip_eps_low: float = 0.2  # ratio clipped below at 1 - clip_eps_low
+    clip_eps_high: float = 0.2  # ratio clipped above at 1 + clip_eps_high (DAPO: 0.28)
+    dual_clip: Optional[float] = None  # c > 1 bounds the loss of negative advantages at c * |A|
+    beta: float = 0.0  # weight of the KL penalty to the reference model; 0 loads no reference
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman's estimators)
+    scale_rewards: str = "group"  # advantage scale: group std | batch std | none (Dr. GRPO)
+    num_iterations: int = 1  # mu: optimizer passes over each batch of rollouts
+    dynamic_sampling: bool = False  # drop groups whose rewards have zero spread (counted)
+    mask_truncated: bool = False  # exclude answers that hit max_completion_length from the loss
+
+    def validate(self, key: str) -> None:
+        from dynalign import grpo  # the registries are the single source of valid names
+
+        _positive(self.lr, f"{key}.lr")
+        _require(self.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0 (got {self.weight_decay})")
+        _require(self.warmup_steps >= 0, f"{key}.warmup_steps", f"must be >= 0 (got {self.warmup_steps})")
+        _require(self.max_grad_norm >= 0, f"{key}.max_grad_norm",
+                 f"must be >= 0 (got {self.max_grad_norm})")
+        _require(self.group_size >= 2, f"{key}.group_size",
+                 f"must be >= 2: advantages compare answers within a group (got {self.group_size})")
+        _positive(self.prompts_per_step, f"{key}.prompts_per_step")
+        _positive(self.micro_batch_size, f"{key}.micro_batch_size")
+        _positive(self.max_prompt_length, f"{key}.max_prompt_length")
+        _positive(self.max_completion_length, f"{key}.max_completion_length")
+        _choice(self.loss_type, grpo.POLICY_LOSSES, f"{key}.loss_type")
+        _in_range(self.clip_eps_low, 0.0, 1.0, f"{key}.clip_eps_low", high_open=True)
+        _in_range(self.clip_eps_high, 0.0, 1.0, f"{key}.clip_eps_high", high_open=True)
+        if self.dual_clip is not None:
+            _require(self.dual_clip > 1.0, f"{key}.dual_clip", f"must be > 1 (got {self.dual_clip})")
+        _require(self.beta >= 0, f"{key}.beta", f"must be >= 0 (got {self.beta})")
+        _choice(self.kl_estimator, grpo.KL_ESTIMATORS, f"{key}.kl_estimator")
+        _choice(self.scale_rewards, ADVANTAGE_SCALES, f"{key}.scale_rewards")
+        _require(self.num_iterations >= 1, f"{key}.num_iterations",
+                 f"must be >= 1 (got {self.num_iterations})")
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+# ------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class VLLMConfig:
+    """Options of the colocated vLLM engine (``rollout=vllm``)."""
+
+    gpu_memory_utilization: float = 0.3  # share of GPU memory vLLM may take (weights + KV cache)
+    tensor_parallel_size: int = 1
+    enable_sleep_mode: bool = False  # free vLLM's memory during the update phase
+    enable_prefix_caching: bool = True  # the G answers of a prompt share its KV cache
+    kv_cache_space_gib: float = 1.0  # CPU builds: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    max_model_len: Optional[int] = None  # None -> max_prompt_length + max_completion_length
+
+    def validate(self, key: str) -> None:
+        _require(0.0 < self.gpu_memory_utilization <= 1.0, f"{key}.gpu_memory_utilization",
+                 f"must be in (0, 1] (got {self.gpu_memory_utilization})")
+        _positive(self.tensor_parallel_size, f"{key}.tensor_parallel_size")
+        _positive(self.kv_cache_space_gib, f"{key}.kv_cache_space_gib")
+
+
+@dataclass
+class RolloutConfig:
+    """How answers are sampled from the policy."""
+
+    backend: str = "hf"  # hf: transformers generate (anywhere) | vllm: colocated vLLM engine
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    batch_size: int = 64  # hf: sequences per generate call
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def validate(self, key: str) -> None:
+        _choice(self.backend, ROLLOUT_BACKENDS, f"{key}.backend")
+        _positive(self.temperature, f"{key}.temperature")
+        _require(0.0 < self.top_p <= 1.0, f"{key}.top_p", f"must be in (0, 1] (got {self.top_p})")
+        _require(self.top_k >= 0, f"{key}.top_k", f"must be >= 0 (got {self.top_k})")
+        _positive(self.batch_size, f"{key}.batch_size")
+        if self.backend == "vllm":
+            self.vllm.validate(f"{key}.vllm")
+
+
+# ----------------------------------------------------------------------- deepspeed
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed ZeRO training core; options map onto DeepSpeed's JSON config."""
+
+    stage: int = 3  # ZeRO stage: 0, 1, 2 or 3 (3 partitions parameters too)
+    offload_optimizer: str = "none"  # none | cpu
+    offload_param: str = "none"  # none | cpu (stage 3 only)
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    extra: Dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed JSON config
+
+    def validate(self, key: str) -> None:
+        _choice(self.stage, (0, 1, 2, 3), f"{key}.stage")
+        _choice(self.offload_optimizer, OFFLOAD_DEVICES, f"{key}.offload_optimizer")
+        _choice(self.offload_param, OFFLOAD_DEVICES, f"{key}.offload_param")
+        _require(self.offload_param == "none" or self.stage == 3, f"{key}.offload_param",
+                 f"parameter offload needs stage 3 (stage is {self.stage})")
+        _positive(self.reduce_bucket_size, f"{key}.reduce_bucket_size")
+
+
+# -------------------------------------------------------------------------- logger
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking. A local JSONL mirror is always written besides."""
+
+    backend: str = "wandb"  # wandb | none
+    project: str = "dynalign"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    mode: str = "auto"  # auto: online with an API key, offline without | online | offline | disabled
+    job_type: str = "train"
+    group: Optional[str] = None  # None -> the Hydra sweep, so all runs of one -m sweep share a group
+    init_timeout_s: float = 60.0  # give up on W&B after this long and train on (JSONL mirror only)
+    log_samples_every: int = 1  # steps between samples tables; 0 disables
+    samples_per_log: int = 8  # rows per samples table
+
+    def validate(self, key: str) -> None:
+        _choice(self.backend, LOGGER_BACKENDS, f"{key}.backend")
+        _choice(self.mode, WANDB_MODES, f"{key}.mode")
+        _require(self.log_samples_every >= 0, f"{key}.log_samples_every",
+                 f"must be >= 0 (got {self.log_samples_every})")
+        _require(self.samples_per_log >= 0, f"{key}.samples_per_log",
+                 f"must be >= 0 (got {self.samples_per_log})")
+
+
+# ---------------------------------------------------------------------------- eval
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of alignment (external judge) and capability (lm-evaluation-harness)."""
+
+    every_n_iterations: int = 0  # run evaluation during training every N iterations; 0: never
+    num_prompts: int = 50  # CA prompts evaluated (curated set first, then held-out generated ones)
+    max_new_tokens: int = 128
+    pairwise: bool = True  # also judge against the base model, both orders
+    bootstrap_samples: int = 1000  # resamples for the 95% intervals
+    lm_eval_tasks: List[str] = field(default_factory=list)  # lm-evaluation-harness task names
+    lm_eval_limit: Optional[int] = None  # rows per task; None: all
+    lm_eval_batch_size: int = 8
+    judge: ExternalJudgeConfig = field(default_factory=ExternalJudgeConfig)
+
+    def validate(self, key: str) -> None:
+        _require(self.every_n_iterations >= 0, f"{key}.every_n_iterations",
+                 f"must be >= 0 (got {self.every_n_iterations})")
+        _positive(self.num_prompts, f"{key}.num_prompts")
+        _positive(self.max_new_tokens, f"{key}.max_new_tokens")
+        _require(self.bootstrap_samples >= 0, f"{key}.bootstrap_samples",
+                 f"must be >= 0 (got {self.bootstrap_samples})")
+        if self.lm_eval_limit is not None:
+            _positive(self.lm_eval_limit, f"{key}.lm_eval_limit")
+        _positive(self.lm_eval_batch_size, f"{key}.lm_eval_batch_size")
+        self.judge.validate(f"{key}.judge")
+
+
+# --------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainConfig:
+    """One Dynamic Alignment run: ``iterations`` x ``steps_per_iteration`` GRPO steps."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    iterations: int = 2  # Dynamic Alignment iterations
+    steps_per_iteration: int = 2  # GRPO optimizer steps per iteration
+    seed: int = 0
+    resume: str = "never"  # never | auto (latest checkpoint of the run dir) | a checkpoint path
+    checkpoints_to_keep: int = 2  # newest K checkpoints are kept
+    update_reference_each_iteration: bool = True  # move the KL reference to the policy per iteration
+    export_each_iteration: bool = True  # write a Hugging Face directory iter_<k>/ after iteration k
+
+    def validate(self, world_size: int = 1) -> TrainConfig:
+        """Check every group, then the rules that depend on the launch (``world_size``)."""
+        for name in ("model", "generator", "judge", "grpo", "rollout", "deepspeed", "logger", "eval"):
+            getattr(self, name).validate(name)
+        _positive(self.iterations, "iterations")
+        _positive(self.steps_per_iteration, "steps_per_iteration")
+        _require(self.resume in RESUME_MODES or bool(self.resume.strip()), "resume",
+                 f"must be one of {RESUME_MODES} or a checkpoint path")
+        _positive(self.checkpoints_to_keep, "checkpoints_to_keep")
+        _require(self.grpo.prompts_per_step % world_size == 0, "grpo.prompts_per_step",
+                 f"must be a multiple of the world size {world_size}: each rank judges whole groups "
+                 f"(got {self.grpo.prompts_per_step})")
+        per_rank = self.grpo.micro_batch_size * world_size
+        _require(self.grpo.sequences_per_step % per_rank == 0, "grpo.micro_batch_size",
+                 f"prompts_per_step * group_size = {self.grpo.sequences_per_step} sequences per "
+                 f"step must split into micro-batches of {self.grpo.micro_batch_size} on "
+                 f"{world_size} rank(s)")
+        return self
+
+
+def register_configs() -> None:
+    """Register the schema so Hydra type-checks every group file against it."""
+    from dynalign.runtime import register_resolvers
+
+    register_resolvers()
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    _register_experiments(cs)
+
+
+def _register_experiments(cs: ConfigStore) -> None:
+    """Make ``experiments/*.yaml`` the optional ``experiment`` group (``+experiment=NAME``).
+
+    The files hold only diffs against ``conf/train.yaml`` (``# @package _global_`` and a
+    ``defaults`` list of ``override /group: option`` lines), as Hydra experiment configs do.
+    """
+    for path in sorted(EXPERIMENTS_DIR.rglob("*.yaml")):
+        name = path.relative_to(EXPERIMENTS_DIR).with_suffix("").as_posix()
+        cs.store(group="experiment", name=name, node=OmegaConf.load(path), package="_global_")
+
+
+def to_train_config(cfg: DictConfig, world_size: int = 1) -> TrainConfig:
+    """Turn a composed Hydra config into a validated :class:`TrainConfig`.
+
+    The values are merged once more into a fresh, strict schema: Hydra lets ``+key=value``
+    append keys that no dataclass declares, and this is where such keys are refused.
+    """
+    values = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(values, dict)
+    values.pop("hydra", None)
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(TrainConfig), values)
+        obj = OmegaConf.to_object(node)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "<config>"
+        message = str(err).splitlines()[0]
+        raise ConfigError(key, message) from None
+    assert isinstance(obj, TrainConfig)
+    return obj.validate(world_size)
