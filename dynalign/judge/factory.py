@@ -1,0 +1,98 @@
+"""``build_judge``: a :class:`Judge` from ``cfg.judge`` and the samplers the loop owns.
+
+Who judges is picked by name (registries aligned with ``config.JUDGE_SOURCES`` and
+``config.EXTERNAL_BACKENDS``):
+
+- ``self``: the current policy, through the sampler that generated the candidates
+  (call the judge before the update);
+- ``frozen``: the iteration's starting policy or the base model; the loop builds that
+  sampler and passes it as ``frozen_sampler``;
+- ``external``: ``hf`` / ``vllm``, another local model whose sampler the loop builds
+  from ``judge.external.model`` (``external_sampler``, or ``make_sampler(cfg.external)``);
+  ``openai``, an OpenAI-compatible endpoint built here from ``judge.external``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from dynalign.config import ConfigError, ExternalJudgeConfig, JudgeConfig
+from dynalign.judge.backends import JudgeBackend, OpenAIChatBackend, SamplerBackend
+from dynalign.judge.rubric import Rubric
+from dynalign.judge.scoring import Judge
+from dynalign.rollout.base import Sampler, SamplingParams
+
+SamplerFactory = Callable[[ExternalJudgeConfig], Sampler]
+
+
+def _local_external(cfg: JudgeConfig, external_sampler: Sampler | None,
+                    make_sampler: SamplerFactory | None) -> JudgeBackend:
+    if external_sampler is None and make_sampler is not None:
+        external_sampler = make_sampler(cfg.external)
+    if external_sampler is None:
+        raise ConfigError("judge.external.backend",
+                          f"backend={cfg.external.backend} needs the sampler of judge.external.model="
+                          f"{cfg.external.model!r}: pass external_sampler or make_sampler to build_judge")
+    return SamplerBackend(external_sampler)
+
+
+def _openai_external(cfg: JudgeConfig, external_sampler: Sampler | None,
+                     make_sampler: SamplerFactory | None) -> JudgeBackend:
+    return OpenAIChatBackend.from_config(cfg.external, "judge.external")
+
+
+# External judge backends by name; keys match dynalign.config.EXTERNAL_BACKENDS.
+EXTERNAL_BACKEND_BUILDERS: dict[str, Callable[..., JudgeBackend]] = {
+    "hf": _local_external,
+    "vllm": _local_external,
+    "openai": _openai_external,
+}
+
+
+def _self_source(cfg, policy_sampler, frozen_sampler, external_sampler, make_sampler) -> JudgeBackend:
+    if policy_sampler is None:
+        raise ConfigError("judge.source", "source=self needs the policy sampler")
+    return SamplerBackend(policy_sampler)
+
+
+def _frozen_source(cfg, policy_sampler, frozen_sampler, external_sampler, make_sampler) -> JudgeBackend:
+    if frozen_sampler is None:
+        raise ConfigError("judge.source", "source=frozen needs frozen_sampler: a sampler of the "
+                                          "iteration's starting policy or of the base model")
+    return SamplerBackend(frozen_sampler)
+
+
+def _external_source(cfg, policy_sampler, frozen_sampler, external_sampler, make_sampler) -> JudgeBackend:
+    return EXTERNAL_BACKEND_BUILDERS[cfg.external.backend](cfg, external_sampler, make_sampler)
+
+
+# Judge sources by name; keys match dynalign.config.JUDGE_SOURCES.
+JUDGE_SOURCE_BUILDERS: dict[str, Callable[..., JudgeBackend]] = {
+    "self": _self_source,
+    "frozen": _frozen_source,
+    "external": _external_source,
+}
+
+
+def judge_config(cfg: JudgeConfig | DictConfig | dict) -> JudgeConfig:
+    """A validated :class:`JudgeConfig` from the dataclass or a composed ``cfg.judge`` node."""
+    if not isinstance(cfg, JudgeConfig):
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JudgeConfig), cfg))
+        assert isinstance(obj, JudgeConfig)
+        cfg = obj
+    cfg.validate("judge")
+    return cfg
+
+
+def build_judge(cfg: JudgeConfig | DictConfig | dict, policy_sampler: Sampler | None = None, *,
+                frozen_sampler: Sampler | None = None, external_sampler: Sampler | None = None,
+                make_sampler: SamplerFactory | None = None) -> Judge:
+    """The judge ``cfg`` (``cfg.judge`` of the run) describes, backed by the right model."""
+    cfg = judge_config(cfg)
+    backend = JUDGE_SOURCE_BUILDERS[cfg.source](cfg, policy_sampler, frozen_sampler, external_sampler,
+                                                make_sampler)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    return Judge(Rubric.from_config(cfg.rubric, "judge.rubric"), backend, mode=cfg.mode,
+                 num_samples=cfg.num_samples, params=params)
