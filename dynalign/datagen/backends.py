@@ -1,0 +1,126 @@
+"""Generator backends: whatever turns a batch of meta-prompts into completions.
+
+:class:`PromptGenerator` is the one interface the pipeline sees. Two implementations:
+
+* :class:`SamplerGenerator` wraps any :class:`~dynalign.rollout.base.Sampler` (the policy
+  the loop is training, or another local model / hub id loaded into an ``HFSampler``).
+  Samplers take one seed per ``sample`` call, so a batch is sampled with the seed of
+  its first call (``seeds_per_request = False``).
+* :class:`OpenAIChatGenerator` sends each meta-prompt to an OpenAI-compatible
+  ``/v1/chat/completions`` endpoint (vLLM, TGI, llama.cpp server, a hosted API) with its
+  own seed, ``concurrency`` requests at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any, Protocol
+
+from dynalign.datagen.settings import parse_model_spec
+from dynalign.rollout.base import Message, Sampler, SamplingParams
+
+
+class PromptGenerator(Protocol):
+    name: str  # recorded in every row as generator_model
+    seeds_per_request: bool  # True: request j is sampled with seeds[j]; False: all with seeds[0]
+
+    def generate(self, requests: Sequence[list[Message]], seeds: Sequence[int],
+                 params: SamplingParams) -> list[str]:
+        """One completion per request (chat messages), in order."""
+        ...
+
+
+class SamplerGenerator:
+    """A :class:`Sampler` as a prompt generator: the whole batch in one ``sample`` call."""
+
+    seeds_per_request = False
+
+    def __init__(self, sampler: Sampler, name: str) -> None:
+        self.sampler = sampler
+        self.name = name
+
+    def generate(self, requests: Sequence[list[Message]], seeds: Sequence[int],
+                 params: SamplingParams) -> list[str]:
+        rollouts = self.sampler.sample(list(requests), 1, replace(params, seed=seeds[0]))
+        return list(rollouts.texts)
+
+
+class OpenAIChatGenerator:
+    """An OpenAI-compatible chat endpoint, through the ``openai`` client (retries, timeouts).
+
+    The key is read from the environment variable ``api_key_env``; local servers that need
+    none get the placeholder ``"EMPTY"``. A request that still fails after ``max_retries``
+    raises, so the shard in flight is not written and a rerun retries it.
+    """
+
+    seeds_per_request = True
+
+    def __init__(self, model: str, *, base_url: str, api_key_env: str = "OPENAI_API_KEY",
+                 timeout_s: float = 60.0, max_retries: int = 3, concurrency: int = 8) -> None:
+        from openai import OpenAI
+
+        self.model = model
+        self.name = f"openai:{model}"
+        self.concurrency = concurrency
+        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
+                             timeout=timeout_s, max_retries=max_retries)
+
+    def _one(self, messages: list[Message], seed: int, params: SamplingParams) -> str:
+        extra: dict[str, Any] = {"stop": list(params.stop)} if params.stop else {}
+        response = self.client.chat.completions.create(
+            model=self.model, messages=messages, temperature=params.temperature, top_p=params.top_p,
+            max_tokens=params.max_new_tokens, seed=seed, n=1, **extra)
+        return response.choices[0].message.content or ""
+
+    def generate(self, requests: Sequence[list[Message]], seeds: Sequence[int],
+                 params: SamplingParams) -> list[str]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda r, s: self._one(r, s, params), requests, seeds))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def load_hf_sampler(model: Any, *, batch_size: int = 64) -> Sampler:
+    """An ``HFSampler`` on a ``ModelConfig`` or a local directory / hub id (``tiny``: the embedded model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dynalign.config import ModelConfig
+    from dynalign.rollout.hf_sampler import HFSampler
+    from dynalign.tiny_model import resolve_model_path
+
+    spec = model if isinstance(model, ModelConfig) else ModelConfig(name_or_path=str(model))
+    path = resolve_model_path(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.dtype),
+                                              trust_remote_code=spec.trust_remote_code)
+    if torch.cuda.is_available():
+        lm = lm.to("cuda")
+    return HFSampler(lm, tokenizer, batch_size=batch_size)
+
+
+def build_generators(gen_cfg: Any, *, policy: Sampler | None, policy_name: str,
+                     batch_size: int = 64) -> list[PromptGenerator]:
+    """One generator per ``generator.models`` entry (see :func:`parse_model_spec`)."""
+    generators: list[PromptGenerator] = []
+    endpoint = gen_cfg.endpoint
+    for spec in gen_cfg.models:
+        kind, name = parse_model_spec(spec)
+        if kind == "policy":
+            if policy is None:
+                raise ValueError("generator.models names 'policy' but no policy sampler was given")
+            generators.append(SamplerGenerator(policy, policy_name))
+        elif kind == "openai":
+            generators.append(OpenAIChatGenerator(
+                name, base_url=endpoint.base_url, api_key_env=endpoint.api_key_env,
+                timeout_s=endpoint.timeout_s, max_retries=endpoint.max_retries,
+                concurrency=endpoint.concurrency))
+        else:
+            generators.append(SamplerGenerator(load_hf_sampler(name, batch_size=batch_size), name))
+    return generators
