@@ -24,7 +24,6 @@ CONF_DIR = REPO_ROOT / "conf"
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 
 DTYPES = ("float32", "bfloat16", "float16")
-ADVANTAGE_SCALES = ("group", "batch", "none")
 ROLLOUT_BACKENDS = ("hf", "vllm")
 JUDGE_MODES = ("generate", "logprob")
 JUDGE_SOURCES = ("self", "frozen", "external")
@@ -323,7 +322,7 @@ class GRPOConfig:
             _require(self.dual_clip > 1.0, f"{key}.dual_clip", f"must be > 1 (got {self.dual_clip})")
         _require(self.beta >= 0, f"{key}.beta", f"must be >= 0 (got {self.beta})")
         _choice(self.kl_estimator, grpo.KL_ESTIMATORS, f"{key}.kl_estimator")
-        _choice(self.scale_rewards, ADVANTAGE_SCALES, f"{key}.scale_rewards")
+        _choice(self.scale_rewards, grpo.ADVANTAGE_SCALES, f"{key}.scale_rewards")
         _require(self.num_iterations >= 1, f"{key}.num_iterations",
                  f"must be >= 1 (got {self.num_iterations})")
 

@@ -1,0 +1,477 @@
+"""The GRPO core: group-relative advantages, memory-frugal log-probs, KL estimators and policy losses.
+
+Pure tensor functions: no model state, no ``torch.distributed``, no I/O. The trainer gathers what
+crosses ranks (rewards, the optimizer batch's token count) and passes it in.
+
+Conventions
+-----------
+* Shapes: ``B`` sequences, ``T`` completion tokens, ``V`` vocabulary, ``N`` rewards ordered as
+  ``N / G`` consecutive groups of ``G`` answers to the same prompt.
+* ``mask`` [B, T] marks the completion tokens that count (1/True) against padding (0/False).
+  Padded positions never reach an ``exp``: their log-ratio is zeroed first, so arbitrary values
+  there produce neither NaN nor gradient.
+* ``logp`` is the policy's log-prob of the sampled tokens (with grad); ``old_logp`` (the sampling
+  policy) and ``ref_logp`` (the reference model) are constants and are detached here.
+* Log-probs are computed in float32 (float64 stays float64) however the logits are stored;
+  bf16/fp16 logits are upcast one chunk of rows at a time, so no float32 [B, T, V] copy exists,
+  neither in the forward nor in the backward pass. Chunks are small on CPU (they stay in cache,
+  which makes them faster than one big pass) and large on accelerators (few kernel launches).
+* Statistics are detached python floats, for logging only.
+
+Policy losses (``POLICY_LOSSES``; per token ``r = exp(logp - old_logp)``)::
+
+    objective = min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)   [dual clip: A < 0 -> max(., c * A)]
+    loss_t    = -objective + beta * KL_t                               [KL_t only with ref_logp, beta > 0]
+    grpo      mean over sequences with >= 1 token of  sum_t loss_t m_t / sum_t m_t
+    bnpo      sum loss_t m_t / sum m_t                  (the micro-batch's tokens)
+    dr_grpo   sum loss_t m_t / (B * max_completion_length)
+    dapo      sum loss_t m_t / total_tokens             (tokens of the whole optimizer batch)
+    gspo      sequence ratio s = exp(mean_t log r), clipped per sequence, mean over sequences
+
+KL estimators (``KL_ESTIMATORS``) of KL(pi || pi_ref) from samples of pi, with x = ref_logp - logp
+clamped to [-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP]: k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+CHUNK_BYTES_CPU = 16 * 2**20  # float32 bytes of logits upcast at once on CPU: cache-friendly, heap-served
+CHUNK_BYTES_ACCELERATOR = 256 * 2**20  # ... on GPUs: large enough to keep kernel launches few
+KL_LOG_RATIO_CLAMP = 20.0  # |ref_logp - logp| is clamped to this before a KL estimator (exp(20) ~ 5e8)
+
+
+def _valid(names: Any) -> str:
+    return ", ".join(sorted(names))
+
+
+# ---------------------------------------------------------------------- advantages
+
+
+def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+    """Rewards [N] as a float [N / G, G] table (detached); raises if N is not a multiple of G."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"number of rewards ({rewards.numel()}) must be a positive multiple of "
+                         f"group_size ({group_size}): rewards are N / group_size consecutive groups")
+    dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    return rewards.detach().to(dtype).view(-1, group_size)  # [N/G, G]
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages [N]: ``r - mean(group)``, divided by a std chosen by ``scale``.
+
+    ``scale``: "group" -> the group's std, "batch" -> the std of all finite rewards of the batch,
+    "none" -> no division (Dr. GRPO). Stds are population stds (unbiased=False), ``eps`` is added.
+    NaN rewards (unparseable judgements) are left out of every mean and std and get advantage 0;
+    so does every answer of an all-NaN group. The result is detached.
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}; valid: {', '.join(ADVANTAGE_SCALES)}")
+    table = _grouped(rewards, group_size)  # [N/G, G]
+    finite = ~torch.isnan(table)  # [N/G, G]
+    count = finite.sum(-1, keepdim=True).clamp(min=1)  # [N/G, 1]
+    filled = torch.where(finite, table, torch.zeros_like(table))  # [N/G, G]
+    mean = filled.sum(-1, keepdim=True) / count  # [N/G, 1]
+    centered = torch.where(finite, table - mean, torch.zeros_like(table))  # [N/G, G]
+    if scale == "group":
+        std = (centered.square().sum(-1, keepdim=True) / count).sqrt()  # [N/G, 1]
+        centered = centered / (std + eps)  # [N/G, G]
+    elif scale == "batch":
+        kept = table[finite]  # [K]
+        std = kept.std(unbiased=False) if kept.numel() > 0 else table.new_zeros(())  # []
+        centered = centered / (std + eps)  # [N/G, G]
+    return centered.reshape(-1)  # [N]
+
+
+def zero_spread_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """Bool [N / G]: True where a group cannot teach anything (all finite rewards equal, or < 2 finite).
+
+    Used by dynamic sampling to drop groups whose advantages are all zero.
+    """
+    table = _grouped(rewards, group_size)  # [N/G, G]
+    finite = ~torch.isnan(table)  # [N/G, G]
+    high = torch.where(finite, table, torch.full_like(table, -float("inf"))).amax(-1)  # [N/G]
+    low = torch.where(finite, table, torch.full_like(table, float("inf"))).amin(-1)  # [N/G]
+    return (finite.sum(-1) < 2) | (high == low)  # [N/G]
+
+
+# ------------------------------------------------------------------------ log-probs
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
+    """Rows per chunk when ``chunk_size`` is None: CHUNK_BYTES_CPU or _ACCELERATOR of float32 logits."""
+    budget = CHUNK_BYTES_CPU if torch.device(device).type == "cpu" else CHUNK_BYTES_ACCELERATOR
+    return max(1, budget // (4 * max(vocab_size, 1)))
+
+
+def _row_chunks(logits: Tensor, chunk_size: int | None) -> Iterator[tuple[int, int, Tensor]]:
+    """Yield ``(start, end, rows)`` with rows [n, V] = flattened logits[start:end], one chunk at a time.
+
+    A view when the leading dims flatten without a copy; otherwise (e.g. a time slice of a batch)
+    only the chunk is gathered, so the full [rows, V] tensor is never copied.
+    """
+    if chunk_size is None:
+        chunk_size = default_chunk_size(logits.shape[-1], logits.device)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
+    vocab = logits.shape[-1]
+    lead = logits.shape[:-1]
+    n_rows = lead.numel()
+    try:
+        flat: Tensor | None = logits.view(n_rows, vocab)  # [R, V]
+    except RuntimeError:
+        flat = None
+    for start in range(0, n_rows, chunk_size):
+        end = min(start + chunk_size, n_rows)
+        if flat is not None:
+            yield start, end, flat[start:end]  # [n, V]
+        else:
+            index = torch.arange(start, end, device=logits.device)  # [n]
+            yield start, end, logits[torch.unravel_index(index, lead)]  # [n, V]
+
+
+class _ChunkedTokenLogProbs(torch.autograd.Function):
+    """log_softmax(logits)[label] by chunks of rows; the backward recomputes the softmax by chunks.
+
+    Saved for backward: the logits themselves (no copy) and the labels. Per chunk, the fused
+    log_softmax / softmax kernels (one float32 [n, V] result each) beat ``logit - logsumexp``, whose
+    CPU kernel makes several passes and temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, labels: Tensor, chunk_size: int | None) -> Tensor:
+        dtype = _compute_dtype(logits.dtype)
+        flat_labels = labels.reshape(-1, 1)  # [R, 1]
+        logp = torch.empty(flat_labels.shape[0], dtype=dtype, device=logits.device)  # [R]
+        for start, end, rows in _row_chunks(logits, chunk_size):
+            rows_logp = torch.log_softmax(rows.to(dtype), dim=-1)  # [n, V]
+            logp[start:end] = rows_logp.gather(-1, flat_labels[start:end]).squeeze(-1)  # [n]
+        ctx.save_for_backward(logits, flat_labels)
+        ctx.chunk_size = chunk_size
+        return logp.view(labels.shape)  # [B, T]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_logp: Tensor) -> tuple[Tensor, None, None]:
+        logits, flat_labels = ctx.saved_tensors
+        dtype = _compute_dtype(logits.dtype)
+        grad_rows = grad_logp.reshape(-1, 1).to(dtype)  # [R, 1]
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # [B, T, V]
+        flat_grad = grad.view(-1, logits.shape[-1])  # [R, V]
+        for start, end, rows in _row_chunks(logits, ctx.chunk_size):
+            g = grad_rows[start:end]  # [n, 1]
+            # d logp[label] / d logits = onehot(label) - softmax(logits)
+            chunk = torch.softmax(rows.to(dtype), dim=-1).mul_(-g)  # [n, V]
+            chunk.scatter_add_(-1, flat_labels[start:end], g)  # [n, V]
+            flat_grad[start:end] = chunk  # [n, V]
+        return grad, None, None
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Log-probs [B, T] of ``labels`` [B, T] under ``logits`` [B, T, V], differentiable.
+
+    Equals ``log_softmax(logits.float(), -1).gather(-1, labels[..., None])[..., 0]`` but works on
+    ``chunk_size`` rows of the flattened B*T at a time (None: :func:`default_chunk_size`), upcast to
+    float32 per chunk, in the forward and in the backward, so memory beyond the logits and their
+    gradient is O(chunk_size * V). Result dtype: float32 (float64 for float64 logits). Any leading
+    dims work. Labels must be valid token ids; mask padding in the loss.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
+                         "expected logits [..., V] and labels [...]")
+    return _ChunkedTokenLogProbs.apply(logits, labels.long(), chunk_size)  # [B, T]
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Entropy [B, T] of the softmax over ``logits`` [B, T, V], chunked like :func:`token_logprobs`.
+
+    Computed without grad (a monitoring statistic): the result is detached. -inf logits are fine.
+    """
+    dtype = _compute_dtype(logits.dtype)
+    entropy = torch.empty(logits.shape[:-1].numel(), dtype=dtype, device=logits.device)  # [R]
+    for start, end, rows in _row_chunks(logits, chunk_size):
+        probs = torch.softmax(rows.to(dtype), dim=-1)  # [n, V]
+        entropy[start:end] = torch.special.entr(probs).sum(-1)  # [n]
+    return entropy.view(logits.shape[:-1])  # [B, T]
+
+
+@overload
+def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_mask: Tensor,
+                        completion_length: int, *, temperature: float = ...,
+                        with_entropy: Literal[False] = ..., chunk_size: int | None = ...) -> Tensor: ...
+
+
+@overload
+def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_mask: Tensor,
+                        completion_length: int, *, temperature: float = ...,
+                        with_entropy: Literal[True],
+                        chunk_size: int | None = ...) -> tuple[Tensor, Tensor]: ...
+
+
+def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_mask: Tensor,
+                        completion_length: int, *, temperature: float = 1.0, with_entropy: bool = False,
+                        chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probs [B, C] of the completion tokens under a causal LM (and their entropy [B, C] if asked).
+
+    ``input_ids``/``attention_mask`` [B, P + C] hold left-padded prompts followed by right-padded
+    completions; the last ``completion_length`` (C) columns are the completion. ``model`` is called
+    as ``model(input_ids=..., attention_mask=...)`` and must return ``.logits`` [B, P + C, V]; logits
+    at position t predict token t + 1. They are sliced to the C predicting positions before any
+    float32 work and divided by ``temperature`` (the sampling temperature) when it is not 1.
+    Padded completion positions get (meaningless) values: mask them in the loss. Positions are
+    what the model derives itself (transformers: 0..P+C-1, pads included); rotary embeddings see
+    only relative positions, so left padding leaves the log-probs unchanged there.
+    """
+    length = input_ids.shape[1]
+    if not 0 < completion_length < length:
+        raise ValueError(f"completion_length must be in [1, {length - 1}] for {length} input columns "
+                         f"(got {completion_length})")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature})")
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, P+C, V]
+    logits = logits[:, length - completion_length - 1:length - 1]  # [B, C, V]
+    if temperature != 1.0:
+        logits = logits / temperature  # [B, C, V]
+    labels = input_ids[:, length - completion_length:]  # [B, C]
+    logp = token_logprobs(logits, labels, chunk_size)  # [B, C]
+    if not with_entropy:
+        return logp
+    return logp, token_entropy(logits, chunk_size)  # [B, C], [B, C]
+
+
+# ---------------------------------------------------------------------------- KL
+
+
+def _clamped_log_ratio(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return (ref_logp - logp).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)  # [B, T]
+
+
+def _kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return -_clamped_log_ratio(logp, ref_logp)  # [B, T]
+
+
+def _kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return _clamped_log_ratio(logp, ref_logp).square() / 2  # [B, T]
+
+
+def _kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    x = _clamped_log_ratio(logp, ref_logp)  # [B, T]
+    return torch.expm1(x) - x  # [B, T]  exp(x) - 1 - x, accurate near x = 0
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate [B, T] of KL(pi || pi_ref) from tokens sampled from pi.
+
+    With x = ref_logp - logp clamped to [-20, 20] (no gradient beyond the clamp):
+    k1 = -x (unbiased, can be negative), k2 = x^2 / 2, k3 = exp(x) - x - 1 (unbiased, >= 0).
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; valid: {_valid(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](logp, ref_logp)  # [B, T]
+
+
+# -------------------------------------------------------------------- policy losses
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """Arguments of one policy-loss call; ``mask`` is float, ``old_logp``/``ref_logp`` detached."""
+
+    logp: Tensor  # [B, T]
+    old_logp: Tensor  # [B, T]
+    advantages: Tensor  # [B]
+    mask: Tensor  # [B, T]
+    clip_eps_low: float
+    clip_eps_high: float
+    ref_logp: Tensor | None  # [B, T]
+    beta: float
+    kl_estimator: str
+    max_completion_length: int | None
+    total_tokens: float | Tensor | None
+    dual_clip: float | None
+
+
+PolicyLossFn = Callable[[LossInputs], tuple[Tensor, dict[str, float]]]
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator adding a loss to :data:`POLICY_LOSSES` (the names ``grpo.loss_type`` accepts)."""
+
+    def register(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is already registered")
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return register
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> float:
+    """Detached mean of ``values`` over ``mask`` (0.0 when the mask is empty)."""
+    total = mask.sum()  # []
+    return float((values.detach() * mask).sum() / total.clamp(min=1))
+
+
+def _clipped_objective(ratio: Tensor, adv: Tensor, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO objective min(r A, clip(r) A), dual-clipped for A < 0; ratio/adv broadcast together.
+
+    Also returns bool masks of where the low clip, the high clip and the dual clip are active.
+    """
+    low, high = 1.0 - inp.clip_eps_low, 1.0 + inp.clip_eps_high
+    objective = torch.minimum(ratio * adv, ratio.clamp(low, high) * adv)  # [B, T] or [B]
+    active = {"clip_frac_low": (ratio < low) & (adv < 0), "clip_frac_high": (ratio > high) & (adv > 0)}
+    if inp.dual_clip is not None:
+        bound = inp.dual_clip * adv  # [B, 1] or [B]
+        active["dual_clip_frac"] = ((adv < 0) & (objective < bound)).expand_as(objective)
+        objective = torch.where(adv < 0, torch.maximum(objective, bound), objective)  # [B, T] or [B]
+    return objective, active
+
+
+def _token_kl(inp: LossInputs) -> Tensor | None:
+    """beta-free per-token KL [B, T] to the reference, or None when there is no reference."""
+    if inp.ref_logp is None:
+        return None
+    return kl_penalty(inp.logp, inp.ref_logp, inp.kl_estimator)  # [B, T]
+
+
+def _token_loss(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
+    """Per-token loss [B, T] (-objective + beta * KL) and token-level statistics."""
+    log_ratio = (inp.logp - inp.old_logp).masked_fill(inp.mask == 0, 0.0)  # [B, T]
+    ratio = log_ratio.exp()  # [B, T]
+    objective, active = _clipped_objective(ratio, inp.advantages[:, None], inp)  # [B, T]
+    loss = -objective  # [B, T]
+    stats = {name: _masked_mean(where.to(loss.dtype), inp.mask) for name, where in active.items()}
+    stats["ratio_mean"] = _masked_mean(ratio, inp.mask)
+    kl = _token_kl(inp)  # [B, T] or None
+    if kl is not None:
+        stats["kl_mean"] = _masked_mean(kl, inp.mask)
+        if inp.beta > 0:
+            loss = loss + inp.beta * kl  # [B, T]
+    stats["tokens"] = float(inp.mask.sum())
+    return loss, stats
+
+
+def _sequence_mean(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Mean over sequences with >= 1 token of each one's token mean; 0 (with grad) if there are none."""
+    lengths = mask.sum(-1)  # [B]
+    per_seq = (per_token * mask).sum(-1) / lengths.clamp(min=1)  # [B]
+    has_tokens = (lengths > 0).to(per_seq.dtype)  # [B]
+    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)  # []
+
+
+@register_policy_loss("grpo")
+def _grpo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
+    """Token mean per sequence, then mean over the sequences that have tokens."""
+    loss, stats = _token_loss(inp)  # [B, T]
+    return _sequence_mean(loss, inp.mask), stats
+
+
+@register_policy_loss("bnpo")
+def _bnpo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
+    """Token mean over the micro-batch."""
+    loss, stats = _token_loss(inp)  # [B, T]
+    return (loss * inp.mask).sum() / inp.mask.sum().clamp(min=1), stats
+
+
+@register_policy_loss("dr_grpo")
+def _dr_grpo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
+    """Token sum over the constant B * max_completion_length (Dr. GRPO: no length bias)."""
+    if inp.max_completion_length is None or inp.max_completion_length < 1:
+        raise ValueError(f"loss_type 'dr_grpo' needs max_completion_length >= 1 "
+                         f"(got {inp.max_completion_length})")
+    loss, stats = _token_loss(inp)  # [B, T]
+    return (loss * inp.mask).sum() / (inp.mask.shape[0] * inp.max_completion_length), stats
+
+
+@register_policy_loss("dapo")
+def _dapo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
+    """Token sum over the optimizer batch's token count (all accumulation steps and ranks)."""
+    loss, stats = _token_loss(inp)  # [B, T]
+    total = inp.mask.sum() if inp.total_tokens is None else inp.total_tokens
+    denom = total.clamp(min=1) if isinstance(total, Tensor) else max(float(total), 1.0)
+    return (loss * inp.mask).sum() / denom, stats
+
+
+@register_policy_loss("gspo")
+def _gspo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
+    """Sequence-level ratio exp(mean_t log r), clipped per sequence; stats are per sequence.
+
+    The gradient of each sequence's ratio flows through its mean log-ratio (no per-token clip).
+    """
+    lengths = inp.mask.sum(-1)  # [B]
+    log_ratio = (inp.logp - inp.old_logp).masked_fill(inp.mask == 0, 0.0)  # [B, T]
+    seq_ratio = (log_ratio.sum(-1) / lengths.clamp(min=1)).exp()  # [B]
+    objective, active = _clipped_objective(seq_ratio, inp.advantages, inp)  # [B]
+    has_tokens = (lengths > 0).to(objective.dtype)  # [B]
+    n_seqs = has_tokens.sum().clamp(min=1)  # []
+    loss = -(objective * has_tokens).sum() / n_seqs  # []
+    stats = {name: _masked_mean(where.to(objective.dtype), has_tokens) for name, where in active.items()}
+    stats["ratio_mean"] = _masked_mean(seq_ratio, has_tokens)
+    kl = _token_kl(inp)  # [B, T] or None
+    if kl is not None:
+        stats["kl_mean"] = _masked_mean(kl, inp.mask)
+        if inp.beta > 0:
+            loss = loss + inp.beta * _sequence_mean(kl, inp.mask)  # []
+    stats["tokens"] = float(inp.mask.sum())
+    return loss, stats
+
+
+LOSS_TYPES = tuple(POLICY_LOSSES)
+
+
+def _check_shapes(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                  ref_logp: Tensor | None) -> None:
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    others = {"old_logp": old_logp, "mask": mask} | ({} if ref_logp is None else {"ref_logp": ref_logp})
+    for name, tensor in others.items():
+        if tensor.shape != logp.shape:
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} != logp shape {tuple(logp.shape)}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be [B] = [{logp.shape[0]}], got {tuple(advantages.shape)}")
+
+
+def policy_loss(loss_type: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, ref_logp: Tensor | None = None,
+                beta: float = 0.0, kl_estimator: str = "k3", max_completion_length: int | None = None,
+                total_tokens: float | Tensor | None = None,
+                dual_clip: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Scalar policy loss of ``loss_type`` (a name in :data:`POLICY_LOSSES`) and detached stats.
+
+    ``logp``/``old_logp``/``ref_logp``/``mask`` are [B, T], ``advantages`` [B]. Stats:
+    ``clip_frac_low`` (share of tokens with r < 1 - eps_low and A < 0: the low clip holds the
+    objective), ``clip_frac_high`` (r > 1 + eps_high and A > 0), ``ratio_mean``, ``tokens``,
+    ``kl_mean`` when ``ref_logp`` is given, ``dual_clip_frac`` when ``dual_clip`` is set. For
+    "gspo" the clip fractions and ``ratio_mean`` are over sequences and use the sequence ratio.
+    """
+    if loss_type not in POLICY_LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {_valid(POLICY_LOSSES)}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {kl_estimator!r}; valid: {_valid(KL_ESTIMATORS)}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (got {dual_clip})")
+    _check_shapes(logp, old_logp, advantages, mask, ref_logp)
+    inputs = LossInputs(
+        logp=logp, old_logp=old_logp.detach(), advantages=advantages.detach().to(logp.dtype),
+        mask=mask.to(logp.dtype), clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
+        ref_logp=None if ref_logp is None else ref_logp.detach(), beta=beta, kl_estimator=kl_estimator,
+        max_completion_length=max_completion_length, total_tokens=total_tokens, dual_clip=dual_clip)
+    return POLICY_LOSSES[loss_type](inputs)
