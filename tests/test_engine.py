@@ -1,0 +1,403 @@
+"""The DeepSpeed training core on CPU: real ZeRO stages, the tiny local model, no GPU.
+
+In-process engines share one ``torch.distributed`` world of one (gloo) and are built once
+per module where several tests can use them. Multi-process and resume runs start
+``tests/dist/run_engine.py`` in subprocesses (``torchrun`` for two ranks) and are ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynalign import grpo as grpo_ops
+from dynalign.config import ConfigError, DeepSpeedConfig, GRPOConfig, LoraConfig, ModelConfig
+from dynalign.distributed import LAUNCHER_VARIABLES, NullObject, free_port, rank_zero
+from dynalign.engine import (
+    LATEST_FILE,
+    PolicyEngine,
+    TrainBatch,
+    deepspeed_config,
+    hf_zero3_init,
+    warmup_constant,
+)
+
+# DeepSpeed calls torch.distributed APIs that torch 2.13 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RUN_ENGINE = REPO_ROOT / "tests" / "dist" / "run_engine.py"
+PROMPT, COMPLETION = 6, 5
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# 1 process vs 2 ranks, 6 AdamW steps at lr 1e-3 with different micro-batch sizes: measured
+# max |diff| 1.3e-6 (bnpo), 5e-7 (grpo); a wrong micro-batch scaling gives ~1e-2.
+PROCESS_COUNT_ATOL = 2e-5
+# Same batch, micro-batches of 4 vs 8 rows, one step at lr 1e-3: measured <= 2.4e-6. AdamW's
+# first update is ~lr * g / (|g| + eps), so rounding in gradients near eps moves a weight by a
+# small fraction of lr; a wrong micro-batch weighting changes directions (~lr) and grad_norm.
+MICRO_BATCH_ATOL = 1e-5
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_batch(rows: int, *, seed: int = 0, vocab: int = 1000, empty_row: bool = True) -> TrainBatch:
+    """Synthetic rollouts: left-padded prompts, completions of varied length, non-zero advantages."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, PROMPT + COMPLETION), generator=gen)  # [N, P+C]
+    attention = torch.ones_like(ids)  # [N, P+C]
+    completion = torch.ones(rows, COMPLETION, dtype=torch.long)  # [N, C]
+    lengths = torch.randint(1, COMPLETION + 1, (rows,), generator=gen)  # [N]
+    for row in range(rows):
+        attention[row, : row % 3] = 0
+        attention[row, PROMPT + int(lengths[row]):] = 0
+        completion[row, int(lengths[row]):] = 0
+    if empty_row:  # a completion with no token that counts (e.g. masked as truncated)
+        completion[-1] = 0
+    advantages = torch.randn(rows, generator=gen)  # [N]
+    return TrainBatch(ids, attention, completion, advantages)
+
+
+def with_reference(engine: PolicyEngine, batch: TrainBatch) -> TrainBatch:
+    return batch.with_logprobs(ref=engine.reference_logprobs(batch)) if engine.grpo.beta > 0 else batch
+
+
+def weights(engine: PolicyEngine) -> dict[str, torch.Tensor]:
+    return dict(engine.export_weights())
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+def plain_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
+    """state_dict of a whole (unpartitioned) HF model, even while a ZeRO-3 engine is alive."""
+    from transformers import AutoModelForCausalLM
+
+    with hf_zero3_init(None):
+        return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def grpo_config(**overrides) -> GRPOConfig:
+    values = {"lr": 1e-3, "group_size": 4, "prompts_per_step": 4, "micro_batch_size": 4} | overrides
+    return GRPOConfig(**values)
+
+
+ENGINES = {
+    "zero3": lambda: (ModelConfig(), grpo_config(), DeepSpeedConfig(stage=3)),
+    "zero2": lambda: (ModelConfig(), grpo_config(), DeepSpeedConfig(stage=2)),
+    "zero3_offload": lambda: (ModelConfig(), grpo_config(),
+                              DeepSpeedConfig(stage=3, offload_optimizer="cpu", offload_param="cpu")),
+    "stage0": lambda: (ModelConfig(), grpo_config(), DeepSpeedConfig(stage=0)),
+    "zero3_reference": lambda: (ModelConfig(), grpo_config(beta=0.1), DeepSpeedConfig(stage=3)),
+    "zero3_lora": lambda: (ModelConfig(lora=LoraConfig(enabled=True, r=4, alpha=8),
+                                       gradient_checkpointing=True),
+                           grpo_config(lr=1e-2, beta=0.1), DeepSpeedConfig(stage=3)),
+}
+
+
+@pytest.fixture(scope="module")
+def engine_factory(tiny_model_path):
+    """``get(name)``: the engine of ``ENGINES[name]`` on the tiny model, built once per module."""
+    built: dict[str, PolicyEngine] = {}
+
+    def get(name: str) -> PolicyEngine:
+        if name not in built:
+            model, grpo, ds = ENGINES[name]()
+            model.name_or_path = str(tiny_model_path)
+            built[name] = PolicyEngine(model, grpo, ds, seed=0)
+        return built[name]
+
+    yield get
+    for engine in built.values():
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def zero3(engine_factory) -> PolicyEngine:
+    return engine_factory("zero3")
+
+
+def run_script(args: list[str], *, nproc: int = 1, timeout: int = 600) -> None:
+    """Run tests/dist/run_engine.py as a plain process or under torchrun; fail with its output."""
+    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCHER_VARIABLES, "LOCAL_WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                     f"--master_port={free_port()}"]
+    proc = subprocess.run([*launcher, str(RUN_ENGINE), *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{proc.args}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+# ------------------------------------------------------------------- pure helpers
+
+
+def test_deepspeed_config_geometry_precision_and_extra():
+    grpo = grpo_config(micro_batch_size=2, max_grad_norm=0.5)
+    ds = DeepSpeedConfig(stage=3, offload_optimizer="cpu", offload_param="cpu",
+                         extra={"zero_optimization": {"stage3_max_live_parameters": 7}, "steps_per_print": 5})
+    config = deepspeed_config(ds, grpo, "bfloat16", world_size=2)
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"]) == (16, 2, 4)  # 16 = 2 * 4 * 2 ranks
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["offload_param"]["device"] == "cpu"
+    assert zero["stage3_max_live_parameters"] == 7 and zero["overlap_comm"]  # extra merged, not replacing
+    assert config["steps_per_print"] == 5
+    assert deepspeed_config(DeepSpeedConfig(stage=2), grpo, "float32", 1)["gradient_accumulation_steps"] == 8
+    with pytest.raises(ConfigError, match="grpo.micro_batch_size"):
+        deepspeed_config(DeepSpeedConfig(), grpo_config(micro_batch_size=3), "float32", 1)
+
+
+def test_warmup_then_constant():
+    factor = warmup_constant(4)
+    assert [factor(step) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_constant(0)(0) == 1.0
+
+
+def test_train_batch_checks_shapes_and_shards():
+    batch = make_batch(8)
+    assert batch.num_rows == 8 and batch.completion_length == COMPLETION
+    shard = batch.shard(1, 2)
+    assert torch.equal(shard.input_ids, batch.input_ids[4:]) and shard.old_logprobs is None
+    with pytest.raises(ValueError, match="advantages"):
+        TrainBatch(batch.input_ids, batch.attention_mask, batch.completion_mask, torch.zeros(7))
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        batch.with_logprobs(ref=torch.zeros(8, COMPLETION + 1))
+
+
+def test_rank_zero_objects_are_null_elsewhere():
+    assert rank_zero("logger") == "logger"  # rank 0 here
+    null = NullObject()
+    assert null.log(step=1).finish() is null and not null
+    with null as inner:
+        assert inner is null
+
+
+# ------------------------------------------------------------------ ZeRO-3 engine
+
+
+def test_world_of_one_exports_no_launcher_variables(zero3):
+    """A plain process must not hand MASTER_PORT/RANK to its children (they would reuse the port)."""
+    assert (zero3.rank, zero3.world_size) == (0, 1)
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
+
+
+def test_export_yields_full_tensors_with_hf_names(zero3, tiny_model_path):
+    reference = plain_state_dict(tiny_model_path)
+    exported = weights(zero3)
+    assert list(exported) == list(reference)  # same names, same order, lm_head.weight included
+    assert "lm_head.weight" in exported
+    for name, tensor in exported.items():
+        assert tensor.shape == reference[name].shape and tensor.dtype == reference[name].dtype, name
+        assert tensor.device.type == "cpu" and not tensor.requires_grad
+    # The engine really is partitioned: its own parameters hold no full tensor.
+    assert all(hasattr(p, "ds_id") and p.data.numel() == 0 for p in zero3.module.parameters())
+
+
+def test_one_step_changes_every_parameter(zero3):
+    before = weights(zero3)
+    step = zero3.global_step
+    stats = zero3.train_step(make_batch(16))
+    assert changed(before, weights(zero3)) == set(before)
+    assert zero3.global_step == step + 1
+    assert stats["skipped"] == 0.0 and 0 < stats["grad_norm"] < math.inf
+    assert stats["lr"] == pytest.approx(1e-3)
+    assert stats["tokens"] == float(make_batch(16).completion_mask.sum())
+    for key in ("loss", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy"):
+        assert torch.isfinite(torch.tensor(stats[key])), key
+    assert stats["ratio_mean"] == pytest.approx(1.0)  # no old log-probs: ratio 1
+
+
+def test_nan_loss_skips_the_step_and_leaves_weights_bitwise(zero3):
+    bad = make_batch(16, seed=1)
+    bad.advantages[3] = float("nan")
+    before, skipped = weights(zero3), zero3.skipped_steps
+    stats = zero3.train_step(bad)
+    assert stats["skipped"] == 1.0 and zero3.skipped_steps == skipped + 1
+    assert not changed(before, weights(zero3))
+    stats = zero3.train_step(make_batch(16, seed=2))  # the next normal step trains again
+    assert stats["skipped"] == 0.0 and torch.isfinite(torch.tensor(stats["loss"]))
+    assert changed(before, weights(zero3)) == set(before)
+
+
+def test_old_logprobs_give_ratios_and_clipping(zero3):
+    batch = make_batch(16, seed=3)
+    batch = batch.with_logprobs(old=zero3.policy_logprobs(batch))
+    first = zero3.train_step(batch)
+    second = zero3.train_step(batch)  # a second pass over the same rollouts (num_iterations = 2)
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert second["ratio_mean"] != pytest.approx(1.0, abs=1e-4)
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint_loadable(zero3, tmp_path, monkeypatch):
+    saved = zero3.save(tmp_path, {"iteration": 3, "data_position": 17})
+    saved_weights, saved_step = weights(zero3), zero3.global_step
+    zero3.train_step(make_batch(16, seed=4))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    # DeepSpeed has written its files for the new checkpoint; the crash comes after them.
+    monkeypatch.setattr(PolicyEngine, "_write_checkpoint_extras", crash)
+    with pytest.raises(OSError, match="disk full"):
+        zero3.save(tmp_path, {"iteration": 4})
+    monkeypatch.undo()
+    assert (tmp_path / LATEST_FILE).read_text() == saved.name
+    assert not (tmp_path / f"step_{zero3.global_step}").exists()
+
+    assert zero3.load(tmp_path) == {"iteration": 3, "data_position": 17}
+    assert zero3.global_step == saved_step
+    assert not changed(saved_weights, weights(zero3))
+    state = json.loads((saved / "dynalign_state.json").read_text())
+    assert state["global_step"] == saved_step and state["world_size"] == 1
+
+
+def test_save_keeps_the_newest_k(zero3, tmp_path):
+    names = []
+    for seed in range(3):
+        zero3.train_step(make_batch(16, seed=10 + seed))
+        names.append(zero3.save(tmp_path, {"seed": seed}, keep=2).name)
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert kept == sorted(names[1:])
+    assert (tmp_path / LATEST_FILE).read_text() == names[-1]
+    assert zero3.load(tmp_path / names[1]) == {"seed": 1}  # a given checkpoint directory loads too
+
+
+# ----------------------------------------------------------------- scaling, stages
+
+
+@pytest.mark.parametrize("loss_type", sorted(grpo_ops.POLICY_LOSSES))
+def test_micro_batch_size_does_not_change_the_step(loss_type, tiny_model_path):
+    """12 rows (fewer than the configured 16) as 3 x 4 or 8 + 4 rows: one and the same step."""
+    batch = make_batch(12, seed=5)
+    shift = torch.tensor([0.3, -0.3]).repeat(6)[:, None]  # [12, 1] ratios 1.35 / 0.74: both clips
+    old = None
+    results = []
+    for micro in (4, 8):
+        grpo = grpo_config(micro_batch_size=micro, loss_type=loss_type)
+        model = ModelConfig(name_or_path=str(tiny_model_path))
+        with PolicyEngine(model, grpo, DeepSpeedConfig(stage=3)) as engine:
+            old = engine.policy_logprobs(batch) - shift if old is None else old
+            stats = engine.train_step(batch.with_logprobs(old=old))
+            results.append((stats, weights(engine)))
+    (stats_a, weights_a), (stats_b, weights_b) = results
+    assert stats_a["loss"] == pytest.approx(stats_b["loss"], rel=1e-5, abs=1e-7)
+    assert stats_a["grad_norm"] == pytest.approx(stats_b["grad_norm"], rel=1e-5)
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=MICRO_BATCH_ATOL)
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3_offload", "stage0"])
+def test_other_stages_train_and_skip_non_finite_steps(engine_factory, name):
+    engine = engine_factory(name)
+    before = weights(engine)
+    stats = engine.train_step(make_batch(16))
+    assert stats["skipped"] == 0.0 and 0 < stats["grad_norm"] < math.inf
+    after = weights(engine)
+    assert changed(before, after) == set(before)
+    bad = make_batch(16, seed=1)
+    bad.advantages[0] = float("nan")
+    assert engine.train_step(bad)["skipped"] == 1.0 and engine.skipped_steps == 1
+    assert not changed(after, weights(engine))
+
+
+# ------------------------------------------------------------ reference and LoRA
+
+
+def test_reference_reports_kl_and_update_reference_moves_it(engine_factory):
+    engine = engine_factory("zero3_reference")
+    batch = make_batch(16, seed=6)
+    start = engine.reference_logprobs(batch)
+    assert torch.equal(start, engine.policy_logprobs(batch))  # the reference starts as the policy
+    for _ in range(2):
+        stats = engine.train_step(with_reference(engine, batch))
+    assert stats["kl_mean"] > 0
+    policy = engine.policy_logprobs(batch)
+    assert torch.equal(engine.reference_logprobs(batch), start)  # frozen while the policy trains
+    assert not torch.equal(policy, start)
+    engine.update_reference()
+    torch.testing.assert_close(engine.reference_logprobs(batch), policy, rtol=0, atol=0)
+
+
+def test_lora_trains_only_adapters_and_exports_a_merged_hf_model(engine_factory, tiny_model_path, tmp_path):
+    engine = engine_factory("zero3_lora")
+    trainable = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
+    base = plain_state_dict(tiny_model_path)
+    batch = make_batch(16, seed=7)
+    assert torch.equal(engine.reference_logprobs(batch), engine.policy_logprobs(batch))  # B = 0 at start
+    for _ in range(2):
+        engine.train_step(with_reference(engine, batch))
+
+    merged = weights(engine)
+    assert list(merged) == list(base)  # HF names, no adapter tensors
+    assert changed(base, merged) == {n for n in base if n.rsplit(".", 2)[-2] in LORA_TARGETS}
+
+    out = engine.export_hf(tmp_path / "hf")
+    loaded = plain_state_dict(out)
+    assert set(loaded) == set(base)
+    for name in base:
+        assert torch.equal(loaded[name], merged[name]), name
+
+    # The reference is a frozen adapter: the base model until update_reference(), then the policy.
+    from transformers import AutoModelForCausalLM
+
+    with hf_zero3_init(None):
+        base_model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    with torch.no_grad():
+        base_logp = grpo_ops.completion_logprobs(base_model, batch.input_ids, batch.attention_mask,
+                                                 COMPLETION)
+    torch.testing.assert_close(engine.reference_logprobs(batch), base_logp, rtol=0, atol=1e-5)
+    engine.update_reference()
+    policy = engine.policy_logprobs(batch)
+    torch.testing.assert_close(engine.reference_logprobs(batch), policy, rtol=0, atol=0)
+    assert [n for n, p in engine.module.named_parameters() if p.requires_grad] == trainable
+
+
+# ------------------------------------------------------------- multi-process, resume
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(tmp_path, tiny_model_path):
+    """ZeRO-3 on 2 ranks (micro-batches of 2) vs 1 process (micro-batches of 4), same global batches."""
+    common = ["--model", str(tiny_model_path), "--loss-type", "bnpo", "--iterations", "3"]
+    run_script([*common, "--micro-batch-size", "4", "--out", str(tmp_path / "one.pt")])
+    run_script([*common, "--micro-batch-size", "2", "--out", str(tmp_path / "two.pt")], nproc=2)
+    one = torch.load(tmp_path / "one.pt", weights_only=False)
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert len(one["history"]) == len(two["history"]) == 6
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert a["tokens"] == b["tokens"] and a["lr"] == b["lr"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    start = plain_state_dict(tiny_model_path)
+    for name, tensor in one["weights"].items():
+        assert not torch.equal(tensor, start[name]), name
+        torch.testing.assert_close(two["weights"][name], tensor, rtol=0, atol=PROCESS_COUNT_ATOL)
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, tiny_model_path):
+    """Save after iteration 2 (reference moved at iteration 1), resume in a fresh process, continue."""
+    common = ["--model", str(tiny_model_path), "--iterations", "3", "--beta", "0.05",
+              "--update-reference-every", "2", "--ckpt", str(tmp_path / "ckpt")]
+    run_script([*common, "--save-at", "2", "--out", str(tmp_path / "full.pt")])
+    run_script([*common, "--resume", str(tmp_path / "ckpt"), "--out", str(tmp_path / "resumed.pt")])
+    full = torch.load(tmp_path / "full.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    assert resumed["start"] == 2 and resumed["global_step"] == full["global_step"] == 6
+    assert resumed["history"] == [h for h in full["history"] if h["iteration"] >= 2]  # exact floats
+    for name, tensor in full["weights"].items():
+        assert torch.equal(resumed["weights"][name], tensor), name
