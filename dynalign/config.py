@@ -441,6 +441,16 @@ class EvalConfig:
     lm_eval_tasks: List[str] = field(default_factory=list)  # lm-evaluation-harness task names
     lm_eval_limit: Optional[int] = None  # rows per task; None: all
     lm_eval_batch_size: int = 8
+    lm_eval_num_fewshot: Optional[int] = None  # None: each task's own default
+    lm_eval_include_path: Optional[str] = None  # extra directory of lm-eval task YAMLs
+    baseline: Optional[str] = None  # pairwise + lm-eval baseline: HF dir, run dir or hub id; None: base
+    dataset: Optional[str] = None  # held-out prompts: eval split of this dataset; None: generator.dataset
+    prompts_file: Optional[str] = None  # curated prompts YAML; None: dynalign/data/ca_eval_prompts.yaml
+    rubric: str = "ca_rubric"  # external judge's rubric: shipped name (conf/judge/NAME.yaml) or YAML path
+    judge_mode: Optional[str] = None  # external judge scoring: generate | logprob; None: judge.mode
+    judge_max_new_tokens: Optional[int] = None  # external judge's room to reason; None: judge.max_new_tokens
+    temperature: float = 0.0  # answer sampling; 0: greedy (repeatable)
+    self_judge: bool = True  # calibration: the policy also scores its answers with judge.rubric
     judge: ExternalJudgeConfig = field(default_factory=ExternalJudgeConfig)
 
     def validate(self, key: str) -> None:
@@ -453,6 +463,14 @@ class EvalConfig:
         if self.lm_eval_limit is not None:
             _positive(self.lm_eval_limit, f"{key}.lm_eval_limit")
         _positive(self.lm_eval_batch_size, f"{key}.lm_eval_batch_size")
+        if self.judge_mode is not None:
+            _choice(self.judge_mode, JUDGE_MODES, f"{key}.judge_mode")
+        if self.judge_max_new_tokens is not None:
+            _positive(self.judge_max_new_tokens, f"{key}.judge_max_new_tokens")
+        _require(self.temperature >= 0, f"{key}.temperature", f"must be >= 0 (got {self.temperature})")
+        if self.lm_eval_num_fewshot is not None:
+            _require(self.lm_eval_num_fewshot >= 0, f"{key}.lm_eval_num_fewshot",
+                     f"must be >= 0 (got {self.lm_eval_num_fewshot})")
         self.judge.validate(f"{key}.judge")
 
 
@@ -478,6 +496,7 @@ class TrainConfig:
     checkpoints_to_keep: int = 2  # newest K checkpoints are kept
     update_reference_each_iteration: bool = True  # move the KL reference to the policy per iteration
     export_each_iteration: bool = True  # write a Hugging Face directory iter_<k>/ after iteration k
+    checkpoint: Optional[str] = None  # dynalign.evaluate: an HF model dir or a run dir (newest iter_<k>/)
 
     def validate(self, world_size: int = 1) -> TrainConfig:
         """Check every group, then the rules that depend on the launch (``world_size``)."""
@@ -488,6 +507,8 @@ class TrainConfig:
         _require(self.resume in RESUME_MODES or bool(self.resume.strip()), "resume",
                  f"must be one of {RESUME_MODES} or a checkpoint path")
         _positive(self.checkpoints_to_keep, "checkpoints_to_keep")
+        _require(self.eval.every_n_iterations == 0 or self.export_each_iteration, "export_each_iteration",
+                 "eval.every_n_iterations > 0 evaluates the exported iter_<k>/ directories: set it true")
         _require(self.grpo.prompts_per_step % world_size == 0, "grpo.prompts_per_step",
                  f"must be a multiple of the world size {world_size}: each rank judges whole groups "
                  f"(got {self.grpo.prompts_per_step})")

@@ -107,7 +107,8 @@ def test_logprob_mode_refuses_multi_token_scores(tiny, sampler):
 
 
 def test_a_group_judged_end_to_end_counts_its_failures(compose_cfg, sampler):
-    cfg = to_train_config(compose_cfg(["judge.num_samples=2", "judge.max_new_tokens=24"]))
+    overrides = ["judge.mode=generate", "judge.num_samples=2", "judge.max_new_tokens=24"]
+    cfg = to_train_config(compose_cfg(overrides))
     judge = build_judge(cfg.judge, sampler)
     group_size = 4  # one prompt's group of answers, as the loop judges it
     rollouts = sampler.sample(PROMPTS[:1], group_size, SamplingParams(max_new_tokens=12, seed=0))
