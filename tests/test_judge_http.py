@@ -167,7 +167,7 @@ def make_judge(compose_cfg, server):
         cfg = to_train_config(compose_cfg([
             "judge.source=external", "judge.external.backend=openai", "judge.external.model=judge-model",
             f"judge.external.base_url={server.base_url}", f"judge.external.api_key_env={API_KEY_ENV}",
-            "judge.external.timeout_s=5", "judge.external.max_retries=3", *overrides]))
+            "judge.external.timeout_s=5", "judge.external.max_retries=3", "judge.mode=generate", *overrides]))
         judges.append(build_judge(cfg.judge))
         return judges[-1]
 

@@ -8,6 +8,7 @@ all, (c) exactly the honest one. The HTTP tests repeat (a) and (b) end to end.
 
 from __future__ import annotations
 
+import random
 import secrets
 from pathlib import Path
 
@@ -84,3 +85,14 @@ def test_a_verdict_with_the_right_nonce_is_what_counts():
     rubric = load_rubric("ca_rubric")
     messages, nonce = render_judge_prompt(rubric, PROMPT, "Score: 5")
     assert parse_verdict(format_verdict(rubric, [5, 5, 5, 5], nonce), rubric, nonce).reward == 5.0
+
+
+def test_seeded_nonces_are_reproducible_and_distinct():
+    from dynalign.judge.prompt import new_nonce
+
+    rubric = load_rubric("ca_rubric")
+    first = [render_judge_prompt(rubric, "q", "a", rng=random.Random(7))[1] for _ in range(2)]
+    assert first[0] == first[1]  # a resumed run renders the same judge prompts
+    rng = random.Random(7)
+    drawn = {new_nonce(rng) for _ in range(1000)}
+    assert len(drawn) == 1000 and all(len(n) == len(new_nonce()) for n in drawn)

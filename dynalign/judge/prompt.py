@@ -17,6 +17,7 @@ its prompt produces no score either.
 
 from __future__ import annotations
 
+import random
 import secrets
 from collections.abc import Mapping, Sequence
 
@@ -33,11 +34,15 @@ SYSTEM_PROMPT = (
 )
 
 
-def new_nonce() -> str:
-    return secrets.token_hex(NONCE_BYTES)
+def new_nonce(rng: random.Random | None = None) -> str:
+    """A fresh nonce from the OS's CSPRNG, or from ``rng`` when a run must be reproducible
+    (the training loop seeds it per step; the candidates never see that seed)."""
+    if rng is None:
+        return secrets.token_hex(NONCE_BYTES)
+    return f"{rng.getrandbits(8 * NONCE_BYTES):0{2 * NONCE_BYTES}x}"
 
 
-def _pick_nonce(nonce: str | None, texts: Sequence[str]) -> str:
+def _pick_nonce(nonce: str | None, texts: Sequence[str], rng: random.Random | None = None) -> str:
     """A nonce that appears in none of ``texts`` (a fixed one that does is refused)."""
     if nonce is not None:
         if not nonce.isalnum():
@@ -46,7 +51,7 @@ def _pick_nonce(nonce: str | None, texts: Sequence[str]) -> str:
             raise ValueError("the nonce occurs in the text to judge; it would not be secret")
         return nonce
     while True:
-        fresh = new_nonce()
+        fresh = new_nonce(rng)
         if not any(fresh in t.lower() for t in texts):
             return fresh
 
@@ -92,14 +97,16 @@ def _delimited(tag: str, nonce: str, text: str) -> str:
 
 
 def render_judge_prompt(rubric: RubricLike, prompt: Prompt, candidate: str, *, nonce: str | None = None,
-                        reasoning: bool = True) -> tuple[list[Message], str]:
+                        reasoning: bool = True,
+                        rng: random.Random | None = None) -> tuple[list[Message], str]:
     """Chat messages asking the judge to score ``candidate``, and the nonce of this call.
 
-    ``reasoning=False`` asks for the verdict alone (logprob mode forces it right away).
+    ``reasoning=False`` asks for the verdict alone (logprob mode forces it right away);
+    ``rng`` draws the nonce reproducibly instead of from the OS.
     """
     rubric = load_rubric(rubric)
     user = prompt_text(prompt)
-    nonce = _pick_nonce(nonce, [user, candidate])
+    nonce = _pick_nonce(nonce, [user, candidate], rng)
     if reasoning:
         task = ("First reason briefly about the answer, aspect by aspect. Then end your reply with "
                 "your verdict in exactly this form, one line per aspect in this order:")

@@ -10,8 +10,9 @@ for a sampler-backed judge; smoother rewards). Modes are picked by name from
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -50,10 +51,13 @@ class JudgeResult:
         return self.scores[:, self.aspect_names.index(name)]
 
 
-def score_by_generation(judge: Judge, prompts: Sequence[Prompt], candidates: Sequence[str]) -> JudgeResult:
+def score_by_generation(judge: Judge, prompts: Sequence[Prompt], candidates: Sequence[str],
+                        seed: int | None = None) -> JudgeResult:
     rubric, k = judge.rubric, judge.num_samples
-    rendered = [render_judge_prompt(rubric, p, c) for p, c in zip(prompts, candidates, strict=True)]
-    outputs = judge.backend.generate([m for m, _ in rendered], k, judge.params)  # [N][k]
+    rng = None if seed is None else random.Random(seed)
+    rendered = [render_judge_prompt(rubric, p, c, rng=rng) for p, c in zip(prompts, candidates, strict=True)]
+    params = judge.params if seed is None else replace(judge.params, seed=seed)
+    outputs = judge.backend.generate([m for m, _ in rendered], k, params)  # [N][k]
     rows, rewards, reasons, judgement_reasons, texts = [], [], [], [], []
     for (_, nonce), outs in zip(rendered, outputs, strict=True):
         parsed = [parse_verdict(t, rubric, nonce) if t is not None else failed(rubric, BACKEND_ERROR)
@@ -74,9 +78,11 @@ def score_by_generation(judge: Judge, prompts: Sequence[Prompt], candidates: Seq
         scale=(rubric.scale_min, rubric.scale_max))
 
 
-def score_by_logprob(judge: Judge, prompts: Sequence[Prompt], candidates: Sequence[str]) -> JudgeResult:
+def score_by_logprob(judge: Judge, prompts: Sequence[Prompt], candidates: Sequence[str],
+                     seed: int | None = None) -> JudgeResult:
     rubric = judge.rubric
-    rendered = [render_judge_prompt(rubric, p, c, reasoning=False)
+    rng = None if seed is None else random.Random(seed)
+    rendered = [render_judge_prompt(rubric, p, c, reasoning=False, rng=rng)
                 for p, c in zip(prompts, candidates, strict=True)]
     nonces = [n for _, n in rendered]
     slots = judge.backend.verdict_distributions([m for m, _ in rendered], nonces, rubric, judge.params)
@@ -91,7 +97,7 @@ def score_by_logprob(judge: Judge, prompts: Sequence[Prompt], candidates: Sequen
 
 
 # Scoring modes by name; keys match dynalign.config.JUDGE_MODES.
-SCORING_MODES: dict[str, Callable[[Judge, Sequence[Prompt], Sequence[str]], JudgeResult]] = {
+SCORING_MODES: dict[str, Callable[..., JudgeResult]] = {
     "generate": score_by_generation,
     "logprob": score_by_logprob,
 }
@@ -121,15 +127,20 @@ class Judge:
         self.num_samples = num_samples
         self.params = params or SamplingParams(max_new_tokens=256, temperature=0.7)
 
-    def score(self, prompts: Sequence[Prompt], candidates: Sequence[str]) -> JudgeResult:
+    def score(self, prompts: Sequence[Prompt], candidates: Sequence[str], *,
+              seed: int | None = None) -> JudgeResult:
         """Judge ``candidates[i]`` as the answer to ``prompts[i]`` (for rollouts:
-        ``[prompts[j] for j in rollouts.prompt_index]`` and ``rollouts.texts``)."""
+        ``[prompts[j] for j in rollouts.prompt_index]`` and ``rollouts.texts``).
+
+        ``seed`` makes the call reproducible (nonces and judge sampling); None draws nonces
+        from the OS and samples from the global generator.
+        """
         if len(prompts) != len(candidates):
             raise ValueError(f"{len(prompts)} prompts for {len(candidates)} candidates")
         if not candidates:
             return JudgeResult(torch.zeros(0), torch.zeros(0, len(self.rubric.aspects)), [], [], [], [],
                                self.rubric.aspect_names, (self.rubric.scale_min, self.rubric.scale_max))
-        return SCORING_MODES[self.mode](self, prompts, candidates)
+        return SCORING_MODES[self.mode](self, prompts, candidates, seed)
 
     def close(self) -> None:
         close = getattr(self.backend, "close", None)
