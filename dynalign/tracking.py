@@ -1,0 +1,194 @@
+"""Experiment tracking behind one small interface: W&B plus a local JSONL mirror.
+
+Only rank 0 tracks; other ranks get a :class:`NullTracker`, so callers never branch on
+the rank. The JSONL mirror (``metrics.jsonl``, ``samples.jsonl`` in the run directory)
+is always written, so a report can be built without a W&B server. W&B failures (no
+network, bad key, a crash inside wandb) are reported once and never stop training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from dynalign.config import LoggerConfig
+
+
+class Tracker(Protocol):
+    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None: ...
+
+    def finish(self, summary: Mapping[str, Any] | None = None) -> None: ...
+
+
+class NullTracker:
+    """Does nothing: the tracker of every rank but 0, and of ``logger=none`` for W&B."""
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        pass
+
+    def finish(self, summary: Mapping[str, Any] | None = None) -> None:
+        pass
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null reads back as "missing", which is what it means
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return _jsonable(value.item())
+    return value
+
+
+class JsonlTracker:
+    """Appends one JSON object per line to ``metrics.jsonl`` and ``samples.jsonl``."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._samples = open(self.run_dir / "samples.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    @staticmethod
+    def _write(handle, record: Mapping[str, Any]) -> None:
+        handle.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        handle.flush()
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self._write(self._metrics, {"step": step, **metrics})
+
+    def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        for row in rows:
+            self._write(self._samples, {"step": step, **row})
+
+    def finish(self, summary: Mapping[str, Any] | None = None) -> None:
+        if summary:
+            (self.run_dir / "summary.json").write_text(
+                json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
+        self._metrics.close()
+        self._samples.close()
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Where a run lives and how it is named in W&B."""
+
+    run_dir: Path
+    name: str  # built from the command-line overrides
+    group: str  # the sweep: all runs of one ``-m`` share it
+    config: dict  # the composed config, logged as a nested dict
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """``auto`` is online with an API key available, offline without one."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+class WandbTracker:
+    """A W&B run; every call is guarded so a W&B failure degrades to a warning."""
+
+    def __init__(self, cfg: LoggerConfig, info: RunInfo) -> None:
+        self._run = None
+        self._failed = False
+        self._guard("init", lambda: self._init(cfg, info))
+
+    def _init(self, cfg: LoggerConfig, info: RunInfo) -> None:
+        import wandb
+
+        id_file = info.run_dir / "wandb_id.txt"  # a resumed run continues the same W&B run
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+        id_file.write_text(run_id)
+        self._run = wandb.init(
+            project=cfg.project, entity=cfg.entity, group=cfg.group or info.group, name=info.name,
+            job_type=cfg.job_type, tags=list(cfg.tags), config=info.config, dir=str(info.run_dir),
+            mode=resolve_wandb_mode(cfg.mode), id=run_id, resume="allow",
+            settings=wandb.Settings(init_timeout=cfg.init_timeout_s, silent=True),
+        )
+        record = {"id": self._run.id, "name": self._run.name, "group": self._run.group,
+                  "project": self._run.project, "mode": resolve_wandb_mode(cfg.mode), "dir": self._run.dir}
+        (info.run_dir / "wandb_run.json").write_text(json.dumps(record, indent=2))
+
+    def _guard(self, what: str, fn) -> None:
+        if self._failed:
+            return
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            self._failed = True
+            warnings.warn(f"W&B {what} failed ({type(err).__name__}: {err}); "
+                          "continuing with the local JSONL mirror only", stacklevel=2)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._run is not None:
+            self._guard("log", lambda: self._run.log(dict(metrics), step=step))
+
+    def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        if self._run is None or not rows:
+            return
+
+        def _table() -> None:
+            import wandb
+
+            columns = list(rows[0])
+            table = wandb.Table(columns=columns, data=[[_jsonable(r.get(c)) for c in columns] for r in rows])
+            # one key per step: a table logged under a fixed key would replace the earlier ones
+            self._run.log({f"samples/step_{step:06d}": table}, step=step)
+
+        self._guard("log_samples", _table)
+
+    def finish(self, summary: Mapping[str, Any] | None = None) -> None:
+        if self._run is None:
+            return
+
+        def _finish() -> None:
+            if summary:
+                self._run.summary.update({k: _jsonable(v) for k, v in summary.items()})
+            self._run.finish()
+
+        self._guard("finish", _finish)
+
+
+class MultiTracker:
+    """Fans every call out to several trackers."""
+
+    def __init__(self, *trackers: Tracker) -> None:
+        self.trackers = trackers
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        for t in self.trackers:
+            t.log(metrics, step)
+
+    def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        for t in self.trackers:
+            t.log_samples(rows, step)
+
+    def finish(self, summary: Mapping[str, Any] | None = None) -> None:
+        for t in self.trackers:
+            t.finish(summary)
+
+
+def build_tracker(cfg: LoggerConfig, info: RunInfo, rank: int) -> Tracker:
+    """Rank 0: the JSONL mirror, plus W&B unless ``logger=none``. Other ranks: nothing."""
+    if rank != 0:
+        return NullTracker()
+    local = JsonlTracker(info.run_dir)
+    if cfg.backend == "none" or cfg.mode == "disabled":
+        return local
+    return MultiTracker(local, WandbTracker(cfg, info))

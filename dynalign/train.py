@@ -1,0 +1,341 @@
+"""``python -m dynalign.train``: Dynamic Alignment, iteration after iteration.
+
+Each iteration the policy trains on a prompt set (shipped seeds, a dataset on disk, or
+prompts it wrote itself); each step it samples a group of answers per prompt, judges its
+own answers with the rubric, turns the rewards into group-relative advantages and takes
+GRPO steps on the DeepSpeed engine. At the end of an iteration it checkpoints, moves the
+KL reference to the policy and runs the evaluation hook. Every phase is timed.
+
+How it departs from plain GRPO: the reward model is the policy itself (or a frozen copy,
+or an external judge); unparseable judgements are NaN rewards that get zero advantage
+(never a default score); groups with no reward spread can be masked out (dynamic
+sampling, counted); the prompt distribution can move with the policy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dynalign.cli import validated_config
+from dynalign.config import TrainConfig, register_configs
+from dynalign.distributed import all_reduce, barrier, init_distributed, print0
+from dynalign.grpo import group_advantages, zero_spread_groups
+from dynalign.runtime import PhaseTimer, Preemption, seed_everything, step_seed
+from dynalign.tracking import RunInfo, Tracker, build_tracker
+
+register_configs()
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class Position:
+    """Where the run is; saved in every checkpoint, so a resumed run continues exactly here."""
+
+    iteration: int = 0
+    step: int = 0  # step within the iteration
+    global_step: int = 0  # steps done over the whole run
+
+    def advance(self, steps_per_iteration: int) -> None:
+        self.step += 1
+        self.global_step += 1
+        if self.step == steps_per_iteration:
+            self.iteration, self.step = self.iteration + 1, 0
+
+
+# ------------------------------------------------------------------ building the parts
+
+
+def build_parts(cfg: TrainConfig):
+    """Engine, policy sampler and judge: the stateful objects the loop drives.
+
+    The sampler truncates nothing by itself: rollouts cap prompts at ``grpo.max_prompt_length``
+    per call, while the self-judge sends its long rubric prompts through the same sampler whole.
+    """
+    from dynalign.engine import PolicyEngine
+    from dynalign.judge import build_judge
+    from dynalign.rollout import build_sampler, zero3_gather
+
+    engine = PolicyEngine.from_config(cfg)
+    sampler = build_sampler(
+        cfg.rollout, tokenizer=engine.tokenizer, model=engine.module, model_path=engine.model_path,
+        max_prompt_length=None, max_completion_length=cfg.grpo.max_completion_length,
+        seed=cfg.seed, dtype=cfg.model.dtype, gather=zero3_gather(engine.module), shares_weights=True)
+    frozen = _frozen_sampler(cfg, engine) if cfg.judge.source == "frozen" else None
+    judge = build_judge(cfg.judge, sampler, frozen_sampler=frozen)
+    return engine, sampler, judge
+
+
+def _frozen_sampler(cfg: TrainConfig, engine):
+    """The base model, as a separate frozen sampler for ``judge.source=frozen``."""
+    from transformers import AutoModelForCausalLM
+
+    from dynalign.rollout import HFSampler
+
+    model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=getattr(torch, cfg.model.dtype))
+    return HFSampler(model.eval().to(engine.device), engine.tokenizer, batch_size=cfg.rollout.batch_size,
+                     max_prompt_length=cfg.grpo.max_prompt_length)
+
+
+def prompts_for_iteration(cfg: TrainConfig, iteration: int, sampler, run_dir: Path, rank: int) -> list[str]:
+    """The training prompts of an iteration, shuffled by (seed, iteration): every rank agrees."""
+    from dynalign.datagen.select import select_training_prompts
+
+    if rank == 0:
+        prompt_set = select_training_prompts(cfg.generator, sampler, model_name=cfg.model.name_or_path,
+                                             iteration=iteration, run_dir=run_dir)
+        prompts = list(prompt_set.train)
+        (run_dir / "prompts").mkdir(parents=True, exist_ok=True)
+        (run_dir / "prompts" / f"iter_{iteration}.json").write_text(json.dumps(prompts))
+    barrier()
+    prompts = json.loads((run_dir / "prompts" / f"iter_{iteration}.json").read_text())
+    shuffle = torch.Generator().manual_seed(step_seed(cfg.seed, iteration))
+    return [prompts[i] for i in torch.randperm(len(prompts), generator=shuffle)]
+
+
+def step_prompts(prompts: Sequence[str], cfg: TrainConfig, step: int, rank: int,
+                 world_size: int) -> list[str]:
+    """This rank's share of the prompts of step ``step`` (cycling through the iteration's set)."""
+    per_step, per_rank = cfg.grpo.prompts_per_step, cfg.grpo.prompts_per_step // world_size
+    start = step * per_step + rank * per_rank
+    return [prompts[(start + i) % len(prompts)] for i in range(per_rank)]
+
+
+# ------------------------------------------------------------------------ one step
+
+
+def make_batch(rollouts, advantages: torch.Tensor, keep: torch.Tensor):
+    """Rollouts as the engine's batch; rows not kept (masked groups, truncation) count for nothing."""
+    from dynalign.engine import TrainBatch
+
+    inputs = rollouts.model_inputs()
+    completion_mask = inputs.completion_mask * keep[:, None].to(inputs.completion_mask.dtype)  # [N, C]
+    return TrainBatch(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                      completion_mask=completion_mask, advantages=advantages.float())
+
+
+def rewards_to_advantages(rewards: torch.Tensor, rollouts,
+                          cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Group-relative advantages [N], the rows that enter the loss [N] and their statistics."""
+    g = cfg.grpo
+    advantages = group_advantages(rewards, g.group_size, scale=g.scale_rewards)  # [N]
+    keep = torch.ones_like(rewards, dtype=torch.bool)  # [N]
+    stats: dict[str, float] = {}
+    if g.dynamic_sampling:
+        flat = zero_spread_groups(rewards, g.group_size)  # [N / G]
+        keep &= ~flat.repeat_interleave(g.group_size)
+        stats["groups/zero_spread_dropped"] = float(flat.sum())
+    if g.mask_truncated:
+        keep &= ~rollouts.truncated
+    stats["advantages/mean"] = float(advantages.mean())
+    stats["advantages/abs_mean"] = float(advantages.abs().mean())
+    stats["batch/rows_kept_frac"] = float(keep.float().mean())
+    return advantages, keep, stats
+
+
+def _global_mean(values: torch.Tensor) -> float:
+    """Mean of the finite values over every rank."""
+    finite = torch.isfinite(values)
+    totals = all_reduce(torch.stack([values[finite].sum(), finite.sum().float()]).double(), "sum")
+    return float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
+
+
+def grpo_step(cfg: TrainConfig, parts, prompts: list[str], position: Position, rank: int,
+              timer: PhaseTimer) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Roll out, self-judge, compute advantages, update, sync: one GRPO step on this rank's prompts."""
+    from dynalign.judge import judge_stats
+    from dynalign.rollout import sampling_params
+
+    engine, sampler, judge = parts
+    g = cfg.grpo
+    seed = step_seed(cfg.seed, position.global_step, rank)
+    params = sampling_params(cfg.rollout, g.max_completion_length, seed=seed,
+                             max_prompt_length=g.max_prompt_length)
+    with timer("gen"):
+        rollouts = sampler.sample([[{"role": "user", "content": p}] for p in prompts], g.group_size, params)
+    with timer("judge"):
+        answered = [prompts[i] for i in rollouts.prompt_index.tolist()]
+        judged = judge.score(answered, rollouts.texts, seed=seed)
+    with timer("adv"):
+        advantages, keep, adv_stats = rewards_to_advantages(judged.rewards, rollouts, cfg)
+        batch = make_batch(rollouts, advantages, keep)
+    with timer("ref"):
+        if g.beta > 0:
+            batch = batch.with_logprobs(ref=engine.reference_logprobs(batch))
+        if g.num_iterations > 1:
+            batch = batch.with_logprobs(old=engine.policy_logprobs(batch))
+    with timer("update"):
+        updates = [engine.train_step(batch) for _ in range(g.num_iterations)]
+    with timer("sync"):
+        if getattr(sampler, "needs_weight_sync", True):
+            sampler.update_weights(engine.export_weights())
+
+    lengths = rollouts.completion_lengths.float()  # [N]
+    metrics = {f"train/{k}": v for k, v in updates[-1].items()}
+    metrics.update(judge_stats(judged, lengths))
+    metrics.update(adv_stats)
+    metrics["reward/mean"] = _global_mean(judged.rewards)
+    metrics["completions/length_mean"] = float(lengths.mean())
+    metrics["completions/truncated_frac"] = float(rollouts.truncated.float().mean())
+    metrics["train/skipped_steps"] = float(engine.skipped_steps)
+    samples = [{"iteration": position.iteration, "prompt": answered[i], "completion": rollouts.texts[i],
+                "reward": float(judged.rewards[i]), "reason": judged.reasons[i],
+                "scores": dict(zip(judged.aspect_names, judged.scores[i].tolist(), strict=True)),
+                "judge_rationale": judged.texts[i][0] if judged.texts[i] else ""}
+               for i in range(min(len(rollouts), cfg.logger.samples_per_log))]
+    return metrics, samples
+
+
+# ------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
+    dist_info = init_distributed()
+    rank, world = dist_info.rank, dist_info.world_size
+    cfg.validate(world_size=world)
+    seed_everything(cfg.seed)
+    parts = build_parts(cfg)
+    engine, sampler, _ = parts
+    position = resume(cfg, engine, info.run_dir)
+    tracker = build_tracker(cfg.logger, info, rank)
+    timer = PhaseTimer()
+    with Preemption() as preemption, _progress(cfg, position, rank) as bar:
+        while position.iteration < cfg.iterations:
+            iteration = position.iteration
+            prompts = prompts_for_iteration(cfg, iteration, sampler, info.run_dir, rank)
+            while position.iteration == iteration:
+                mine = step_prompts(prompts, cfg, position.step, rank, world)
+                metrics, samples = grpo_step(cfg, parts, mine, position, rank, timer)
+                position.advance(cfg.steps_per_iteration)
+                log_step(cfg, tracker, bar, position, metrics | timer.pop(), samples, iteration)
+                if _agreed(preemption.requested):
+                    save_checkpoint(cfg, engine, info.run_dir, position)
+                    print0(f"dynalign: preempted; checkpoint saved at step {position.global_step}")
+                    tracker.finish({"preempted": True, "global_step": position.global_step})
+                    return {"preempted": True, "global_step": position.global_step}
+            end_of_iteration(cfg, parts, info, position, tracker)
+    summary = {"global_step": position.global_step, "final_reward": metrics["reward/mean"],
+               "skipped_steps": engine.skipped_steps}
+    tracker.finish(summary)
+    print0(f"dynalign: done: {cfg.iterations} iterations, {position.global_step} steps, "
+           f"final reward {summary['final_reward']:.3f}, run dir {info.run_dir}")
+    return summary
+
+
+def log_step(cfg: TrainConfig, tracker: Tracker, bar, position: Position, metrics: dict[str, float],
+             samples: list[dict[str, Any]], iteration: int) -> None:
+    """Metrics every step, a samples table every ``logger.log_samples_every`` steps, the progress bar."""
+    metrics["perf/tokens_per_s"] = metrics.get("train/tokens", 0.0) / max(metrics["time/step"], 1e-9)
+    metrics["iteration"] = float(iteration)
+    tracker.log(metrics, step=position.global_step)
+    every = cfg.logger.log_samples_every
+    if every and position.global_step % every == 0:
+        tracker.log_samples(samples, step=position.global_step)
+    bar.update(1)
+    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                    loss=f"{metrics.get('train/loss', 0.0):.4f}")
+
+
+def end_of_iteration(cfg: TrainConfig, parts, info: RunInfo, position: Position, tracker: Tracker) -> None:
+    """Export the policy, move the KL reference to it, checkpoint, evaluate when due."""
+    from dynalign.eval import evaluate_iteration
+
+    engine, sampler, judge = parts
+    done = position.iteration  # iterations completed
+    if cfg.export_each_iteration:
+        engine.export_hf(info.run_dir / f"iter_{done}")
+    if cfg.grpo.beta > 0 and cfg.update_reference_each_iteration:
+        engine.update_reference()
+    save_checkpoint(cfg, engine, info.run_dir, position)
+    evaluate_iteration(cfg, info.run_dir, done, tracker=tracker, policy_sampler=sampler, self_judge=judge)
+
+
+def save_checkpoint(cfg: TrainConfig, engine, run_dir: Path, position: Position) -> Path:
+    return engine.save(run_dir / CHECKPOINT_DIR, vars(position), keep=cfg.checkpoints_to_keep)
+
+
+def resume(cfg: TrainConfig, engine, run_dir: Path) -> Position:
+    """Where to start: from scratch, the run directory's latest checkpoint, or a given one."""
+    if cfg.resume == "never":
+        return Position()
+    source = run_dir / CHECKPOINT_DIR if cfg.resume == "auto" else Path(cfg.resume)
+    if cfg.resume == "auto" and not (source / "latest").exists():
+        return Position()
+    position = Position(**engine.load(source))
+    _truncate_local_logs(run_dir, position.global_step)
+    print0(f"dynalign: resumed from {source} at iteration {position.iteration}, step {position.global_step}")
+    return position
+
+
+def _truncate_local_logs(run_dir: Path, global_step: int) -> None:
+    """Drop records of steps after the checkpoint: they will be logged again, identically."""
+    from dynalign.distributed import get_rank
+
+    if get_rank() != 0:
+        return
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= global_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+
+def _agreed(flag: bool) -> bool:
+    """True on every rank when any rank saw the flag."""
+    return bool(all_reduce(torch.tensor([float(flag)]), "max").item() > 0)
+
+
+class _progress:
+    """A tqdm bar over all steps on rank 0; a silent stand-in elsewhere."""
+
+    def __init__(self, cfg: TrainConfig, position: Position, rank: int) -> None:
+        from tqdm.auto import tqdm
+
+        total = cfg.iterations * cfg.steps_per_iteration
+        self.bar = tqdm(total=total, initial=position.global_step, desc="dynalign", unit="step",
+                        disable=rank != 0, dynamic_ncols=True)
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def run_info() -> RunInfo:
+    """Run directory, name and W&B group from Hydra's runtime."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    name = hc.job.override_dirname or "default"
+    group = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir
+    return RunInfo(run_dir=Path(hc.runtime.output_dir), name=name, group=str(group), config={})
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    config = validated_config(cfg)
+    info = run_info()
+    info = RunInfo(info.run_dir, info.name, info.group,
+                   OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    return train(config, info)
+
+
+if __name__ == "__main__":
+    # torch.distributed's deprecation notices from inside DeepSpeed, once per collective
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    main()

@@ -1,0 +1,186 @@
+"""The Dynamic Alignment loop end to end, in real subprocesses on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+from safetensors.torch import load_file
+
+from dynalign.distributed import free_port
+
+# Small but complete: 2 iterations x 2 steps, 4 prompts x 4 answers, short answers and verdicts.
+FAST = ["grpo.max_completion_length=8", "judge.max_new_tokens=24", "logger.samples_per_log=4"]
+
+
+def _env(cache: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "DYNALIGN_CACHE": str(cache), "PYTHONPATH": str(REPO_ROOT),
+           "WANDB_MODE": "", "WANDB_API_KEY": "", "HYDRA_FULL_ERROR": "1"}
+    env.pop("WANDB_MODE")
+    env.pop("WANDB_API_KEY")
+    env.update(extra)
+    return env
+
+
+def _train(run_dir: Path, *overrides: str, cache: Path, timeout: int = 600, env_extra=None,
+           launcher: tuple[str, ...] = (sys.executable, "-m")) -> subprocess.CompletedProcess:
+    cmd = [*launcher, "dynalign.train", f"hydra.run.dir={run_dir}", *FAST, *overrides]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(cache, **(env_extra or {})), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(model_dir: Path) -> dict:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.slow
+def test_default_run_end_to_end(tmp_path, cache_dir, tiny_model_path):
+    run = tmp_path / "run"
+    proc = _train(run, cache=cache_dir)
+    assert "dynalign: done: 2 iterations, 4 steps" in proc.stdout + proc.stderr
+
+    metrics = _metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:
+        for key in ("reward/mean", "judge/reward_std", "judge/knowledge_mean", "judge/parse_failure_rate",
+                    "advantages/abs_mean", "train/loss", "train/entropy", "train/grad_norm", "train/lr",
+                    "train/clip_frac_low", "train/clip_frac_high", "completions/length_mean",
+                    "completions/truncated_frac", "perf/tokens_per_s",
+                    "time/gen", "time/judge", "time/ref", "time/update", "time/sync"):
+            assert key in m, key
+        # the tiny preset judges by score-token probabilities: every reward is defined, in range
+        assert m["judge/reward_nan_rate"] == 0.0 and 0.0 <= m["reward/mean"] <= 5.0
+        assert m["train/grad_norm"] > 0
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 * 4 and {"prompt", "completion", "reward", "reason"} <= set(samples[0])
+
+    # W&B offline: a run directory with the composed config and one samples table per step
+    record = json.loads((run / "wandb_run.json").read_text())
+    assert record["mode"] == "offline"
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    # offline runs keep config and group inside the run's record file until `wandb sync`
+    (records,) = offline[0].glob("run-*.wandb")
+    raw = records.read_bytes()
+    assert b'"group_size":4' in raw and b"ca_rubric" in raw and str(run).encode() in raw
+    tables = sorted(p.name for p in (offline[0] / "files" / "media" / "table" / "samples").glob("*.json"))
+    assert len(tables) == 4 and tables[0].startswith("step_000001")
+
+    # checkpoint and an exported policy whose weights moved away from the base model
+    assert (run / "checkpoints" / "latest").exists()
+    assert not _same_weights(_weights(run / "iter_2"), _weights(tiny_model_path))
+    assert (run / "iter_1" / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_sweep_runs_share_one_wandb_group(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    # generate-mode judging: the tiny model's verdicts are gibberish, so every reward is NaN,
+    # counted as a parse failure, and no group carries a learning signal
+    cmd = [sys.executable, "-m", "dynalign.train", "-m", f"hydra.sweep.dir={sweep}", *FAST,
+           "judge.mode=generate", "iterations=1", "steps_per_iteration=1", "export_each_iteration=false",
+           "grpo.lr=1e-5,2e-5"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(cache_dir), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    runs = sorted(p.parent for p in sweep.glob("*/wandb_run.json"))
+    records = [json.loads((run / "wandb_run.json").read_text()) for run in runs]
+    assert len(records) == 2
+    assert records[0]["group"] == records[1]["group"] == str(sweep)
+    assert ["grpo.lr=1e-05" in records[0]["name"], "grpo.lr=2e-05" in records[1]["name"]] == [True, True]
+    for run in runs:
+        (m,) = _metrics(run)
+        assert m["judge/parse_failure_rate"] == 1.0 and m["judge/reward_nan_rate"] == 1.0
+        assert m["reward/mean"] is None  # NaN in JSON: no reward was defined
+        assert m["advantages/abs_mean"] == 0.0 and m["train/loss"] == 0.0
+
+
+@pytest.mark.slow
+def test_kill_then_resume_reproduces_the_uninterrupted_run(tmp_path, cache_dir):
+    straight = tmp_path / "straight"
+    _train(straight, "logger=none", cache=cache_dir)
+
+    broken = tmp_path / "broken"
+    cmd = [sys.executable, "-m", "dynalign.train", f"hydra.run.dir={broken}", *FAST, "logger=none"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(cache_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (broken / "checkpoints" / "latest").exists():  # the end of iteration 1
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (broken / "iter_2").exists(), "killed too late to test anything"
+
+    _train(broken, "logger=none", "resume=auto", cache=cache_dir)
+    assert _same_weights(_weights(broken / "iter_2"), _weights(straight / "iter_2"))
+    assert _metrics_without_times(broken) == _metrics_without_times(straight)
+
+
+def _metrics_without_times(run_dir: Path) -> list[dict]:
+    timing = ("time/", "perf/")
+    return [{k: v for k, v in m.items() if not k.startswith(timing)} for m in _metrics(run_dir)]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dynalign.train", f"hydra.run.dir={run}", *FAST, "logger=none",
+           "steps_per_iteration=50"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(cache_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted; checkpoint saved" in out
+    saved = (run / "checkpoints" / "latest").read_text().strip()
+    step = json.loads((run / "checkpoints" / saved / "dynalign_state.json").read_text())["client_state"]
+    assert 1 <= step["global_step"] < 100
+
+    # the checkpoint loads: resume and finish the iteration one step later
+    proc = _train(run, "logger=none", "iterations=1", f"steps_per_iteration={step['global_step'] + 1}",
+                  "resume=auto", cache=cache_dir)
+    assert f"resumed from {run / 'checkpoints'}" in proc.stdout + proc.stderr
+    assert _metrics(run)[-1]["step"] == step["global_step"] + 1
+
+
+@pytest.mark.slow
+def test_unreachable_wandb_does_not_stop_training(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    proc = _train(run, "iterations=1", "steps_per_iteration=1", "logger.mode=online",
+                  "logger.init_timeout_s=5", cache=cache_dir,
+                  env_extra={"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40})
+    assert "W&B init failed" in proc.stderr
+    assert len(_metrics(run)) == 1  # the local mirror kept everything
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m")
+    _train(run, "logger=none", "iterations=1", cache=cache_dir, launcher=torchrun, timeout=900)
+    metrics = _metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert (run / "iter_1" / "model.safetensors").exists()
