@@ -9,12 +9,14 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH := torch==2.13.0
 PINS := $(TORCH) transformers==5.19.0 datasets==5.2.0 hydra-core==1.3.8 omegaconf==2.3.1 \
         wandb==0.31.0 accelerate==1.15.0 deepspeed==0.19.8 peft==0.21.2 \
-        datasketch==2.0.0 openai==3.57.0 pytest==9.2.0 ruff==0.17.6 mypy==2.4.1
+        datasketch==2.0.0 openai==3.57.0 lm-eval==0.4.13 matplotlib==3.11.2 trl==1.16.0 \
+        hydra-submitit-launcher==1.2.0 pytest==9.2.0 ruff==0.17.6 mypy==2.4.1
 export DS_ACCELERATOR ?= cpu
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train lint typecheck test test-all install-vllm test-vllm bench-rollout clean
+.PHONY: help install train lint typecheck test test-all ablations report bench install-vllm test-vllm \
+        bench-rollout clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -25,7 +27,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install $(TORCH)
-	$(PIP) install $(PINS) -e '.[dev]'
+	$(PIP) install $(PINS) -e '.[dev,eval,report,slurm,bench]'
 	@touch $@
 
 train: install ## Run the main job: python -m dynalign.train (ARGS="key=value ..." to override)
@@ -47,6 +49,60 @@ test: install ## Fast CPU test suite (skips `slow` and `gpu` tests)
 test-all: install lint ## Everything that runs on CPU: lint, fast and slow tests, the vLLM lane (what CI runs)
 	$(call PYTEST,-m "not gpu")
 	$(MAKE) test-vllm
+
+# ------------------------------------------------------------------ ablations, report, benchmark
+# Ablation suite, its comparison report, and the GRPO step benchmark against TRL.
+#
+#   make ablations                          # PRESET=tiny: every axis on the embedded tiny model (CPU)
+#   make ablations AXES="kl_beta loss_type" # some axes only
+#   make ablations PRESET=full EVAL=1       # GPUs through SLURM (experiments/preset_full.yaml)
+#   make report WANDB_PROJECT=me/dynalign   # rebuild the report, adding runs from the W&B API
+#
+# Axis NAME is experiments/ablation_NAME.yaml; each runs as one Hydra sweep (one W&B group,
+# ablation-NAME) into $(ABLATIONS_DIR)/$(PRESET)/ablation-NAME/, replacing that directory.
+PRESET ?= tiny
+ABLATION_AXES := judge rubric group_size kl_beta loss_type judge_mode regenerate iterations
+AXES ?= $(ABLATION_AXES)
+EVAL ?= $(if $(filter full,$(PRESET)),1,0)
+ABLATIONS_DIR ?= multirun/ablations
+REPORTS_DIR ?= reports/ablations
+ABLATION_ARGS ?=
+WANDB_PROJECT ?=
+BENCH_STEP_ARGS ?=
+# SLURM's early warning before the time limit: dynalign checkpoints and exits on SIGUSR1.
+export SUBMITIT_PREEMPT_SIGNAL ?= USR1
+
+REPORT_CMD = $(PY) -m dynalign.report $(ABLATIONS_DIR)/$(PRESET) --out $(REPORTS_DIR)/$(PRESET) \
+	--title "Ablations, preset $(PRESET)" $(if $(WANDB_PROJECT),--wandb $(WANDB_PROJECT))
+
+# An evaluation sweep mirrors the training sweep job for job (same sweeper params, so the same
+# job numbers and override_dirname), writing into <run dir>/eval/iter_<iterations>/.
+EVAL_ARGS = 'hydra.sweep.subdir=$${hydra.job.num}_$${hydra.job.override_dirname}/eval/iter_$${iterations}' \
+	'checkpoint=$${hydra:sweep.dir}/$${hydra:job.num}_$${hydra:job.override_dirname}' \
+	'hydra.job.config.override_dirname.exclude_keys=[resume,seed,experiment,checkpoint]'
+
+ablations: install ## Ablation sweeps then their report (PRESET=tiny|full AXES="kl_beta ..." EVAL=0|1)
+	@failed=""; \
+	for axis in $(AXES); do \
+	  test -f experiments/ablation_$$axis.yaml || { echo "unknown axis '$$axis'; axes: $(ABLATION_AXES)"; exit 2; }; \
+	  dir=$(ABLATIONS_DIR)/$(PRESET)/ablation-$$axis; rm -rf "$$dir"; \
+	  echo "== ablation $$axis, preset $(PRESET) -> $$dir"; start=$$(date +%s); \
+	  $(PY) -m dynalign.train -m "+experiment=[preset_$(PRESET),ablation_$$axis]" "hydra.sweep.dir=$$dir" \
+	    $(ABLATION_ARGS) || failed="$$failed $$axis"; \
+	  if [ "$(EVAL)" = 1 ]; then \
+	    $(PY) -m dynalign.evaluate -m "+experiment=[preset_$(PRESET),ablation_$$axis]" "hydra.sweep.dir=$$dir" \
+	      $(EVAL_ARGS) $(ABLATION_ARGS) || failed="$$failed $$axis(eval)"; \
+	  fi; \
+	  echo "== ablation $$axis took $$(( $$(date +%s) - start )) s"; \
+	done; \
+	$(REPORT_CMD); \
+	if [ -n "$$failed" ]; then echo "ablations with failed runs:$$failed (the report's status column)"; exit 1; fi
+
+report: install ## Report (table + plots) of multirun/ablations/PRESET into reports/ablations/PRESET/
+	$(REPORT_CMD)
+
+bench: install ## One GRPO step, dynalign vs TRL GRPOTrainer, same workload (BENCH_STEP_ARGS=...)
+	$(PY) benchmarks/bench_step.py $(BENCH_STEP_ARGS)
 
 # ------------------------------------------------------------------ vLLM lane
 # vLLM rollout backend: a second venv, so the main .venv stays small and vLLM-free.

@@ -537,8 +537,9 @@ def _register_experiments(cs: ConfigStore) -> None:
     ``defaults`` list of ``override /group: option`` lines), as Hydra experiment configs do.
     """
     for path in sorted(EXPERIMENTS_DIR.rglob("*.yaml")):
-        name = path.relative_to(EXPERIMENTS_DIR).with_suffix("").as_posix()
-        cs.store(group="experiment", name=name, node=OmegaConf.load(path), package="_global_")
+        rel = path.relative_to(EXPERIMENTS_DIR).with_suffix("")
+        cs.store(group="/".join(("experiment", *rel.parts[:-1])), name=rel.name,
+                 node=OmegaConf.load(path), package="_global_")
 
 
 def to_train_config(cfg: DictConfig, world_size: int = 1) -> TrainConfig:

@@ -61,8 +61,10 @@ def build_parts(cfg: TrainConfig):
 
     The sampler truncates nothing by itself: rollouts cap prompts at ``grpo.max_prompt_length``
     per call, while the self-judge sends its long rubric prompts through the same sampler whole.
+    The engine comes first: a vLLM sampler joins the process group it created.
     """
     from dynalign.engine import PolicyEngine
+    from dynalign.eval.settings import resolve_judge_model
     from dynalign.judge import build_judge
     from dynalign.rollout import build_sampler, zero3_gather
 
@@ -71,20 +73,20 @@ def build_parts(cfg: TrainConfig):
         cfg.rollout, tokenizer=engine.tokenizer, model=engine.module, model_path=engine.model_path,
         max_prompt_length=None, max_completion_length=cfg.grpo.max_completion_length,
         seed=cfg.seed, dtype=cfg.model.dtype, gather=zero3_gather(engine.module), shares_weights=True)
-    frozen = _frozen_sampler(cfg, engine) if cfg.judge.source == "frozen" else None
-    judge = build_judge(cfg.judge, sampler, frozen_sampler=frozen)
+    frozen = side_sampler(cfg, engine.model_path) if cfg.judge.source == "frozen" else None
+    judge = build_judge(cfg.judge, sampler, frozen_sampler=frozen,
+                        make_sampler=lambda ext: side_sampler(cfg, resolve_judge_model(ext, cfg.model)))
     return engine, sampler, judge
 
 
-def _frozen_sampler(cfg: TrainConfig, engine):
-    """The base model, as a separate frozen sampler for ``judge.source=frozen``."""
-    from transformers import AutoModelForCausalLM
+def side_sampler(cfg: TrainConfig, path: str):
+    """A whole (never ZeRO-partitioned) model beside the policy: the frozen base model or a local
+    external judge."""
+    from dynalign.engine import hf_zero3_init
+    from dynalign.eval.judging import load_local_sampler
 
-    from dynalign.rollout import HFSampler
-
-    model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=getattr(torch, cfg.model.dtype))
-    return HFSampler(model.eval().to(engine.device), engine.tokenizer, batch_size=cfg.rollout.batch_size,
-                     max_prompt_length=cfg.grpo.max_prompt_length)
+    with hf_zero3_init(None):
+        return load_local_sampler(path, cfg.model, cfg.rollout.batch_size)
 
 
 def prompts_for_iteration(cfg: TrainConfig, iteration: int, sampler, run_dir: Path, rank: int) -> list[str]:
@@ -209,6 +211,7 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     position = resume(cfg, engine, info.run_dir)
     tracker = build_tracker(cfg.logger, info, rank)
     timer = PhaseTimer()
+    metrics: dict[str, float] = {}
     with Preemption() as preemption, _progress(cfg, position, rank) as bar:
         while position.iteration < cfg.iterations:
             iteration = position.iteration
@@ -224,7 +227,7 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
                     tracker.finish({"preempted": True, "global_step": position.global_step})
                     return {"preempted": True, "global_step": position.global_step}
             end_of_iteration(cfg, parts, info, position, tracker)
-    summary = {"global_step": position.global_step, "final_reward": metrics["reward/mean"],
+    summary = {"global_step": position.global_step, "final_reward": metrics.get("reward/mean", math.nan),
                "skipped_steps": engine.skipped_steps}
     tracker.finish(summary)
     print0(f"dynalign: done: {cfg.iterations} iterations, {position.global_step} steps, "

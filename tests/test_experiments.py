@@ -1,0 +1,161 @@
+"""The ablation suite: every preset x axis composes, every sweep point validates, one axis runs
+end to end on the tiny preset and its report holds the runs' numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from dynalign import config as config_module
+from dynalign import report
+from dynalign.config import CONF_DIR, EXPERIMENTS_DIR, register_configs, to_train_config
+
+PRESETS = ("tiny", "full")
+
+
+def _axes() -> list[str]:
+    return sorted(p.stem.removeprefix("ablation_") for p in EXPERIMENTS_DIR.glob("ablation_*.yaml"))
+
+
+def _make_axes() -> list[str]:
+    text = (REPO_ROOT / "Makefile").read_text()
+    return re.search(r"^ABLATION_AXES := (.+)$", text, re.M).group(1).split()
+
+
+def _compose(overrides: list[str], hydra_config: bool = False):
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="train", overrides=overrides, return_hydra_config=hydra_config)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _experiment(preset: str, axis: str) -> str:
+    return f"+experiment=[preset_{preset},ablation_{axis}]"
+
+
+def _sweep_points(params) -> list[list[str]]:
+    """The overrides of every job of a basic-sweeper ``params`` block (its cartesian product)."""
+    parser = OverridesParser.create()
+    points: list[list[str]] = [[]]
+    for key, values in params.items():
+        (override,) = parser.parse_overrides([f"{key}={values}"])
+        assert override.is_sweep_override(), f"{key}: {values!r} is not a sweep"
+        swept = [f"{key}={v}" for v in override.sweep_string_iterator()]
+        points = [p + [s] for p in points for s in swept]
+    return points
+
+
+def test_the_axes_agree_everywhere():
+    assert _axes() == sorted(_make_axes()) == sorted(report.AXIS_ORDER)
+    assert len(_axes()) == 8
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("axis", _axes())
+def test_every_sweep_point_of_every_preset_validates(preset, axis):
+    cfg = _compose([_experiment(preset, axis)], hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params, "an ablation defines its sweep in hydra.sweeper.params"
+    assert cfg.logger.group == f"ablation-{axis}"
+    assert cfg.hydra.sweep.dir == f"multirun/ablations/{preset}/ablation-{axis}"
+    assert "experiment" in cfg.hydra.job.config.override_dirname.exclude_keys
+    points = _sweep_points(params)
+    assert len(points) >= 2
+    for point in points:
+        train_cfg = to_train_config(_compose([_experiment(preset, axis), *point]))
+        key, value = point[0].split("=")
+        if not (CONF_DIR / key).is_dir():  # a value, not a group choice: it arrived
+            assert str(OmegaConf.select(OmegaConf.structured(train_cfg), key)).lower() == value.lower()
+
+
+def test_tiny_preset_is_small_and_scores_by_logprob():
+    cfg = to_train_config(_compose([_experiment("tiny", "kl_beta")]))
+    assert cfg.model.name_or_path == "tiny" and cfg.rollout.backend == "hf"
+    assert cfg.judge.mode == "logprob"  # generate mode on the tiny model: NaN rewards only
+    assert cfg.iterations * cfg.steps_per_iteration <= 2 and cfg.grpo.max_completion_length <= 8
+    assert (cfg.judge.external.backend, cfg.judge.external.model) == ("hf", "tiny")
+    generate = to_train_config(_compose([_experiment("tiny", "judge_mode"), "judge.mode=generate"]))
+    assert generate.judge.mode == "generate"
+
+
+def test_full_preset_runs_on_slurm_gpus():
+    cfg = _compose([_experiment("full", "loss_type")], hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node >= 1 and launcher.tasks_per_node == 1  # dynalign: one process per job
+    assert launcher.timeout_min > 0 and launcher.signal_delay_s > 0
+    train_cfg = to_train_config(_compose([_experiment("full", "loss_type")]))
+    assert train_cfg.model.lora.enabled and train_cfg.rollout.backend == "vllm"
+    assert train_cfg.model.dtype == "bfloat16"
+
+
+def test_the_slurm_launcher_composes_from_the_command_line():
+    cmd = [sys.executable, "-m", "dynalign.train", "--cfg", "hydra", _experiment("tiny", "kl_beta"),
+           "hydra/launcher=slurm"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SlurmLauncher" in proc.stdout and "grpo.beta: 0.0,0.04" in proc.stdout
+
+
+def test_nested_experiment_names_compose(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "probe.yaml").write_text("# @package _global_\nseed: 7\n")
+    monkeypatch.setattr(config_module, "EXPERIMENTS_DIR", tmp_path)
+    repo = ConfigStore.instance().repo
+    try:
+        config_module._register_experiments(ConfigStore.instance())
+        assert _compose(["+experiment=sub/probe"]).seed == 7
+    finally:
+        repo.get("experiment", {}).pop("sub/probe.yaml", None)
+        repo.get("experiment", {}).get("sub", {}).pop("probe.yaml", None)
+
+
+@pytest.mark.slow
+def test_tiny_preset_of_one_axis_end_to_end(tmp_path, cache_dir, tiny_model_path):
+    """What `make ablations AXES=kl_beta` does: the sweep, then the report from the runs' records."""
+    sweep = tmp_path / "multirun" / "ablation-kl_beta"
+    env = {"DYNALIGN_CACHE": str(cache_dir), "PYTHONPATH": str(REPO_ROOT), "HYDRA_FULL_ERROR": "1",
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "-m", "dynalign.train", "-m", _experiment("tiny", "kl_beta"),
+           f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0_grpo.beta=0.0", "1_grpo.beta=0.04"]  # the value only in the name
+
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path / "multirun"), "--out", str(out)]) == 0
+    with (out / "report.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["axis"], r["value"], r["status"]) for r in rows] == [("kl_beta", "0.0", "done"),
+                                                                    ("kl_beta", "0.04", "done")]
+    for row, run in zip(rows, runs, strict=True):
+        summary = json.loads((run / "summary.json").read_text())
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert float(row["final_reward"]) == pytest.approx(summary["final_reward"])
+        assert int(row["steps"]) == len(metrics) == summary["global_step"] == 2
+        median_step = statistics.median(m["time/step"] for m in metrics)
+        assert float(row["time_per_step_s"]) == pytest.approx(median_step)
+        assert float(row["judge_failure_rate"]) == 0.0  # logprob mode always gives a score
+        assert row["ca_score"] == "n/a"  # not evaluated
+    png = out / "plots" / "reward_kl_beta.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    text = (out / "report.md").read_text()
+    assert "| kl_beta | `0.04` | done | 2 |" in text and "(plots/reward_kl_beta.png)" in text
