@@ -14,8 +14,7 @@ state and no I/O beyond reading the shipped YAML files.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dynalign._lazy import lazy_exports
 
 # Public name -> submodule. Imported on first use (PEP 562), so ``dynalign.datagen.settings``
 # and the pure modules load without torch, and a bad config fails fast.
@@ -41,11 +40,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -17,8 +17,7 @@ Names are imported on first use (PEP 562): the pure modules load without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dynalign._lazy import lazy_exports
 
 _EXPORTS = {
     "evaluate_iteration": "runner",
@@ -49,11 +48,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
