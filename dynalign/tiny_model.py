@@ -10,6 +10,7 @@ builds the model on first use into a cache directory.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -124,24 +125,33 @@ def tiny_model_dir(spec: TinyModelConfig) -> Path:
 def ensure_tiny_model(spec: TinyModelConfig) -> Path:
     """Return the cached tiny model directory, building it first if needed.
 
-    The build goes to a temporary sibling and is renamed into place, so concurrent
-    ranks or an interrupted build never leave a half-written model behind.
+    Builders on one machine take turns under a file lock (the ranks of a launch all ask at
+    once); the build goes to a temporary sibling and is renamed into place, so an interrupted
+    build never leaves a half-written model behind. Call it before ``torch.distributed`` is
+    initialised: transformers then writes checkpoint files on global rank 0 only.
     """
     target = tiny_model_dir(spec)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            _build_into(target, spec)
+    return target
+
+
+def _build_into(target: Path, spec: TinyModelConfig) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         build_tiny_model(tmp, spec)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; its build is identical
-            if not (target / "config.json").exists():
-                raise
+        if not (tmp / "config.json").exists():
+            raise RuntimeError("the tiny model was built on a rank other than 0 of an initialised process "
+                               "group, where transformers saves nothing: build it before joining the group")
+        shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json is not a model
+        os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve_model_path(model: ModelConfig) -> str:

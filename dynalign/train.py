@@ -25,6 +25,7 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from dynalign.cli import validated_config
 from dynalign.config import TrainConfig, register_configs
@@ -89,12 +90,25 @@ def side_sampler(cfg: TrainConfig, path: str):
         return load_local_sampler(path, cfg.model, cfg.rollout.batch_size)
 
 
-def prompts_for_iteration(cfg: TrainConfig, iteration: int, sampler, run_dir: Path, rank: int) -> list[str]:
+def prompt_writer(cfg: TrainConfig, engine, sampler, run_dir: Path):
+    """What writes an iteration's prompts when the policy regenerates them (rank 0 alone).
+
+    One process: the policy sampler itself. Several: sampling from the ZeRO-3 policy would be a
+    collective that the other ranks never join, so rank 0 loads the newest exported policy
+    (``iter_<k>/``, the base model before the first export) whole, only if generation is due.
+    """
+    if engine.world_size == 1:
+        return sampler
+    exports = sorted(run_dir.glob("iter_*/config.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    return lambda: side_sampler(cfg, str(exports[-1].parent) if exports else engine.model_path)
+
+
+def prompts_for_iteration(cfg: TrainConfig, iteration: int, writer, run_dir: Path, rank: int) -> list[str]:
     """The training prompts of an iteration, shuffled by (seed, iteration): every rank agrees."""
     from dynalign.datagen.select import select_training_prompts
 
     if rank == 0:
-        prompt_set = select_training_prompts(cfg.generator, sampler, model_name=cfg.model.name_or_path,
+        prompt_set = select_training_prompts(cfg.generator, writer, model_name=cfg.model.name_or_path,
                                              iteration=iteration, run_dir=run_dir)
         prompts = list(prompt_set.train)
         (run_dir / "prompts").mkdir(parents=True, exist_ok=True)
@@ -202,6 +216,9 @@ def grpo_step(cfg: TrainConfig, parts, prompts: list[str], position: Position, r
 
 
 def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
+    from dynalign.tiny_model import resolve_model_path
+
+    resolve_model_path(cfg.model)  # build the embedded model, if it is the one, before joining the group
     dist_info = init_distributed()
     rank, world = dist_info.rank, dist_info.world_size
     cfg.validate(world_size=world)
@@ -212,10 +229,13 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     tracker = build_tracker(cfg.logger, info, rank)
     timer = PhaseTimer()
     metrics: dict[str, float] = {}
-    with Preemption() as preemption, _progress(cfg, position, rank) as bar:
+    total = cfg.iterations * cfg.steps_per_iteration
+    with Preemption() as preemption, tqdm(total=total, initial=position.global_step, desc="dynalign",
+                                          unit="step", disable=rank != 0, dynamic_ncols=True) as bar:
         while position.iteration < cfg.iterations:
             iteration = position.iteration
-            prompts = prompts_for_iteration(cfg, iteration, sampler, info.run_dir, rank)
+            prompts = prompts_for_iteration(cfg, iteration, prompt_writer(cfg, engine, sampler, info.run_dir),
+                                            info.run_dir, rank)
             while position.iteration == iteration:
                 mine = step_prompts(prompts, cfg, position.step, rank, world)
                 metrics, samples = grpo_step(cfg, parts, mine, position, rank, timer)
@@ -245,7 +265,7 @@ def log_step(cfg: TrainConfig, tracker: Tracker, bar, position: Position, metric
     if every and position.global_step % every == 0:
         tracker.log_samples(samples, step=position.global_step)
     bar.update(1)
-    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+    bar.set_postfix(iteration=iteration + 1, reward=f"{metrics['reward/mean']:.3f}",
                     loss=f"{metrics.get('train/loss', 0.0):.4f}")
 
 
@@ -298,44 +318,25 @@ def _agreed(flag: bool) -> bool:
     return bool(all_reduce(torch.tensor([float(flag)]), "max").item() > 0)
 
 
-class _progress:
-    """A tqdm bar over all steps on rank 0; a silent stand-in elsewhere."""
-
-    def __init__(self, cfg: TrainConfig, position: Position, rank: int) -> None:
-        from tqdm.auto import tqdm
-
-        total = cfg.iterations * cfg.steps_per_iteration
-        self.bar = tqdm(total=total, initial=position.global_step, desc="dynalign", unit="step",
-                        disable=rank != 0, dynamic_ncols=True)
-
-    def __enter__(self):
-        return self.bar
-
-    def __exit__(self, *exc) -> None:
-        self.bar.close()
-
-
 # ---------------------------------------------------------------------- entry point
 
 
-def run_info() -> RunInfo:
-    """Run directory, name and W&B group from Hydra's runtime."""
+def run_info(cfg: DictConfig) -> RunInfo:
+    """Run directory, name, W&B group and the composed config, from Hydra's runtime."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
     name = hc.job.override_dirname or "default"
     group = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir
-    return RunInfo(run_dir=Path(hc.runtime.output_dir), name=name, group=str(group), config={})
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    return RunInfo(run_dir=Path(hc.runtime.output_dir), name=name, group=str(group), config=config)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    config = validated_config(cfg)
-    info = run_info()
-    info = RunInfo(info.run_dir, info.name, info.group,
-                   OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    return train(config, info)
+    return train(validated_config(cfg), run_info(cfg))
 
 
 if __name__ == "__main__":

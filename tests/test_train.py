@@ -180,7 +180,13 @@ def test_two_processes_under_torchrun(tmp_path, cache_dir):
     run = tmp_path / "run"
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m")
-    _train(run, "logger=none", "iterations=1", cache=cache_dir, launcher=torchrun, timeout=900)
+    # both ranks find an empty model cache and build the tiny model at once; then rank 0
+    # regenerates the prompts from a whole copy of the policy while rank 1 waits
+    _train(run, "logger=none", "iterations=1", "generator.regenerate_each_iteration=true",
+           "generator.num_prompts=4", "generator.max_new_tokens=16", cache=tmp_path / "empty-cache",
+           launcher=torchrun, timeout=900)
     metrics = _metrics(run)
     assert [m["step"] for m in metrics] == [1, 2]
     assert (run / "iter_1" / "model.safetensors").exists()
+    summary = json.loads((run / "prompts" / "iter_000" / "summary.json").read_text())
+    assert summary["calls"] > 0
