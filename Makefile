@@ -46,7 +46,7 @@ PYTEST = $(call PYTEST_IN,$(PY),$(1))
 test: install ## Fast CPU test suite (skips `slow` and `gpu` tests)
 	$(call PYTEST,-m "not slow and not gpu")
 
-test-all: install lint ## Everything that runs on CPU: lint, fast and slow tests, the vLLM lane (what CI runs)
+test-all: install lint typecheck ## Everything on CPU: lint, types, fast and slow tests, the vLLM lane (what CI runs)
 	$(call PYTEST,-m "not gpu")
 	$(MAKE) test-vllm
 

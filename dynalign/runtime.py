@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -47,7 +48,7 @@ class Preemption:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: dict[int, object] = {}
+        self._previous: dict[signal.Signals, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
