@@ -54,6 +54,7 @@ def test_ensure_builds_once_and_resolves(tmp_path):
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_model(spec) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary leftovers
+    # the build lock stays beside the model; no temporary directory is left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, f"{first.name}.lock"]
     assert resolve_model_path(ModelConfig(tiny=spec)) == str(first)
     assert resolve_model_path(ModelConfig(name_or_path="org/model")) == "org/model"
