@@ -63,7 +63,7 @@ def load_causal_lm(path: str, model: ModelConfig, *, for_training: bool) -> torc
 
 def export_config(lm: torch.nn.Module) -> Any:
     """A copy of ``lm.config`` as it was loaded (``use_cache`` restored), to save beside exported weights."""
-    config = copy.deepcopy(lm.config)
+    config: Any = copy.deepcopy(lm.config)
     config.use_cache = getattr(lm, _USE_CACHE, config.use_cache)
     return config
 

@@ -14,8 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dynalign.distributed import ensure_ds_accelerator
-
 
 def is_zero3_param(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a ZeRO-3 partitioned parameter."""
@@ -38,8 +36,7 @@ def gathered(params: Iterable[Tensor], modifier_rank: int | None = None) -> Iter
     if not zero_params:
         yield
         return
-    ensure_ds_accelerator()
-    import deepspeed
+    import deepspeed  # already imported: it partitioned these parameters
 
     with deepspeed.zero.GatheredParameters(zero_params, modifier_rank=modifier_rank):
         yield
