@@ -116,11 +116,8 @@ def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> i
 
 
 def _row_chunks(logits: Tensor, chunk_size: int | None) -> Iterator[tuple[int, int, Tensor]]:
-    """Yield ``(start, end, rows)`` with rows [n, V] = flattened logits[start:end], one chunk at a time.
-
-    A view when the leading dims flatten without a copy; otherwise (e.g. a time slice of a batch)
-    only the chunk is gathered, so the full [rows, V] tensor is never copied.
-    """
+    """``(start, end, rows)`` with rows [n, V] = flattened logits[start:end], one chunk at a time: a view
+    when the leading dims flatten without a copy, else (a time slice of a batch) a gather of the chunk."""
     if chunk_size is None:
         chunk_size = default_chunk_size(logits.shape[-1], logits.device)
     if chunk_size < 1:
@@ -141,12 +138,9 @@ def _row_chunks(logits: Tensor, chunk_size: int | None) -> Iterator[tuple[int, i
 
 
 class _ChunkedTokenLogProbs(torch.autograd.Function):
-    """log_softmax(logits)[label] by chunks of rows; the backward recomputes the softmax by chunks.
-
-    Saved for backward: the logits themselves (no copy) and the labels. Per chunk, the fused
-    log_softmax / softmax kernels (one float32 [n, V] result each) beat ``logit - logsumexp``, whose
-    CPU kernel makes several passes and temporaries.
-    """
+    """log_softmax(logits)[label] by chunks of rows; the backward recomputes the softmax by chunks from
+    the saved logits (no copy). Per chunk, the fused log_softmax / softmax kernels (one float32 [n, V]
+    result each) beat ``logit - logsumexp``, whose CPU kernel makes several passes and temporaries."""
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, labels: Tensor, chunk_size: int | None) -> Tensor:
@@ -223,14 +217,12 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
                         chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs [B, C] of the completion tokens under a causal LM (and their entropy [B, C] if asked).
 
-    ``input_ids``/``attention_mask`` [B, P + C] hold left-padded prompts followed by right-padded
-    completions; the last ``completion_length`` (C) columns are the completion. ``model`` is called
-    as ``model(input_ids=..., attention_mask=...)`` and must return ``.logits`` [B, P + C, V]; logits
-    at position t predict token t + 1. They are sliced to the C predicting positions before any
-    float32 work and divided by ``temperature`` (the sampling temperature) when it is not 1.
-    Padded completion positions get (meaningless) values: mask them in the loss. Positions are
-    what the model derives itself (transformers: 0..P+C-1, pads included); rotary embeddings see
-    only relative positions, so left padding leaves the log-probs unchanged there.
+    ``input_ids``/``attention_mask`` [B, P + C]: left-padded prompts, then right-padded completions
+    (the last ``completion_length`` = C columns). ``model(input_ids=..., attention_mask=...).logits``
+    [B, P + C, V] (position t predicts token t + 1) is sliced to the C predicting positions before
+    any float32 work and divided by the sampling ``temperature``. Padded completion positions get
+    meaningless values: mask them in the loss. Positions are the model's own (0..P+C-1, pads
+    included); rotary embeddings see only relative positions, so left padding changes nothing.
     """
     length = input_ids.shape[1]
     if not 0 < completion_length < length:
@@ -447,11 +439,10 @@ def policy_loss(loss_type: str, logp: Tensor, old_logp: Tensor, advantages: Tens
                 dual_clip: float | None = None) -> tuple[Tensor, dict[str, float]]:
     """Scalar policy loss of ``loss_type`` (a name in :data:`POLICY_LOSSES`) and detached stats.
 
-    ``logp``/``old_logp``/``ref_logp``/``mask`` are [B, T], ``advantages`` [B]. Stats:
-    ``clip_frac_low`` (share of tokens with r < 1 - eps_low and A < 0: the low clip holds the
-    objective), ``clip_frac_high`` (r > 1 + eps_high and A > 0), ``ratio_mean``, ``tokens``,
-    ``kl_mean`` when ``ref_logp`` is given, ``dual_clip_frac`` when ``dual_clip`` is set. For
-    "gspo" the clip fractions and ``ratio_mean`` are over sequences and use the sequence ratio.
+    ``logp``/``old_logp``/``ref_logp``/``mask`` are [B, T], ``advantages`` [B]. Stats: ``clip_frac_low``
+    (share of tokens with r < 1 - eps_low and A < 0), ``clip_frac_high`` (r > 1 + eps_high, A > 0),
+    ``ratio_mean``, ``tokens``, ``kl_mean`` (with ``ref_logp``), ``dual_clip_frac`` (with ``dual_clip``);
+    for "gspo" the clip fractions and ``ratio_mean`` are over sequences, of the sequence ratio.
     """
     loss = get_policy_loss(loss_type)
     _check_name("KL estimator", kl_estimator, sorted(KL_ESTIMATORS))
