@@ -30,7 +30,7 @@ def _policy_factory(config: TrainConfig):
     """Load the configured model only if a shard actually needs it."""
 
     def load():
-        from dynalign.datagen.backends import load_hf_sampler
+        from dynalign.models import load_hf_sampler
 
         return load_hf_sampler(config.model, batch_size=config.rollout.batch_size)
 

@@ -12,10 +12,9 @@ Conventions
   there produce neither NaN nor gradient.
 * ``logp`` is the policy's log-prob of the sampled tokens (with grad); ``old_logp`` (the sampling
   policy) and ``ref_logp`` (the reference model) are constants and are detached here.
-* Log-probs are computed in float32 (float64 stays float64) however the logits are stored;
-  bf16/fp16 logits are upcast one chunk of rows at a time, so no float32 [B, T, V] copy exists,
-  neither in the forward nor in the backward pass. Chunks are small on CPU (they stay in cache,
-  which makes them faster than one big pass) and large on accelerators (few kernel launches).
+* Log-probs are computed in float32 (float64 stays float64), upcasting bf16/fp16 logits one chunk
+  of rows at a time, so no float32 [B, T, V] copy exists in the forward or the backward pass.
+  Chunks are small on CPU (they stay in cache) and large on accelerators (few kernel launches).
 * Statistics are detached python floats, for logging only.
 
 Policy losses (``POLICY_LOSSES``; per token ``r = exp(logp - old_logp)``)::
@@ -27,6 +26,9 @@ Policy losses (``POLICY_LOSSES``; per token ``r = exp(logp - old_logp)``)::
     dr_grpo   sum loss_t m_t / (B * max_completion_length)
     dapo      sum loss_t m_t / total_tokens             (tokens of the whole optimizer batch)
     gspo      sequence ratio s = exp(mean_t log r), clipped per sequence, mean over sequences
+
+Each loss is registered with its normaliser (``PolicyLoss.units``: sequences with tokens, tokens,
+rows, or None for dapo's ``total_tokens``), which a trainer needs to weight its micro-batches.
 
 KL estimators (``KL_ESTIMATORS``) of KL(pi || pi_ref) from samples of pi, with x = ref_logp - logp
 clamped to [-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP]: k1 = -x, k2 = x^2 / 2, k3 = exp(x) - x - 1.
@@ -48,8 +50,9 @@ CHUNK_BYTES_ACCELERATOR = 256 * 2**20  # ... on GPUs: large enough to keep kerne
 KL_LOG_RATIO_CLAMP = 20.0  # |ref_logp - logp| is clamped to this before a KL estimator (exp(20) ~ 5e8)
 
 
-def _valid(names: Any) -> str:
-    return ", ".join(sorted(names))
+def _check_name(kind: str, name: str, valid: Any) -> None:
+    if name not in valid:
+        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(valid)}")
 
 
 # ---------------------------------------------------------------------- advantages
@@ -74,22 +77,21 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     NaN rewards (unparseable judgements) are left out of every mean and std and get advantage 0;
     so does every answer of an all-NaN group. The result is detached.
     """
-    if scale not in ADVANTAGE_SCALES:
-        raise ValueError(f"unknown advantage scale {scale!r}; valid: {', '.join(ADVANTAGE_SCALES)}")
+    _check_name("advantage scale", scale, ADVANTAGE_SCALES)
     table = _grouped(rewards, group_size)  # [N/G, G]
     finite = ~torch.isnan(table)  # [N/G, G]
     count = finite.sum(-1, keepdim=True).clamp(min=1)  # [N/G, 1]
     filled = torch.where(finite, table, torch.zeros_like(table))  # [N/G, G]
     mean = filled.sum(-1, keepdim=True) / count  # [N/G, 1]
     centered = torch.where(finite, table - mean, torch.zeros_like(table))  # [N/G, G]
+    if scale == "none":
+        return centered.reshape(-1)  # [N]
     if scale == "group":
         std = (centered.square().sum(-1, keepdim=True) / count).sqrt()  # [N/G, 1]
-        centered = centered / (std + eps)  # [N/G, G]
-    elif scale == "batch":
+    else:
         kept = table[finite]  # [K]
         std = kept.std(unbiased=False) if kept.numel() > 0 else table.new_zeros(())  # []
-        centered = centered / (std + eps)  # [N/G, G]
-    return centered.reshape(-1)  # [N]
+    return (centered / (std + eps)).reshape(-1)  # [N]
 
 
 def zero_spread_groups(rewards: Tensor, group_size: int) -> Tensor:
@@ -107,10 +109,6 @@ def zero_spread_groups(rewards: Tensor, group_size: int) -> Tensor:
 # ------------------------------------------------------------------------ log-probs
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
     """Rows per chunk when ``chunk_size`` is None: CHUNK_BYTES_CPU or _ACCELERATOR of float32 logits."""
     budget = CHUNK_BYTES_CPU if torch.device(device).type == "cpu" else CHUNK_BYTES_ACCELERATOR
@@ -118,17 +116,13 @@ def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> i
 
 
 def _row_chunks(logits: Tensor, chunk_size: int | None) -> Iterator[tuple[int, int, Tensor]]:
-    """Yield ``(start, end, rows)`` with rows [n, V] = flattened logits[start:end], one chunk at a time.
-
-    A view when the leading dims flatten without a copy; otherwise (e.g. a time slice of a batch)
-    only the chunk is gathered, so the full [rows, V] tensor is never copied.
-    """
+    """``(start, end, rows)`` with rows [n, V] = flattened logits[start:end], one chunk at a time: a view
+    when the leading dims flatten without a copy, else (a time slice of a batch) a gather of the chunk."""
     if chunk_size is None:
         chunk_size = default_chunk_size(logits.shape[-1], logits.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
-    vocab = logits.shape[-1]
-    lead = logits.shape[:-1]
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
     n_rows = lead.numel()
     try:
         flat: Tensor | None = logits.view(n_rows, vocab)  # [R, V]
@@ -144,16 +138,13 @@ def _row_chunks(logits: Tensor, chunk_size: int | None) -> Iterator[tuple[int, i
 
 
 class _ChunkedTokenLogProbs(torch.autograd.Function):
-    """log_softmax(logits)[label] by chunks of rows; the backward recomputes the softmax by chunks.
-
-    Saved for backward: the logits themselves (no copy) and the labels. Per chunk, the fused
-    log_softmax / softmax kernels (one float32 [n, V] result each) beat ``logit - logsumexp``, whose
-    CPU kernel makes several passes and temporaries.
-    """
+    """log_softmax(logits)[label] by chunks of rows; the backward recomputes the softmax by chunks from
+    the saved logits (no copy). Per chunk, the fused log_softmax / softmax kernels (one float32 [n, V]
+    result each) beat ``logit - logsumexp``, whose CPU kernel makes several passes and temporaries."""
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, labels: Tensor, chunk_size: int | None) -> Tensor:
-        dtype = _compute_dtype(logits.dtype)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
         flat_labels = labels.reshape(-1, 1)  # [R, 1]
         logp = torch.empty(flat_labels.shape[0], dtype=dtype, device=logits.device)  # [R]
         for start, end, rows in _row_chunks(logits, chunk_size):
@@ -167,7 +158,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_logp: Tensor) -> tuple[Tensor, None, None]:
         logits, flat_labels = ctx.saved_tensors
-        dtype = _compute_dtype(logits.dtype)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
         grad_rows = grad_logp.reshape(-1, 1).to(dtype)  # [R, 1]
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # [B, T, V]
         flat_grad = grad.view(-1, logits.shape[-1])  # [R, V]
@@ -201,7 +192,7 @@ def token_entropy(logits: Tensor, chunk_size: int | None = None) -> Tensor:
 
     Computed without grad (a monitoring statistic): the result is detached. -inf logits are fine.
     """
-    dtype = _compute_dtype(logits.dtype)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
     entropy = torch.empty(logits.shape[:-1].numel(), dtype=dtype, device=logits.device)  # [R]
     for start, end, rows in _row_chunks(logits, chunk_size):
         probs = torch.softmax(rows.to(dtype), dim=-1)  # [n, V]
@@ -217,8 +208,7 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
 
 @overload
 def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_mask: Tensor,
-                        completion_length: int, *, temperature: float = ...,
-                        with_entropy: Literal[True],
+                        completion_length: int, *, temperature: float = ..., with_entropy: Literal[True],
                         chunk_size: int | None = ...) -> tuple[Tensor, Tensor]: ...
 
 
@@ -227,14 +217,12 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
                         chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs [B, C] of the completion tokens under a causal LM (and their entropy [B, C] if asked).
 
-    ``input_ids``/``attention_mask`` [B, P + C] hold left-padded prompts followed by right-padded
-    completions; the last ``completion_length`` (C) columns are the completion. ``model`` is called
-    as ``model(input_ids=..., attention_mask=...)`` and must return ``.logits`` [B, P + C, V]; logits
-    at position t predict token t + 1. They are sliced to the C predicting positions before any
-    float32 work and divided by ``temperature`` (the sampling temperature) when it is not 1.
-    Padded completion positions get (meaningless) values: mask them in the loss. Positions are
-    what the model derives itself (transformers: 0..P+C-1, pads included); rotary embeddings see
-    only relative positions, so left padding leaves the log-probs unchanged there.
+    ``input_ids``/``attention_mask`` [B, P + C]: left-padded prompts, then right-padded completions
+    (the last ``completion_length`` = C columns). ``model(input_ids=..., attention_mask=...).logits``
+    [B, P + C, V] (position t predicts token t + 1) is sliced to the C predicting positions before
+    any float32 work and divided by the sampling ``temperature``. Padded completion positions get
+    meaningless values: mask them in the loss. Positions are the model's own (0..P+C-1, pads
+    included); rotary embeddings see only relative positions, so left padding changes nothing.
     """
     length = input_ids.shape[1]
     if not 0 < completion_length < length:
@@ -256,35 +244,19 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
 # ---------------------------------------------------------------------------- KL
 
 
-def _clamped_log_ratio(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    return (ref_logp - logp).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)  # [B, T]
-
-
-def _kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    return -_clamped_log_ratio(logp, ref_logp)  # [B, T]
-
-
-def _kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    return _clamped_log_ratio(logp, ref_logp).square() / 2  # [B, T]
-
-
-def _kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    x = _clamped_log_ratio(logp, ref_logp)  # [B, T]
-    return torch.expm1(x) - x  # [B, T]  exp(x) - 1 - x, accurate near x = 0
-
-
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
+KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {
+    "k1": lambda x: -x,  # [B, T]
+    "k2": lambda x: x.square() / 2,  # [B, T]
+    "k3": lambda x: torch.expm1(x) - x,  # [B, T]  exp(x) - 1 - x, accurate near x = 0
+}
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
-    """Per-token estimate [B, T] of KL(pi || pi_ref) from tokens sampled from pi.
-
-    With x = ref_logp - logp clamped to [-20, 20] (no gradient beyond the clamp):
-    k1 = -x (unbiased, can be negative), k2 = x^2 / 2, k3 = exp(x) - x - 1 (unbiased, >= 0).
-    """
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {estimator!r}; valid: {_valid(KL_ESTIMATORS)}")
-    return KL_ESTIMATORS[estimator](logp, ref_logp)  # [B, T]
+    """Per-token estimate [B, T] of KL(pi || pi_ref) from tokens sampled from pi (no gradient where
+    |ref_logp - logp| > KL_LOG_RATIO_CLAMP). k1 and k3 are unbiased; k1 can be negative, k3 is >= 0."""
+    _check_name("KL estimator", estimator, sorted(KL_ESTIMATORS))
+    x = (ref_logp - logp).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)  # [B, T]
+    return KL_ESTIMATORS[estimator](x)  # [B, T]
 
 
 # -------------------------------------------------------------------- policy losses
@@ -309,32 +281,55 @@ class LossInputs:
 
 
 PolicyLossFn = Callable[[LossInputs], tuple[Tensor, dict[str, float]]]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+UnitsFn = Callable[[Tensor], float]  # mask [B, T] -> how many units the loss averages a micro-batch over
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator adding a loss to :data:`POLICY_LOSSES` (the names ``grpo.loss_type`` accepts)."""
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A loss and its normaliser: ``units(mask)`` counts what it averages a micro-batch over (so a
+    trainer can weight micro-batches into one batch); None: it divides by ``total_tokens`` itself."""
+
+    fn: PolicyLossFn
+    units: UnitsFn | None
+
+    @property
+    def uses_total_tokens(self) -> bool:
+        return self.units is None
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def register_policy_loss(name: str, *, units: UnitsFn | None) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator adding a loss and its normaliser to :data:`POLICY_LOSSES` (``grpo.loss_type`` names)."""
 
     def register(fn: PolicyLossFn) -> PolicyLossFn:
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSSES[name] = fn
+        POLICY_LOSSES[name] = PolicyLoss(fn, units)
         return fn
 
     return register
 
 
+def get_policy_loss(name: str) -> PolicyLoss:
+    """The registered loss ``name``; an unknown name lists the valid ones."""
+    _check_name("loss_type", name, sorted(POLICY_LOSSES))
+    return POLICY_LOSSES[name]
+
+
+def _sequences_with_tokens(mask: Tensor) -> float:
+    return float((mask.sum(-1) > 0).sum())
+
+
 def _masked_mean(values: Tensor, mask: Tensor) -> float:
     """Detached mean of ``values`` over ``mask`` (0.0 when the mask is empty)."""
-    total = mask.sum()  # []
-    return float((values.detach() * mask).sum() / total.clamp(min=1))
+    return float((values.detach() * mask).sum() / mask.sum().clamp(min=1))
 
 
 def _clipped_objective(ratio: Tensor, adv: Tensor, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO objective min(r A, clip(r) A), dual-clipped for A < 0; ratio/adv broadcast together.
-
-    Also returns bool masks of where the low clip, the high clip and the dual clip are active.
-    """
+    """PPO objective min(r A, clip(r) A), dual-clipped for A < 0 (ratio/adv broadcast together), and
+    bool masks of where the low clip, the high clip and the dual clip are active."""
     low, high = 1.0 - inp.clip_eps_low, 1.0 + inp.clip_eps_high
     objective = torch.minimum(ratio * adv, ratio.clamp(low, high) * adv)  # [B, T] or [B]
     active = {"clip_frac_low": (ratio < low) & (adv < 0), "clip_frac_high": (ratio > high) & (adv > 0)}
@@ -345,28 +340,26 @@ def _clipped_objective(ratio: Tensor, adv: Tensor, inp: LossInputs) -> tuple[Ten
     return objective, active
 
 
-def _token_kl(inp: LossInputs) -> Tensor | None:
-    """beta-free per-token KL [B, T] to the reference, or None when there is no reference."""
-    if inp.ref_logp is None:
-        return None
-    return kl_penalty(inp.logp, inp.ref_logp, inp.kl_estimator)  # [B, T]
+def _add_kl(loss: Tensor, stats: dict[str, float], inp: LossInputs,
+            reduce: Callable[[Tensor], Tensor] = lambda kl: kl) -> tuple[Tensor, dict[str, float]]:
+    """``loss + beta * reduce(KL_t)`` with a reference (``kl_mean`` always reported), and ``tokens``."""
+    if inp.ref_logp is not None:
+        kl = kl_penalty(inp.logp, inp.ref_logp, inp.kl_estimator)  # [B, T]
+        stats["kl_mean"] = _masked_mean(kl, inp.mask)
+        if inp.beta > 0:
+            loss = loss + inp.beta * reduce(kl)  # [B, T] or []
+    stats["tokens"] = float(inp.mask.sum())
+    return loss, stats
 
 
 def _token_loss(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
     """Per-token loss [B, T] (-objective + beta * KL) and token-level statistics."""
-    log_ratio = (inp.logp - inp.old_logp).masked_fill(inp.mask == 0, 0.0)  # [B, T]
-    ratio = log_ratio.exp()  # [B, T]
+    ratio = (inp.logp - inp.old_logp).masked_fill(inp.mask == 0, 0.0).exp()  # [B, T]
     objective, active = _clipped_objective(ratio, inp.advantages[:, None], inp)  # [B, T]
     loss = -objective  # [B, T]
     stats = {name: _masked_mean(where.to(loss.dtype), inp.mask) for name, where in active.items()}
     stats["ratio_mean"] = _masked_mean(ratio, inp.mask)
-    kl = _token_kl(inp)  # [B, T] or None
-    if kl is not None:
-        stats["kl_mean"] = _masked_mean(kl, inp.mask)
-        if inp.beta > 0:
-            loss = loss + inp.beta * kl  # [B, T]
-    stats["tokens"] = float(inp.mask.sum())
-    return loss, stats
+    return _add_kl(loss, stats, inp)
 
 
 def _sequence_mean(per_token: Tensor, mask: Tensor) -> Tensor:
@@ -377,21 +370,21 @@ def _sequence_mean(per_token: Tensor, mask: Tensor) -> Tensor:
     return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)  # []
 
 
-@register_policy_loss("grpo")
+@register_policy_loss("grpo", units=_sequences_with_tokens)
 def _grpo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
     """Token mean per sequence, then mean over the sequences that have tokens."""
     loss, stats = _token_loss(inp)  # [B, T]
     return _sequence_mean(loss, inp.mask), stats
 
 
-@register_policy_loss("bnpo")
+@register_policy_loss("bnpo", units=lambda mask: float(mask.sum()))  # tokens
 def _bnpo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
     """Token mean over the micro-batch."""
     loss, stats = _token_loss(inp)  # [B, T]
     return (loss * inp.mask).sum() / inp.mask.sum().clamp(min=1), stats
 
 
-@register_policy_loss("dr_grpo")
+@register_policy_loss("dr_grpo", units=lambda mask: float(mask.shape[0]))  # rows
 def _dr_grpo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
     """Token sum over the constant B * max_completion_length (Dr. GRPO: no length bias)."""
     if inp.max_completion_length is None or inp.max_completion_length < 1:
@@ -401,7 +394,7 @@ def _dr_grpo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
     return (loss * inp.mask).sum() / (inp.mask.shape[0] * inp.max_completion_length), stats
 
 
-@register_policy_loss("dapo")
+@register_policy_loss("dapo", units=None)  # divided by total_tokens
 def _dapo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
     """Token sum over the optimizer batch's token count (all accumulation steps and ranks)."""
     loss, stats = _token_loss(inp)  # [B, T]
@@ -410,7 +403,7 @@ def _dapo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
     return (loss * inp.mask).sum() / denom, stats
 
 
-@register_policy_loss("gspo")
+@register_policy_loss("gspo", units=_sequences_with_tokens)
 def _gspo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
     """Sequence-level ratio exp(mean_t log r), clipped per sequence; stats are per sequence.
 
@@ -421,20 +414,10 @@ def _gspo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
     seq_ratio = (log_ratio.sum(-1) / lengths.clamp(min=1)).exp()  # [B]
     objective, active = _clipped_objective(seq_ratio, inp.advantages, inp)  # [B]
     has_tokens = (lengths > 0).to(objective.dtype)  # [B]
-    n_seqs = has_tokens.sum().clamp(min=1)  # []
-    loss = -(objective * has_tokens).sum() / n_seqs  # []
+    loss = -(objective * has_tokens).sum() / has_tokens.sum().clamp(min=1)  # []
     stats = {name: _masked_mean(where.to(objective.dtype), has_tokens) for name, where in active.items()}
     stats["ratio_mean"] = _masked_mean(seq_ratio, has_tokens)
-    kl = _token_kl(inp)  # [B, T] or None
-    if kl is not None:
-        stats["kl_mean"] = _masked_mean(kl, inp.mask)
-        if inp.beta > 0:
-            loss = loss + inp.beta * _sequence_mean(kl, inp.mask)  # []
-    stats["tokens"] = float(inp.mask.sum())
-    return loss, stats
-
-
-LOSS_TYPES = tuple(POLICY_LOSSES)
+    return _add_kl(loss, stats, inp, lambda kl: _sequence_mean(kl, inp.mask))
 
 
 def _check_shapes(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
@@ -456,16 +439,13 @@ def policy_loss(loss_type: str, logp: Tensor, old_logp: Tensor, advantages: Tens
                 dual_clip: float | None = None) -> tuple[Tensor, dict[str, float]]:
     """Scalar policy loss of ``loss_type`` (a name in :data:`POLICY_LOSSES`) and detached stats.
 
-    ``logp``/``old_logp``/``ref_logp``/``mask`` are [B, T], ``advantages`` [B]. Stats:
-    ``clip_frac_low`` (share of tokens with r < 1 - eps_low and A < 0: the low clip holds the
-    objective), ``clip_frac_high`` (r > 1 + eps_high and A > 0), ``ratio_mean``, ``tokens``,
-    ``kl_mean`` when ``ref_logp`` is given, ``dual_clip_frac`` when ``dual_clip`` is set. For
-    "gspo" the clip fractions and ``ratio_mean`` are over sequences and use the sequence ratio.
+    ``logp``/``old_logp``/``ref_logp``/``mask`` are [B, T], ``advantages`` [B]. Stats: ``clip_frac_low``
+    (share of tokens with r < 1 - eps_low and A < 0), ``clip_frac_high`` (r > 1 + eps_high, A > 0),
+    ``ratio_mean``, ``tokens``, ``kl_mean`` (with ``ref_logp``), ``dual_clip_frac`` (with ``dual_clip``);
+    for "gspo" the clip fractions and ``ratio_mean`` are over sequences, of the sequence ratio.
     """
-    if loss_type not in POLICY_LOSSES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {_valid(POLICY_LOSSES)}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {kl_estimator!r}; valid: {_valid(KL_ESTIMATORS)}")
+    loss = get_policy_loss(loss_type)
+    _check_name("KL estimator", kl_estimator, sorted(KL_ESTIMATORS))
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (got {dual_clip})")
     _check_shapes(logp, old_logp, advantages, mask, ref_logp)
@@ -474,4 +454,4 @@ def policy_loss(loss_type: str, logp: Tensor, old_logp: Tensor, advantages: Tens
         mask=mask.to(logp.dtype), clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
         ref_logp=None if ref_logp is None else ref_logp.detach(), beta=beta, kl_estimator=kl_estimator,
         max_completion_length=max_completion_length, total_tokens=total_tokens, dual_clip=dual_clip)
-    return POLICY_LOSSES[loss_type](inputs)
+    return loss.fn(inputs)

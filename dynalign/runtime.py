@@ -64,6 +64,7 @@ class Preemption:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device): the one seeding function of the package."""
     import numpy as np
     import torch
 

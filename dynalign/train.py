@@ -83,11 +83,9 @@ def build_parts(cfg: TrainConfig):
 def side_sampler(cfg: TrainConfig, path: str):
     """A whole (never ZeRO-partitioned) model beside the policy: the frozen base model or a local
     external judge."""
-    from dynalign.engine import hf_zero3_init
-    from dynalign.eval.judging import load_local_sampler
+    from dynalign.models import load_hf_sampler
 
-    with hf_zero3_init(None):
-        return load_local_sampler(path, cfg.model, cfg.rollout.batch_size)
+    return load_hf_sampler(cfg.model, path=path, batch_size=cfg.rollout.batch_size)
 
 
 def prompt_writer(cfg: TrainConfig, engine, sampler, run_dir: Path):

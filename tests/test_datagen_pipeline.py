@@ -219,9 +219,10 @@ def test_real_run_with_the_tiny_model(tmp_path, tiny_model_path):
     """HFSampler (dynalign.rollout) over the tiny model: gibberish, filtered, topped up, on disk."""
     import datasets
 
-    from dynalign.datagen.backends import load_hf_sampler
+    from dynalign.config import ModelConfig
+    from dynalign.models import load_hf_sampler
 
-    sampler = load_hf_sampler(str(tiny_model_path), batch_size=4)
+    sampler = load_hf_sampler(ModelConfig(), path=str(tiny_model_path), batch_size=4)
     out = tmp_path / "out"
     cfg = config(out, num_prompts=6, max_calls=2, max_new_tokens=12, eval_fraction=0.5)
     generate_prompts(cfg, sampler, model_name="tiny", progress=False)

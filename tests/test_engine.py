@@ -24,6 +24,7 @@ from dynalign.engine import (
     LATEST_FILE,
     PolicyEngine,
     TrainBatch,
+    checkpoint,
     deepspeed_config,
     hf_zero3_init,
     warmup_constant,
@@ -250,7 +251,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(zero3, tmp_pa
         raise OSError("disk full")
 
     # DeepSpeed has written its files for the new checkpoint; the crash comes after them.
-    monkeypatch.setattr(PolicyEngine, "_write_checkpoint_extras", crash)
+    monkeypatch.setattr(checkpoint, "write_extras", crash)
     with pytest.raises(OSError, match="disk full"):
         zero3.save(tmp_path, {"iteration": 4})
     monkeypatch.undo()

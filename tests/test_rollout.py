@@ -73,7 +73,7 @@ def test_registry_covers_every_configured_backend():
 def test_build_sampler_hf_and_unknown_backend(model, tokenizer):
     sampler = build_sampler(RolloutConfig(backend="hf", batch_size=3), tokenizer=tokenizer, model=model,
                             shares_weights=True)
-    assert isinstance(sampler, HFSampler) and sampler.batch_size == 3 and not sampler.needs_weight_sync
+    assert sampler.batch_size == 3 and not sampler.needs_weight_sync
     assert isinstance(sampler, Sampler)  # satisfies the protocol the loop, judge and generator use
     with pytest.raises(ValueError, match="rollout.backend.*valid: hf, vllm"):
         build_sampler(RolloutConfig(backend="nope"), tokenizer=tokenizer, model=model)

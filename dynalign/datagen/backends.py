@@ -3,7 +3,8 @@
 :class:`PromptGenerator` is the one interface the pipeline sees. Two implementations:
 
 * :class:`SamplerGenerator` wraps any :class:`~dynalign.rollout.base.Sampler` (the policy
-  the loop is training, or another local model / hub id loaded into an ``HFSampler``).
+  the loop is training, or another local model / hub id loaded into an ``HFSampler`` by
+  :func:`dynalign.models.load_hf_sampler`).
   Samplers take one seed per ``sample`` call, so a batch is sampled with the seed of
   its first call (``seeds_per_request = False``).
 * :class:`OpenAIChatGenerator` sends each meta-prompt to an OpenAI-compatible
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Protocol
 
+from dynalign.config import ModelConfig
 from dynalign.datagen.settings import parse_model_spec
 from dynalign.rollout.base import Message, Sampler, SamplingParams
 
@@ -84,30 +86,11 @@ class OpenAIChatGenerator:
         self.client.close()
 
 
-def load_hf_sampler(model: Any, *, batch_size: int = 64) -> Sampler:
-    """An ``HFSampler`` on a ``ModelConfig`` or a local directory / hub id (``tiny``: the embedded model)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dynalign.config import ModelConfig
-    from dynalign.rollout.hf_sampler import HFSampler
-    from dynalign.tiny_model import resolve_model_path
-
-    spec = model if isinstance(model, ModelConfig) else ModelConfig(name_or_path=str(model))
-    path = resolve_model_path(spec)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.dtype),
-                                              trust_remote_code=spec.trust_remote_code)
-    if torch.cuda.is_available():
-        lm = lm.to("cuda")
-    return HFSampler(lm, tokenizer, batch_size=batch_size)
-
-
 def build_generators(gen_cfg: Any, *, policy: Sampler | None, policy_name: str,
                      batch_size: int = 64) -> list[PromptGenerator]:
     """One generator per ``generator.models`` entry (see :func:`parse_model_spec`)."""
+    from dynalign.models import load_hf_sampler
+
     generators: list[PromptGenerator] = []
     endpoint = gen_cfg.endpoint
     for spec in gen_cfg.models:
@@ -122,5 +105,6 @@ def build_generators(gen_cfg: Any, *, policy: Sampler | None, policy_name: str,
                 timeout_s=endpoint.timeout_s, max_retries=endpoint.max_retries,
                 concurrency=endpoint.concurrency))
         else:
-            generators.append(SamplerGenerator(load_hf_sampler(name, batch_size=batch_size), name))
+            sampler = load_hf_sampler(ModelConfig(name_or_path=name), batch_size=batch_size)
+            generators.append(SamplerGenerator(sampler, name))
     return generators

@@ -9,84 +9,29 @@ Layout of ``output_dir``::
     prompts.jsonl              the same rows, one JSON object each, with a split column
     summary.json               counts per filter, dedup rate, diversity, coverage
 
-Every file is written to a temporary name in the same directory, flushed, fsynced and
-renamed over its final name (atomic on POSIX), so a reader sees the old file or the new
-one, never half of one. The shards are the source of truth: a shard exists completely or
+Every file is written atomically (:mod:`dynalign.io`), so a reader sees the old file or
+the new one, never half of one. The shards are the source of truth: a shard exists completely or
 not at all, and a restart continues after the last one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dynalign.config import ConfigError
+from dynalign.io import atomic_write, write_json
+from dynalign.io import replace_dir as replace_dir  # the pipeline swaps its dataset directory in
 
 STATE_VERSION = 1
 _SHARD_NAME = re.compile(r"^shard_(\d{5,})\.json$")
 
 
-def atomic_write(path: str | Path, write: Callable[[Any], None], *, mode: str = "w") -> None:
-    """Call ``write(file)`` on a temporary sibling of ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json(path: str | Path, value: Any) -> None:
-    atomic_write(path, lambda f: json.dump(value, f, ensure_ascii=False, indent=1, sort_keys=False))
-
-
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def replace_dir(target: str | Path, fill: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling directory, then swap it in for ``target`` (old copy removed)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        fill(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class RunStore:

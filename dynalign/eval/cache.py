@@ -45,8 +45,6 @@ def read_cache(kind: str, key: str) -> Any:
 
 
 def write_cache(kind: str, key: str, value: Any) -> None:
-    path = cache_root() / kind / f"{key}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value), encoding="utf-8")
-    os.replace(tmp, path)
+    from dynalign.io import atomic_write_text
+
+    atomic_write_text(cache_root() / kind / f"{key}.json", json.dumps(value))

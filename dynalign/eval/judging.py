@@ -51,9 +51,9 @@ ORDER_LABELS = ({"A": "policy", "B": "baseline", "tie": "tie"},  # policy's answ
 
 def load_local_sampler(path: str, model: ModelConfig, batch_size: int) -> Sampler:
     """An ``HFSampler`` on a model directory or hub id, with the run's dtype (GPU when present)."""
-    from dynalign.datagen.backends import load_hf_sampler
+    from dynalign.models import load_hf_sampler
 
-    return load_hf_sampler(replace(model, name_or_path=path), batch_size=batch_size)
+    return load_hf_sampler(model, path=path, batch_size=batch_size)
 
 
 def _hf_backend(settings: EvalSettings, cfg: TrainConfig) -> JudgeBackend:

@@ -190,12 +190,11 @@ def render_summary(results: Mapping[str, Any]) -> str:
 
 def write_outputs(out_dir: Path, results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
                   summary: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RESULTS_FILE).write_text(json.dumps(jsonable(results), indent=2) + "\n", encoding="utf-8")
-    with (out_dir / SAMPLES_FILE).open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(jsonable(row)) + "\n")
-    (out_dir / SUMMARY_FILE).write_text(summary + "\n", encoding="utf-8")
+    from dynalign.io import atomic_write, atomic_write_text
+
+    atomic_write_text(out_dir / RESULTS_FILE, json.dumps(jsonable(results), indent=2) + "\n")
+    atomic_write(out_dir / SAMPLES_FILE, lambda f: f.writelines(json.dumps(jsonable(r)) + "\n" for r in rows))
+    atomic_write_text(out_dir / SUMMARY_FILE, summary + "\n")
 
 
 def history_record(results: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dynalign.config import RolloutConfig
+from dynalign.config import ModelConfig, RolloutConfig
 from dynalign.rollout.base import ModelInputs, Prompt, Rollouts, Sampler, SamplingParams
 from dynalign.rollout.hf_sampler import GatherFactory, HFSampler, zero3_gather
 
@@ -20,21 +20,24 @@ __all__ = ["SAMPLERS", "HFSampler", "ModelInputs", "Prompt", "Rollouts", "Sample
 
 def _build_hf(cfg: RolloutConfig, *, tokenizer: Any, model: Any, model_path: str | None,
               max_prompt_length: int | None, max_completion_length: int, seed: int, dtype: str,
-              gather: GatherFactory | None, shares_weights: bool) -> Sampler:
+              gather: GatherFactory | None, shares_weights: bool,
+              model_config: ModelConfig | None) -> Sampler:
     if model is None:
         if model_path is None:
             raise ValueError("rollout.backend=hf needs a model (or a model_path to load one)")
-        import torch
-        from transformers import AutoModelForCausalLM
+        from dynalign.models import load_causal_lm
+        from dynalign.zero import hf_zero3_init
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        with hf_zero3_init(None):  # a model of its own: whole, even beside a ZeRO-3 engine
+            model = load_causal_lm(model_path, model_config or ModelConfig(dtype=dtype), for_training=False)
     return HFSampler(model, tokenizer, batch_size=cfg.batch_size, max_prompt_length=max_prompt_length,
                      gather=gather, shares_weights=shares_weights)
 
 
 def _build_vllm(cfg: RolloutConfig, *, tokenizer: Any, model: Any, model_path: str | None,
                 max_prompt_length: int | None, max_completion_length: int, seed: int, dtype: str,
-                gather: GatherFactory | None, shares_weights: bool) -> Sampler:
+                gather: GatherFactory | None, shares_weights: bool,
+              model_config: ModelConfig | None) -> Sampler:
     if model_path is None:
         raise ValueError("rollout.backend=vllm needs model_path: the engine loads the model itself")
     from dynalign.rollout.vllm_sampler import VLLMSampler  # imports vllm
@@ -62,11 +65,12 @@ SAMPLERS: dict[str, Callable[..., Sampler]] = {"hf": _build_hf, "vllm": _build_v
 def build_sampler(cfg: RolloutConfig, *, tokenizer: Any, model: Any = None, model_path: str | None = None,
                   max_prompt_length: int | None = None, max_completion_length: int = 256, seed: int = 0,
                   dtype: str = "float32", gather: GatherFactory | None = None,
-                  shares_weights: bool = False) -> Sampler:
+                  shares_weights: bool = False, model_config: ModelConfig | None = None) -> Sampler:
     """The sampler ``cfg.backend`` names.
 
     ``hf`` samples from ``model`` (pass the training module with ``shares_weights=True`` and,
-    under ZeRO-3, ``gather=zero3_gather(module)``); ``vllm`` starts an engine on
+    under ZeRO-3, ``gather=zero3_gather(module)``), or loads ``model_path`` with ``model_config``'s
+    settings (default: ``dtype``'s); ``vllm`` starts an engine on
     ``model_path`` (``resolve_model_path(cfg.model)``) whose ``max_model_len`` defaults to
     ``max_prompt_length + max_completion_length``.
     """
@@ -76,7 +80,7 @@ def build_sampler(cfg: RolloutConfig, *, tokenizer: Any, model: Any = None, mode
     return SAMPLERS[cfg.backend](cfg, tokenizer=tokenizer, model=model, model_path=model_path,
                                  max_prompt_length=max_prompt_length,
                                  max_completion_length=max_completion_length, seed=seed, dtype=dtype,
-                                 gather=gather, shares_weights=shares_weights)
+                                 gather=gather, shares_weights=shares_weights, model_config=model_config)
 
 
 def sampling_params(cfg: RolloutConfig, max_new_tokens: int, **overrides: Any) -> SamplingParams:

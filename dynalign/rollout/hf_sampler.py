@@ -25,6 +25,7 @@ from dynalign.rollout.encoding import (
     finish_completion,
     left_pad,
 )
+from dynalign.zero import gathered, is_partitioned
 
 GatherFactory = Callable[[], AbstractContextManager]
 # Values that switch off the other logits processors a model's generation_config may enable.
@@ -33,18 +34,12 @@ NEUTRAL_DECODING: dict[str, Any] = dict(num_beams=1, num_return_sequences=1, min
 NEUTRAL_SAMPLING: dict[str, Any] = dict(min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
 
 
-def _is_partitioned(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 def zero3_gather(model: torch.nn.Module) -> GatherFactory | None:
     """A ``gather`` for :class:`HFSampler` when ``model`` is ZeRO-3 partitioned, else None."""
-    params = list(model.parameters())
-    if not _is_partitioned(model):
+    if not is_partitioned(model):
         return None
-    import deepspeed
-
-    return lambda: deepspeed.zero.GatheredParameters(params)
+    params = list(model.parameters())
+    return lambda: gathered(params)
 
 
 class _StopOnStrings:
@@ -121,7 +116,7 @@ class HFSampler:
             # Lock-step decoding across ranks is only needed for a partitioned model that was not
             # gathered; left to transformers, any model in a ZeRO-3 process would get it and a
             # rank sampling alone (prompt writing on rank 0) would wait forever for the others.
-            synced_gpus=self.gather is None and _is_partitioned(self.model),
+            synced_gpus=self.gather is None and is_partitioned(self.model),
         )
         new_tokens = out.sequences[:, input_ids.shape[1]:]  # [B, C]
         logprobs: list[list[float] | None] = [None] * len(rows)

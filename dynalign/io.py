@@ -1,0 +1,90 @@
+"""Atomic file writes: a reader sees the old file (or directory) or the new one, never half of one.
+
+Every file is written under a temporary name in the same directory (``.<name>.<token>.tmp``),
+flushed, fsynced and renamed over its final name with ``os.replace`` (atomic on POSIX); the
+directory is then fsynced so the rename survives a crash. Temporary files get the usual
+permissions (umask), like any file ``open`` creates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Persist renames inside ``directory`` (POSIX; a no-op where directories cannot be synced)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], *, mode: str = "w") -> None:
+    """Call ``write(file)`` on a temporary sibling of ``path``, then rename it into place.
+
+    ``mode`` is ``"w"`` (text, UTF-8) or ``"wb"``. Parent directories are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write(path, lambda handle: handle.write(text))
+
+
+def write_json(path: str | Path, value: Any, *, indent: int | None = 1, sort_keys: bool = False,
+               ensure_ascii: bool = False) -> None:
+    """Write ``value`` as JSON to ``path`` atomically (``json.dump`` options passed through)."""
+    atomic_write(path, lambda handle: json.dump(value, handle, ensure_ascii=ensure_ascii, indent=indent,
+                                                sort_keys=sort_keys))
+
+
+def replace_dir(target: str | Path, fill: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling directory, then swap it in for ``target`` (an old copy is removed)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(target)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)  # left by a crashed swap
+            os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
