@@ -19,9 +19,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from dynalign import config as config_module
 from dynalign import report
-from dynalign.config import CONF_DIR, EXPERIMENTS_DIR, register_configs, to_train_config
+from dynalign.config import CONF_DIR, EXPERIMENTS_DIR, register_configs, register_experiments, to_train_config
 
 PRESETS = ("tiny", "full")
 
@@ -113,13 +112,12 @@ def test_the_slurm_launcher_composes_from_the_command_line():
     assert "SlurmLauncher" in proc.stdout and "grpo.beta: 0.0,0.04" in proc.stdout
 
 
-def test_nested_experiment_names_compose(tmp_path, monkeypatch):
+def test_nested_experiment_names_compose(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "probe.yaml").write_text("# @package _global_\nseed: 7\n")
-    monkeypatch.setattr(config_module, "EXPERIMENTS_DIR", tmp_path)
     repo = ConfigStore.instance().repo
     try:
-        config_module._register_experiments(ConfigStore.instance())
+        register_experiments(ConfigStore.instance(), tmp_path)
         assert _compose(["+experiment=sub/probe"]).seed == 7
     finally:
         repo.get("experiment", {}).pop("sub/probe.yaml", None)
