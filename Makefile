@@ -61,7 +61,7 @@ test-all: install lint typecheck ## Everything on CPU: lint, types, fast and slo
 # Axis NAME is experiments/ablation_NAME.yaml; each runs as one Hydra sweep (one W&B group,
 # ablation-NAME) into $(ABLATIONS_DIR)/$(PRESET)/ablation-NAME/, replacing that directory.
 PRESET ?= tiny
-ABLATION_AXES := judge rubric group_size kl_beta loss_type judge_mode regenerate iterations
+ABLATION_AXES := $(sort $(patsubst experiments/ablation_%.yaml,%,$(wildcard experiments/ablation_*.yaml)))
 AXES ?= $(ABLATION_AXES)
 EVAL ?= $(if $(filter full,$(PRESET)),1,0)
 ABLATIONS_DIR ?= multirun/ablations

@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dynalign.cli import validated_config
 from dynalign.config import ConfigError, TrainConfig, register_configs
-from dynalign.eval.settings import CHECKPOINT_KEY, iteration_of, resolve_model_dir
+from dynalign.eval.settings import CHECKPOINT_KEY
+from dynalign.rundir import iteration_of, resolve_model_dir
 
 register_configs()
 
@@ -65,7 +66,7 @@ def _run_info(out_dir: Path, config: TrainConfig):
 def main(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
-    from dynalign.eval.settings import eval_settings
+    from dynalign.eval.settings import resolve_eval
 
     config = validated_config(cfg)
     checkpoint = config.checkpoint
@@ -74,7 +75,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(CHECKPOINT_KEY, "required: python -m dynalign.evaluate checkpoint=PATH (a "
                                               "Hugging Face model directory or a dynalign run directory)")
         policy = resolve_model_dir(checkpoint, CHECKPOINT_KEY)
-        eval_settings(config)  # a bad eval.* value fails here, before any model is loaded
+        resolve_eval(config)  # a bad eval.baseline fails here, before any model is loaded
     except ConfigError as err:
         _fail(err)
     from dynalign.eval.runner import evaluate_policy  # torch, transformers: after the cheap checks

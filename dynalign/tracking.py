@@ -13,12 +13,13 @@ import math
 import os
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from dynalign.config import LoggerConfig
+from dynalign.rundir import RunDir
 
 
 class Tracker(Protocol):
@@ -56,8 +57,9 @@ class JsonlTracker:
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self._samples = open(self.run_dir / "samples.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._files = RunDir(self.run_dir)
+        self._metrics = open(self._files.metrics, "a", encoding="utf-8")  # noqa: SIM115
+        self._samples = open(self._files.samples, "a", encoding="utf-8")  # noqa: SIM115
 
     @staticmethod
     def _write(handle, record: Mapping[str, Any]) -> None:
@@ -73,7 +75,7 @@ class JsonlTracker:
 
     def finish(self, summary: Mapping[str, Any] | None = None) -> None:
         if summary:
-            (self.run_dir / "summary.json").write_text(
+            self._files.summary.write_text(
                 json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
         self._metrics.close()
         self._samples.close()
@@ -184,11 +186,19 @@ class MultiTracker:
             t.finish(summary)
 
 
+def _wandb(cfg: LoggerConfig, info: RunInfo) -> Tracker:
+    return NullTracker() if cfg.mode == "disabled" else WandbTracker(cfg, info)
+
+
+# logger.backend -> the tracker beside the JSONL mirror; the config's valid names.
+TRACKERS: dict[str, Callable[[LoggerConfig, RunInfo], Tracker]] = {
+    "wandb": _wandb,
+    "none": lambda cfg, info: NullTracker(),
+}
+
+
 def build_tracker(cfg: LoggerConfig, info: RunInfo, rank: int) -> Tracker:
-    """Rank 0: the JSONL mirror, plus W&B unless ``logger=none``. Other ranks: nothing."""
+    """Rank 0: the JSONL mirror, plus ``logger.backend``'s tracker. Other ranks: nothing."""
     if rank != 0:
         return NullTracker()
-    local = JsonlTracker(info.run_dir)
-    if cfg.backend == "none" or cfg.mode == "disabled":
-        return local
-    return MultiTracker(local, WandbTracker(cfg, info))
+    return MultiTracker(JsonlTracker(info.run_dir), TRACKERS[cfg.backend](cfg, info))

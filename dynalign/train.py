@@ -31,12 +31,11 @@ from dynalign.cli import validated_config
 from dynalign.config import TrainConfig, register_configs
 from dynalign.distributed import all_reduce, barrier, init_distributed, print0
 from dynalign.grpo import group_advantages, zero_spread_groups
+from dynalign.rundir import RunDir
 from dynalign.runtime import PhaseTimer, Preemption, seed_everything, step_seed
 from dynalign.tracking import RunInfo, Tracker, build_tracker
 
 register_configs()
-
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass
@@ -65,8 +64,7 @@ def build_parts(cfg: TrainConfig):
     The engine comes first: a vLLM sampler joins the process group it created.
     """
     from dynalign.engine import PolicyEngine
-    from dynalign.eval.settings import resolve_judge_model
-    from dynalign.judge import build_judge
+    from dynalign.judge import build_judge, resolve_judge_model
     from dynalign.rollout import build_sampler, zero3_gather
 
     engine = PolicyEngine.from_config(cfg)
@@ -97,8 +95,8 @@ def prompt_writer(cfg: TrainConfig, engine, sampler, run_dir: Path):
     """
     if engine.world_size == 1:
         return sampler
-    exports = sorted(run_dir.glob("iter_*/config.json"), key=lambda p: int(p.parent.name.split("_")[1]))
-    return lambda: side_sampler(cfg, str(exports[-1].parent) if exports else engine.model_path)
+    newest = RunDir(run_dir).newest_export()
+    return lambda: side_sampler(cfg, str(newest) if newest else engine.model_path)
 
 
 def prompts_for_iteration(cfg: TrainConfig, iteration: int, writer, run_dir: Path, rank: int) -> list[str]:
@@ -109,10 +107,10 @@ def prompts_for_iteration(cfg: TrainConfig, iteration: int, writer, run_dir: Pat
         prompt_set = select_training_prompts(cfg.generator, writer, model_name=cfg.model.name_or_path,
                                              iteration=iteration, run_dir=run_dir)
         prompts = list(prompt_set.train)
-        (run_dir / "prompts").mkdir(parents=True, exist_ok=True)
-        (run_dir / "prompts" / f"iter_{iteration}.json").write_text(json.dumps(prompts))
+        RunDir(run_dir).prompts.mkdir(parents=True, exist_ok=True)
+        RunDir(run_dir).prompts_file(iteration).write_text(json.dumps(prompts))
     barrier()
-    prompts = json.loads((run_dir / "prompts" / f"iter_{iteration}.json").read_text())
+    prompts = json.loads(RunDir(run_dir).prompts_file(iteration).read_text())
     shuffle = torch.Generator().manual_seed(step_seed(cfg.seed, iteration))
     return [prompts[i] for i in torch.randperm(len(prompts), generator=shuffle)]
 
@@ -274,7 +272,7 @@ def end_of_iteration(cfg: TrainConfig, parts, info: RunInfo, position: Position,
     engine, sampler, judge = parts
     done = position.iteration  # iterations completed
     if cfg.export_each_iteration:
-        engine.export_hf(info.run_dir / f"iter_{done}")
+        engine.export_hf(RunDir(info.run_dir).export(done))
     if cfg.grpo.beta > 0 and cfg.update_reference_each_iteration:
         engine.update_reference()
     save_checkpoint(cfg, engine, info.run_dir, position)
@@ -282,15 +280,15 @@ def end_of_iteration(cfg: TrainConfig, parts, info: RunInfo, position: Position,
 
 
 def save_checkpoint(cfg: TrainConfig, engine, run_dir: Path, position: Position) -> Path:
-    return engine.save(run_dir / CHECKPOINT_DIR, vars(position), keep=cfg.checkpoints_to_keep)
+    return engine.save(RunDir(run_dir).checkpoints, vars(position), keep=cfg.checkpoints_to_keep)
 
 
 def resume(cfg: TrainConfig, engine, run_dir: Path) -> Position:
     """Where to start: from scratch, the run directory's latest checkpoint, or a given one."""
     if cfg.resume == "never":
         return Position()
-    source = run_dir / CHECKPOINT_DIR if cfg.resume == "auto" else Path(cfg.resume)
-    if cfg.resume == "auto" and not (source / "latest").exists():
+    source = RunDir(run_dir).checkpoints if cfg.resume == "auto" else Path(cfg.resume)
+    if cfg.resume == "auto" and not RunDir(run_dir).has_checkpoint():
         return Position()
     position = Position(**engine.load(source))
     _truncate_local_logs(run_dir, position.global_step)
@@ -304,8 +302,7 @@ def _truncate_local_logs(run_dir: Path, global_step: int) -> None:
 
     if get_rank() != 0:
         return
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = run_dir / name
+    for path in (RunDir(run_dir).metrics, RunDir(run_dir).samples):
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= global_step]
             path.write_text("".join(line + "\n" for line in kept))

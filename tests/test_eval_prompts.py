@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -10,7 +11,8 @@ from dynalign.config import ConfigError, to_train_config
 from dynalign.datagen.dedup import DuplicateIndex
 from dynalign.datagen.taxonomy import DataFileError, load_taxonomy, seed_prompts
 from dynalign.eval.prompts import curated_prompts, eval_prompt_set
-from dynalign.eval.settings import eval_settings, iteration_of, newest_export, resolve_model_dir
+from dynalign.eval.settings import resolve_eval
+from dynalign.rundir import RunDir, iteration_of, resolve_model_dir
 
 
 def test_shipped_curated_prompts_span_the_taxonomy_and_differ_from_the_seeds():
@@ -71,7 +73,8 @@ def test_checkpoint_is_a_model_dir_or_the_newest_export_of_a_run(tmp_path):
     assert resolve_model_dir(run, "checkpoint") == run / "iter_10"
     assert resolve_model_dir(run / "iter_2", "checkpoint") == run / "iter_2"
     assert iteration_of(run / "iter_10") == 10 and iteration_of(run) is None
-    assert newest_export(tmp_path) is None
+    assert [k for k, _ in RunDir(run).exports()] == [1, 2, 10]  # by number, not by name
+    assert RunDir(tmp_path).newest_export() is None
 
 
 @pytest.mark.parametrize("make, message", [
@@ -85,11 +88,14 @@ def test_bad_checkpoints_name_the_key(tmp_path, make, message):
     assert err.value.key == "checkpoint"
 
 
-def test_eval_settings_follow_the_run_config(compose_cfg, tiny_model_path):
-    cfg = to_train_config(compose_cfg(["judge.mode=logprob", "eval.num_prompts=7",
+def test_unset_eval_values_follow_the_run_config(compose_cfg, tiny_model_path):
+    cfg = to_train_config(compose_cfg(["judge.mode=logprob", "judge.max_new_tokens=99",
+                                       "generator.dataset=some/set",
                                        f"model.tiny.cache_dir={tiny_model_path.parent}"]))
-    settings = eval_settings(cfg)
-    assert settings.num_prompts == 7 and settings.judge_mode == "logprob"  # follows judge.mode
-    assert settings.baseline == str(tiny_model_path)  # model.name_or_path=tiny, resolved
-    assert settings.rubric == "ca_rubric" and settings.temperature == 0.0
-    assert settings.lm_eval_tasks == ("ca_mini_mc",)
+    resolved = resolve_eval(cfg)
+    assert resolved.judge_mode == "logprob" and resolved.judge_max_new_tokens == 99  # as the judge group
+    assert resolved.baseline == str(tiny_model_path)  # model.name_or_path=tiny, resolved
+    assert resolved.held_out_dataset == "some/set"
+    cfg.eval.judge_mode, cfg.eval.judge_max_new_tokens, cfg.eval.dataset = "generate", 7, "held/out"
+    assert resolve_eval(cfg) == replace(resolved, judge_mode="generate", judge_max_new_tokens=7,
+                                        held_out_dataset="held/out")

@@ -15,16 +15,15 @@ from dynalign.eval.stats import (
     mean_abs_diff,
     mean_with_ci,
     nan_mean,
-    order_vote,
-    pair_outcome,
     pairwise_summary,
     pearson,
     spearman,
     to_unit_scale,
     win_rate,
 )
+from dynalign.judge.pairwise import order_vote, pair_outcome
 
-P, B, T = "policy", "baseline", "tie"
+P, B, T = "a", "b", "tie"  # the policy is side a
 
 
 @pytest.mark.parametrize("policy_first, baseline_first, outcome", [

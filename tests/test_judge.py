@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynalign import config
 from dynalign.config import ConfigError, to_train_config
 from dynalign.judge import (
-    COMBINE_FUNCTIONS,
-    EXTERNAL_BACKEND_BUILDERS,
-    JUDGE_SOURCE_BUILDERS,
-    SCORING_MODES,
     Aspect,
     JudgeResult,
     Rubric,
@@ -30,16 +25,6 @@ from dynalign.judge import (
 from dynalign.judge.factory import judge_config
 
 DATA = Path(__file__).parent / "data"
-
-
-# ------------------------------------------------------------------ registries
-
-
-def test_registries_match_the_config_choices():
-    assert set(COMBINE_FUNCTIONS) == set(config.COMBINE_RULES)
-    assert set(SCORING_MODES) == set(config.JUDGE_MODES)
-    assert set(JUDGE_SOURCE_BUILDERS) == set(config.JUDGE_SOURCES)
-    assert set(EXTERNAL_BACKEND_BUILDERS) == set(config.EXTERNAL_BACKENDS)
 
 
 # ------------------------------------------------------------------ rubrics

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from dynalign.config import ConfigError, to_train_config
-from dynalign.judge import build_judge, format_verdict, judge_pairwise, judge_stats, load_rubric
+from dynalign.judge import build_judge, format_verdict, judge_pairs, judge_stats, load_rubric
 
 API_KEY_ENV = "DYNALIGN_TEST_JUDGE_KEY"
 API_KEY = "test-key-123"
@@ -256,12 +256,12 @@ def test_logprob_mode_reads_top_logprobs(make_judge, server):
 
 def test_pairwise_with_position_swap(make_judge, server):
     judge = make_judge()
-    result = judge_pairwise(judge, "q", "quality 4", "quality 1")
-    assert result.preference == 1.0 and result.consistent
-    assert result.winners == ("a", "a") and result.reasons == ("ok", "ok")
+    (pair,) = judge_pairs(judge, ["q"], ["quality 4"], ["quality 1"])
+    assert pair.outcome == "win" and (pair.a_first, pair.b_first) == (("a",), ("a",))
+    assert pair.reasons == ("ok", "ok")
     server.position_biased = True  # always "A": each answer wins once
-    biased = judge_pairwise(judge, "q", "quality 4", "quality 1")
-    assert biased.preference == 0.5 and not biased.consistent and biased.winners == ("a", "b")
+    (biased,) = judge_pairs(judge, ["q"], ["quality 4"], ["quality 1"])
+    assert biased.outcome == "tie" and (biased.a_first, biased.b_first) == (("a",), ("b",))
 
 
 @pytest.mark.parametrize("behaviour", ["parrot", "echo"])

@@ -17,7 +17,7 @@ from dynalign.judge import (
     Judge,
     Rubric,
     build_judge,
-    judge_pairwise,
+    judge_pairs,
     judge_stats,
     load_rubric,
     render_judge_prompt,
@@ -177,7 +177,16 @@ def test_a_truncating_sampler_cannot_judge(tiny):
 
 def test_pairwise_on_the_tiny_model(sampler):
     params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=0)
-    result = judge_pairwise(sampler, PROMPTS[0], "Lend tools.", "Buy tools.", num_samples=2, params=params)
-    assert len(result.winners) == 4 and len(result.reasons) == 4  # two orders x two samples
-    assert math.isnan(result.preference) and not result.consistent  # gibberish: nothing parsed
-    assert all(r in FAILURE_REASONS for r in result.reasons)
+    judge = Judge("ca_rubric", sampler, num_samples=2, params=params)
+    (pair,) = judge_pairs(judge, PROMPTS[:1], ["Lend tools."], ["Buy tools."])
+    assert len(pair.a_first) == len(pair.b_first) == 2 and len(pair.reasons) == 4  # 2 orders x 2 samples
+    assert pair.outcome is None  # gibberish: nothing parsed
+    assert all(r in FAILURE_REASONS and r != "ok" for r in pair.reasons)
+
+
+def test_pairwise_logprob_votes_read_the_verdict_slot(sampler):
+    judge = Judge("ca_rubric", sampler, mode="logprob")
+    pairs = judge_pairs(judge, PROMPTS[:2], ["Lend tools.", "Share."], ["Buy tools.", "Keep."])
+    assert all(len(p.a_first) == len(p.b_first) == 1 for p in pairs)  # one vote per order
+    assert all(v in ("a", "b", "tie") for p in pairs for v in p.a_first + p.b_first)
+    assert all(p.reasons == ("ok", "ok") and p.outcome in ("win", "tie", "loss") for p in pairs)

@@ -85,9 +85,9 @@ def test_report_rows_hold_the_runs_numbers(runs, tmp_path):
     rows = _csv(out / "report.csv")
     assert [(r["axis"], r["value"], r["status"]) for r in rows] == [
         ("judge", "judge.source=external", "failed"),  # no hydra.yaml: all overrides but the experiment
-        ("kl_beta", "0.0", "done"), ("kl_beta", "0.04", "done"),
-        ("judge_mode", "generate", "done"), ("judge_mode", "logprob", "incomplete")]
-    beta0, beta4 = rows[1], rows[2]
+        ("judge_mode", "generate", "done"), ("judge_mode", "logprob", "incomplete"),
+        ("kl_beta", "0.0", "done"), ("kl_beta", "0.04", "done")]  # axes by name, values in sweep order
+    beta0, beta4 = rows[3], rows[4]
     assert float(beta0["final_reward"]) == 2.0 and float(beta4["final_reward"]) == 1.0
     assert float(beta0["judge_failure_rate"]) == pytest.approx(0.25)
     assert float(beta4["judge_failure_rate"]) == pytest.approx(0.1)
@@ -98,9 +98,9 @@ def test_report_rows_hold_the_runs_numbers(runs, tmp_path):
     assert float(beta0["ca_score"]) == 3.5 and float(beta0["win_rate"]) == 0.75
     assert float(beta0["capability_delta"]) == pytest.approx(0.015)
     assert beta4["ca_score"] == beta4["win_rate"] == beta4["capability_delta"] == "n/a"
-    assert rows[3]["final_reward"] == "n/a" and float(rows[3]["judge_failure_rate"]) == 1.0
-    assert rows[4]["final_reward"] == "2.0"  # no summary: the last logged step
-    assert int(rows[1]["steps"]) == 2 and int(rows[2]["steps"]) == 3 and int(rows[0]["steps"]) == 0
+    assert rows[1]["final_reward"] == "n/a" and float(rows[1]["judge_failure_rate"]) == 1.0
+    assert rows[2]["final_reward"] == "2.0"  # no summary: the last logged step
+    assert int(rows[3]["steps"]) == 2 and int(rows[4]["steps"]) == 3 and int(rows[0]["steps"]) == 0
     assert [r.value for r in records] == [r["value"] for r in rows]
 
 
@@ -112,7 +112,10 @@ def test_report_markdown_and_plots(runs, tmp_path):
     assert "| kl_beta | `0.0` | done | 2 | 2.000 | 3.500 | 0.750 | 0.015 | 0.250 | 2.00 |" in text
     assert "| kl_beta | `0.04` | done | 3 | 1.000 | n/a | n/a | n/a | 0.100 | 4.00 |" in text
     assert "did not finish" in text and "judge `judge.source=external` (failed)" in text
-    assert "Note: generate and logprob scoring" in text  # the judge_mode caveat
+    # axes that change the judge get a caveat naming the key; the others none
+    assert "## judge_mode\n\nNote: the runs differ in `judge.mode`, so each is rewarded" in text
+    assert "## judge\n\nNote: the runs differ in `judge.source`" in text
+    assert "## kl_beta\n\n![" in text
     for name in ("reward_kl_beta.png", "reward_judge_mode.png", "reward_judge.png", "ca_vs_capability.png"):
         path = out / "plots" / name
         assert path.read_bytes()[:8] == PNG_MAGIC, name
@@ -131,9 +134,9 @@ def test_without_evaluations_the_scatter_is_na(tmp_path):
 def test_older_reward_key_and_torn_last_line(tmp_path):
     root = tmp_path / "runs"
     run = make_run(root, "rubric", 0, ["judge=hhh_rubric"], swept={"judge": "ca_rubric,hhh_rubric"},
-                   rewards=(0.5, 0.75), finished=False, reward_key="reward/mean_all_ranks")
+                   rewards=(0.5, 0.75), finished=False, reward_key="judge/reward_mean")
     with (run / "metrics.jsonl").open("a") as handle:
-        handle.write('{"step": 3, "reward/mean_all')  # killed mid-write
+        handle.write('{"step": 3, "judge/reward_me')  # killed mid-write
     record = report.read_local_run(run)
     assert record.steps == [1, 2] and record.rewards == [0.5, 0.75] and record.final_reward == 0.75
     assert record.value == "hhh_rubric" and record.axis == "rubric"

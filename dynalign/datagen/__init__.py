@@ -18,25 +18,16 @@ from dynalign._lazy import lazy_exports
 
 # Public name -> submodule. Imported on first use (PEP 562), so ``dynalign.datagen.settings``
 # and the pure modules load without torch, and a bad config fails fast.
-_EXPORTS = {
-    "load_prompt_dataset": "dataset_io",
-    "split_of": "dataset_io",
-    "DuplicateIndex": "dedup",
-    "deduplicate": "dedup",
-    "normalize_text": "dedup",
-    "prompt_id": "dedup",
-    "FILTERS": "filters",
-    "rejection_reason": "filters",
-    "parse_prompts": "parse",
-    "Planner": "pipeline",
-    "generate_prompts": "pipeline",
-    "PromptSet": "select",
-    "select_training_prompts": "select",
-    "SeedPrompt": "taxonomy",
-    "load_taxonomy": "taxonomy",
-    "load_templates": "taxonomy",
-    "seed_prompts": "taxonomy",
+_MODULES = {
+    "dataset_io": ("load_prompt_dataset", "split_of"),
+    "dedup": ("DuplicateIndex", "deduplicate", "normalize_text", "prompt_id"),
+    "filters": ("FILTERS", "rejection_reason"),
+    "parse": ("parse_prompts",),
+    "pipeline": ("Planner", "generate_prompts"),
+    "select": ("PromptSet", "select_training_prompts"),
+    "taxonomy": ("SeedPrompt", "load_taxonomy", "load_templates", "seed_prompts"),
 }
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_EXPORTS)
 
 

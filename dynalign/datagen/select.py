@@ -6,7 +6,8 @@ In order of precedence:
    ``eval`` when it has one). Any saved DatasetDict, generation output directory, data
    file or hub id (:func:`~dynalign.datagen.dataset_io.load_prompt_dataset`).
 2. ``generator.regenerate_each_iteration``: the current policy writes a fresh set into
-   ``<run_dir>/prompts/iter_<i>``, deduplicated against the sets of earlier iterations.
+   ``<run_dir>/prompts/iter_<iii>/`` (:meth:`~dynalign.rundir.RunDir.generated_prompts`),
+   deduplicated against the sets of earlier iterations.
    If too few survive the filters (the tiny model writes gibberish), the set is topped
    up with the shipped seed prompts (``generator.top_up_with_seeds``) and its summary says
    so; if the train split is still empty the iteration falls back to the seed prompts.
@@ -25,6 +26,7 @@ from typing import Any
 from dynalign.datagen.dataset_io import load_prompt_dataset, split_of
 from dynalign.datagen.pipeline import SamplerOrFactory, generate_prompts
 from dynalign.datagen.taxonomy import seed_prompts
+from dynalign.rundir import RunDir
 
 
 @dataclass
@@ -36,11 +38,6 @@ class PromptSet:
     source: str  # "dataset" | "generated" | "seed" | "seed_fallback"
     path: Path | None = None  # the dataset or generation directory, when there is one
     summary: dict[str, Any] = field(default_factory=dict)  # the generation summary (generated only)
-
-
-def iteration_dir(run_dir: str | Path, iteration: int) -> Path:
-    """Where iteration ``iteration`` writes its generated prompts."""
-    return Path(run_dir) / "prompts" / f"iter_{iteration:03d}"
 
 
 def seed_prompt_set(eval_fraction: float, source: str = "seed") -> PromptSet:
@@ -56,7 +53,7 @@ def seed_prompt_set(eval_fraction: float, source: str = "seed") -> PromptSet:
 def _earlier_prompts(run_dir: str | Path, iteration: int) -> list[str]:
     prompts: list[str] = []
     for i in range(iteration):
-        path = iteration_dir(run_dir, i) / "prompts.jsonl"
+        path = RunDir(Path(run_dir)).generated_prompts(i) / "prompts.jsonl"
         if path.exists():
             with path.open(encoding="utf-8") as handle:
                 prompts += [json.loads(line)["prompt"] for line in handle if line.strip()]
@@ -81,7 +78,7 @@ def select_training_prompts(gen_cfg: Any, sampler: SamplerOrFactory = None, *, m
         return PromptSet(train=train, eval=held_out, source="dataset", path=Path(gen_cfg.dataset))
     if not gen_cfg.regenerate_each_iteration:
         return seed_prompt_set(gen_cfg.eval_fraction)
-    out = iteration_dir(run_dir, iteration)
+    out = RunDir(Path(run_dir)).generated_prompts(iteration)
     data = generate_prompts(gen_cfg, sampler, model_name=model_name, iteration=iteration, output_dir=out,
                             seen_prompts=_earlier_prompts(run_dir, iteration), progress=progress)
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))

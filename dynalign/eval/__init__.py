@@ -12,39 +12,23 @@ What the training loop and ``python -m dynalign.evaluate`` call:
 * :func:`eval_prompt_set` -- the eval prompts: shipped curated prompts, then held-out ones;
 * the pure statistics of :mod:`dynalign.eval.stats` (bootstrap, pairwise, calibration).
 
-Names are imported on first use (PEP 562): the pure modules load without torch.
+Names are imported on first use (PEP 562): importing the package loads no model code.
 """
 
 from __future__ import annotations
 
 from dynalign._lazy import lazy_exports
 
-_EXPORTS = {
-    "evaluate_iteration": "runner",
-    "evaluate_policy": "runner",
-    "calibration": "runner",
-    "EvalSettings": "settings",
-    "eval_settings": "settings",
-    "resolve_model_dir": "settings",
-    "EvalPrompt": "prompts",
-    "curated_prompts": "prompts",
-    "eval_prompt_set": "prompts",
-    "bootstrap_ci": "stats",
-    "calibration_stats": "stats",
-    "mean_with_ci": "stats",
-    "order_vote": "stats",
-    "pair_outcome": "stats",
-    "pairwise_summary": "stats",
-    "spearman": "stats",
-    "win_rate": "stats",
-    "PairJudgement": "judging",
-    "build_external_judge": "judging",
-    "judge_pairs": "judging",
-    "pointwise_summary": "judging",
-    "DEFAULT_REAL_MODEL_TASKS": "lm_harness",
-    "prepare_tasks": "lm_harness",
-    "run_lm_eval": "lm_harness",
+_MODULES = {
+    "runner": ("evaluate_iteration", "evaluate_policy", "calibration"),
+    "settings": ("ResolvedEval", "resolve_eval"),
+    "prompts": ("EvalPrompt", "curated_prompts", "eval_prompt_set"),
+    "stats": ("bootstrap_ci", "calibration_stats", "mean_with_ci", "pairwise_summary", "spearman",
+              "win_rate"),
+    "judging": ("build_external_judge", "judge_pairs_in_chunks", "pointwise_summary"),
+    "lm_harness": ("DEFAULT_REAL_MODEL_TASKS", "prepare_tasks", "run_lm_eval"),
 }
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_EXPORTS)
 
 

@@ -60,8 +60,11 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+SIDE_NAMES = {"a": "policy", "b": "baseline", "tie": "tie"}  # the policy is the pairs' side a
+
+
 def _votes(votes: Sequence[str | None]) -> str:
-    return ",".join(v or "failed" for v in votes)
+    return ",".join(SIDE_NAMES[v] if v else "failed" for v in votes)
 
 
 def per_prompt_rows(prompts: Sequence[Any], policy: Any, baseline: Any | None, external: Any,
@@ -89,8 +92,8 @@ def per_prompt_rows(prompts: Sequence[Any], policy: Any, baseline: Any | None, e
             row["self_reason"] = self_judged.reasons[i]
         if pairs:
             row["pairwise"] = pairs[i].outcome or "failed"
-            row["votes_policy_first"] = _votes(pairs[i].policy_first)
-            row["votes_baseline_first"] = _votes(pairs[i].baseline_first)
+            row["votes_policy_first"] = _votes(pairs[i].a_first)
+            row["votes_baseline_first"] = _votes(pairs[i].b_first)
         rows.append(row)
     return rows
 

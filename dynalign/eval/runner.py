@@ -31,12 +31,10 @@ from dynalign.eval.answers import (
 )
 from dynalign.eval.cache import read_cache, write_cache
 from dynalign.eval.judging import (
-    PairJudgement,
     build_external_judge,
     build_self_judge,
     free_memory,
     judge_pairs_in_chunks,
-    load_local_sampler,
     pointwise_summary,
     score_in_chunks,
 )
@@ -48,17 +46,19 @@ from dynalign.eval.lm_harness import (
     run_lm_eval,
 )
 from dynalign.eval.prompts import EvalPrompt, eval_prompt_set
-from dynalign.eval.settings import EvalSettings, eval_settings
+from dynalign.eval.settings import ResolvedEval, resolve_eval
 from dynalign.eval.stats import (
     calibration_stats,
     longer_answer_win_rate,
     nan_mean,
-    order_vote,
     pairwise_summary,
     to_unit_scale,
 )
-from dynalign.judge import Judge, JudgeResult
+from dynalign.judge import Judge, JudgeResult, PairJudgement
+from dynalign.judge.pairwise import order_vote
+from dynalign.models import load_hf_sampler
 from dynalign.rollout.base import Sampler, SamplingParams
+from dynalign.rundir import RunDir
 from dynalign.runtime import PhaseTimer
 from dynalign.tracking import Tracker
 
@@ -99,11 +99,12 @@ def evaluate_iteration(cfg: TrainConfig, run_dir: str | Path, iteration: int, *,
     every = cfg.eval.every_n_iterations
     if every <= 0 or (iteration % every != 0 and iteration != cfg.iterations):
         return {}
-    policy_path = Path(run_dir) / f"iter_{iteration}"
+    run = RunDir(Path(run_dir))
+    policy_path = run.export(iteration)
     if not (policy_path / "config.json").exists():
         raise ConfigError("export_each_iteration", f"eval.every_n_iterations={every} evaluates the exported "
                           f"policy, but {policy_path} was not written: set export_each_iteration=true")
-    return evaluate_policy(cfg, policy_path, out_dir=Path(run_dir) / "eval" / f"iter_{iteration}",
+    return evaluate_policy(cfg, policy_path, out_dir=run.eval_dir(iteration),
                            iteration=iteration, tracker=tracker, policy_sampler=policy_sampler,
                            self_judge=self_judge)
 
@@ -111,42 +112,42 @@ def evaluate_iteration(cfg: TrainConfig, run_dir: str | Path, iteration: int, *,
 def _evaluate(cfg: TrainConfig, policy_path: str | Path | None, out: Path, iteration: int | None,
               tracker: Tracker | None, policy_sampler: Sampler | None, self_judge: Judge | None,
               step: int | None, history_path: str | Path | None) -> dict[str, Any]:
-    settings = eval_settings(cfg)
-    if policy_path is None and (policy_sampler is None or settings.lm_eval_tasks):
+    e, resolved = cfg.eval, resolve_eval(cfg)
+    if policy_path is None and (policy_sampler is None or e.lm_eval_tasks):
         raise ValueError("evaluate_policy needs policy_path, the policy's Hugging Face directory (lm-eval "
                          "runs on it; answers come from policy_sampler when one is given)")
     out.mkdir(parents=True, exist_ok=True)
     timer = PhaseTimer()
-    tasks = prepare_tasks(settings.lm_eval_tasks, out, settings.lm_eval_include_path)  # fail before loading
-    prompts = eval_prompt_set(settings.num_prompts, prompts_file=settings.prompts_file,
-                              held_out=settings.held_out_dataset, column=settings.prompt_column)
+    tasks = prepare_tasks(e.lm_eval_tasks, out, e.lm_eval_include_path)  # fail before loading
+    prompts = eval_prompt_set(e.num_prompts, prompts_file=e.prompts_file, held_out=resolved.held_out_dataset,
+                              column=cfg.generator.prompt_column)
     texts = [p.prompt for p in prompts]
-    params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                            seed=settings.seed)
+    params = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=float(e.temperature), seed=cfg.seed)
     chunk = max(1, cfg.rollout.batch_size)
 
     with timer("policy"):
-        policy, self_judged, lm_policy = _policy_phase(cfg, settings, policy_path, policy_sampler, self_judge,
-                                                       texts, params, tasks, chunk)
+        policy, self_judged, lm_policy = _policy_phase(cfg, policy_path, policy_sampler, self_judge, texts,
+                                                       params, tasks, chunk)
     with timer("baseline"):
-        baseline, lm_baseline, lm_cached = _baseline_phase(cfg, settings, texts, params, tasks, chunk)
+        baseline, lm_baseline, lm_cached = _baseline_phase(cfg, resolved.baseline, texts, params, tasks,
+                                                           chunk)
     with timer("judge"):
-        judged = _judge_phase(cfg, settings, texts, policy, baseline, chunk)
+        judged = _judge_phase(cfg, resolved, texts, policy, baseline, chunk)
 
     results = {
         "checkpoint": str(policy_path) if policy_path is not None else "<in-memory policy>",
-        "baseline": settings.baseline, "iteration": iteration,
+        "baseline": resolved.baseline, "iteration": iteration,
         "step": step if step is not None else (iteration or 0) * cfg.steps_per_iteration,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prompts": _prompt_counts(prompts),
-        "judge": {"backend": settings.judge.backend, "model": settings.judge.model,
-                  "mode": settings.judge_mode, "rubric": settings.rubric},
-        "settings": {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
-                     "bootstrap_samples": settings.bootstrap_samples, "seed": settings.seed,
-                     "lm_eval_limit": settings.lm_eval_limit},
-        "pointwise": {side: pointwise_summary(result, samples=settings.bootstrap_samples, seed=settings.seed)
+        "judge": {"backend": e.judge.backend, "model": e.judge.model, "mode": resolved.judge_mode,
+                  "rubric": str(e.rubric)},
+        "settings": {"max_new_tokens": e.max_new_tokens, "temperature": float(e.temperature),
+                     "bootstrap_samples": e.bootstrap_samples, "seed": cfg.seed,
+                     "lm_eval_limit": e.lm_eval_limit},
+        "pointwise": {side: pointwise_summary(result, samples=e.bootstrap_samples, seed=cfg.seed)
                       for side, result in (("policy", judged.policy), ("baseline", judged.baseline))
                       if result is not None},
-        "pairwise": _pairwise(judged.pairs, policy, baseline, settings) if baseline is not None else {},
+        "pairwise": _pairwise(judged.pairs, policy, baseline, cfg) if baseline is not None else {},
         "calibration": calibration(self_judged, judged.policy) if self_judged is not None else {},
         "lm_eval": {"tasks": list(tasks.names), "policy": lm_policy, "baseline": lm_baseline,
                     "delta": metric_deltas(lm_policy, lm_baseline), "baseline_cached": lm_cached}
@@ -169,24 +170,28 @@ def _evaluate(cfg: TrainConfig, policy_path: str | Path | None, out: Path, itera
 # ------------------------------------------------------------------ phases
 
 
-def _policy_phase(cfg: TrainConfig, settings: EvalSettings, policy_path: str | Path | None,
-                  policy_sampler: Sampler | None, self_judge: Judge | None, texts: list[str],
-                  params: SamplingParams, tasks: PreparedTasks, chunk: int):
+def _load_sampler(cfg: TrainConfig, path: str | Path | None) -> Sampler:
+    """A whole model of ``path`` as an ``HFSampler``, with the run's dtype and settings."""
+    return load_hf_sampler(cfg.model, path=str(path), batch_size=cfg.rollout.batch_size)
+
+
+def _policy_phase(cfg: TrainConfig, policy_path: str | Path | None, policy_sampler: Sampler | None,
+                  self_judge: Judge | None, texts: list[str], params: SamplingParams, tasks: PreparedTasks,
+                  chunk: int):
     owned = policy_sampler is None
-    sampler = policy_sampler or load_local_sampler(str(policy_path), cfg.model, cfg.rollout.batch_size)
+    sampler = policy_sampler or _load_sampler(cfg, policy_path)
     try:
         answers = generate_answers(sampler, texts, params, chunk=chunk, desc="policy answers")
         self_judged = None
-        if settings.self_judge:
+        if cfg.eval.self_judge:
             self_judge = self_judge or build_self_judge(cfg, sampler)
             self_judged = score_in_chunks(self_judge, texts, answers.texts, chunk=chunk, desc="self-judge")
         lm_results: dict = {}
         if tasks.names:
             # the loop's sampler may hold ZeRO shards (and must stay in train mode): lm-eval always
             # runs on the consolidated export
-            lm_sampler: Any = sampler if owned else load_local_sampler(str(policy_path), cfg.model,
-                                                                         cfg.rollout.batch_size)
-            lm_results = _lm_eval(lm_sampler, tasks, settings)
+            lm_sampler: Any = sampler if owned else _load_sampler(cfg, policy_path)
+            lm_results = _lm_eval(lm_sampler, tasks, cfg)
             del lm_sampler
     finally:
         del sampler, policy_sampler, self_judge
@@ -194,25 +199,25 @@ def _policy_phase(cfg: TrainConfig, settings: EvalSettings, policy_path: str | P
     return answers, self_judged, lm_results
 
 
-def _baseline_phase(cfg: TrainConfig, settings: EvalSettings, texts: list[str], params: SamplingParams,
+def _baseline_phase(cfg: TrainConfig, baseline: str, texts: list[str], params: SamplingParams,
                     tasks: PreparedTasks, chunk: int) -> tuple[Answers | None, dict, bool]:
     """Baseline answers and lm-eval results, from the cache when possible (the model is loaded
     only for what is missing)."""
-    answers_key = answers_cache_key(settings.baseline, texts, params)
-    lm_key = lm_eval_cache_key(settings.baseline, tasks.names, settings.lm_eval_limit,
-                               settings.lm_eval_num_fewshot)
-    answers = cached_answers(answers_key) if settings.pairwise else None
+    e = cfg.eval
+    answers_key = answers_cache_key(baseline, texts, params)
+    lm_key = lm_eval_cache_key(baseline, tasks.names, e.lm_eval_limit, e.lm_eval_num_fewshot)
+    answers = cached_answers(answers_key) if e.pairwise else None
     lm_results = read_cache("lm_eval", lm_key) if tasks.names else {}
     lm_cached = bool(tasks.names) and lm_results is not None
-    need_answers = settings.pairwise and answers is None
+    need_answers = e.pairwise and answers is None
     if need_answers or (tasks.names and lm_results is None):
-        sampler: Any = load_local_sampler(settings.baseline, cfg.model, cfg.rollout.batch_size)
+        sampler: Any = _load_sampler(cfg, baseline)
         try:
             if need_answers:
                 answers = generate_answers(sampler, texts, params, chunk=chunk, desc="baseline answers")
                 store_answers(answers_key, answers)
             if tasks.names and lm_results is None:
-                lm_results = _lm_eval(sampler, tasks, settings)
+                lm_results = _lm_eval(sampler, tasks, cfg)
                 write_cache("lm_eval", lm_key, lm_results)
         finally:
             del sampler
@@ -226,9 +231,9 @@ class _Judged(NamedTuple):
     pairs: list[PairJudgement]  # every pair, both orders ([] with pairwise off)
 
 
-def _judge_phase(cfg: TrainConfig, settings: EvalSettings, texts: list[str], policy: Answers,
+def _judge_phase(cfg: TrainConfig, resolved: ResolvedEval, texts: list[str], policy: Answers,
                  baseline: Answers | None, chunk: int) -> _Judged:
-    judge = build_external_judge(settings, cfg)
+    judge = build_external_judge(cfg, resolved)
     try:
         external = score_in_chunks(judge, texts, policy.texts, chunk=chunk, desc="judge policy")
         if baseline is None:
@@ -242,10 +247,11 @@ def _judge_phase(cfg: TrainConfig, settings: EvalSettings, texts: list[str], pol
         free_memory()
 
 
-def _lm_eval(sampler: Any, tasks: PreparedTasks, settings: EvalSettings) -> dict:
-    return run_lm_eval(sampler.model, sampler.tokenizer, tasks, limit=settings.lm_eval_limit,
-                       batch_size=settings.lm_eval_batch_size, num_fewshot=settings.lm_eval_num_fewshot,
-                       bootstrap_iters=settings.bootstrap_samples, seed=settings.seed)
+def _lm_eval(sampler: Any, tasks: PreparedTasks, cfg: TrainConfig) -> dict:
+    e = cfg.eval
+    return run_lm_eval(sampler.model, sampler.tokenizer, tasks, limit=e.lm_eval_limit,
+                       batch_size=e.lm_eval_batch_size, num_fewshot=e.lm_eval_num_fewshot,
+                       bootstrap_iters=e.bootstrap_samples, seed=cfg.seed)
 
 
 # ------------------------------------------------------------------ statistics
@@ -257,10 +263,9 @@ def _prompt_counts(prompts: list[EvalPrompt]) -> dict[str, int]:
 
 
 def _pairwise(pairs: list[PairJudgement], policy: Answers, baseline: Answers,
-              settings: EvalSettings) -> dict[str, Any]:
-    summary = pairwise_summary([order_vote(p.policy_first) for p in pairs],
-                               [order_vote(p.baseline_first) for p in pairs],
-                               samples=settings.bootstrap_samples, seed=settings.seed)
+              cfg: TrainConfig) -> dict[str, Any]:
+    summary = pairwise_summary([order_vote(p.a_first) for p in pairs], [order_vote(p.b_first) for p in pairs],
+                               samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
     judgements = [r for p in pairs for r in p.reasons]
     summary.update({
         "judgement_failure_rate": (sum(r != "ok" for r in judgements) / len(judgements)

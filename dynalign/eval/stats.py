@@ -4,12 +4,11 @@ No models, no I/O: numbers in, numbers out, so every rule here is tested with ha
 judgements. Missing values are NaN (a judgement that did not parse) and are left out,
 never replaced by a default.
 
-Pairwise protocol. Each (policy, baseline) pair is judged twice, once with the policy's
-answer shown first and once with the baseline's first. Each order's verdict is mapped
-back to ``"policy" | "baseline" | "tie"``; the pair's outcome (the policy's point of view)
-is that verdict when both orders agree and a tie when they disagree, because a verdict
-that flips with the order is position bias, not a preference. A pair with an order that
-produced no verdict is a judge failure: counted, left out of the win rate.
+Pairwise protocol (:mod:`dynalign.judge.pairwise`): each (policy, baseline) pair is judged
+in both orders, the policy as side ``a``; the votes of each order are ``"a" | "b" | "tie"``
+and the pair's outcome, the policy's point of view, is a win, tie or loss when both orders
+produced a verdict. A pair with an order that produced no verdict is a judge failure:
+counted, left out of the win rate.
 """
 
 from __future__ import annotations
@@ -20,10 +19,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from dynalign.judge.pairwise import LOSS, TIE, WIN, pair_outcome
+
 CI_LEVEL = 0.95
-WIN, TIE, LOSS = "win", "tie", "loss"
 OUTCOME_POINTS = {WIN: 1.0, TIE: 0.5, LOSS: 0.0}
-SIDES = ("policy", "baseline", "tie")
 
 
 def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -67,35 +66,6 @@ def mean_with_ci(values: Sequence[float] | np.ndarray, *, samples: int = 1000,
 
 
 # ------------------------------------------------------------------ pairwise
-
-
-def order_vote(votes: Sequence[str | None]) -> str | None:
-    """One order's verdict from its k judgements (``"policy" | "baseline" | "tie"`` or None).
-
-    The most frequent parsed vote wins; a draw between the top votes is a tie; None when no
-    judgement of this order parsed.
-    """
-    counts = Counter(v for v in votes if v is not None)
-    if not counts:
-        return None
-    unknown = set(counts) - set(SIDES)
-    if unknown:
-        raise ValueError(f"unknown pairwise votes {sorted(unknown)}; valid: {', '.join(SIDES)}")
-    (top, n), *rest = counts.most_common()
-    return "tie" if rest and rest[0][1] == n else top
-
-
-def pair_outcome(policy_first: str | None, baseline_first: str | None) -> str | None:
-    """``"win" | "tie" | "loss"`` for the policy from the verdicts of the two orders.
-
-    Both orders agree: their verdict. They disagree (including one tie and one winner):
-    a tie. Either order missing: None (a judge failure, excluded from the win rate).
-    """
-    if policy_first is None or baseline_first is None:
-        return None
-    if policy_first != baseline_first:
-        return TIE
-    return {"policy": WIN, "baseline": LOSS, "tie": TIE}[policy_first]
 
 
 def win_rate(outcomes: Sequence[str | None]) -> float:

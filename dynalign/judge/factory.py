@@ -1,7 +1,7 @@
 """``build_judge``: a :class:`Judge` from ``cfg.judge`` and the samplers the loop owns.
 
-Who judges is picked by name (registries aligned with ``config.JUDGE_SOURCES`` and
-``config.EXTERNAL_BACKENDS``):
+Who judges is picked by name (``judge.source``, then ``judge.external.backend`` from the
+registry of :mod:`dynalign.judge.external`):
 
 - ``self``: the current policy, through the sampler that generated the candidates
   (call the judge before the update);
@@ -9,7 +9,7 @@ Who judges is picked by name (registries aligned with ``config.JUDGE_SOURCES`` a
   sampler and passes it as ``frozen_sampler``;
 - ``external``: ``hf`` / ``vllm``, another local model whose sampler the loop builds
   from ``judge.external.model`` (``external_sampler``, or ``make_sampler(cfg.external)``);
-  ``openai``, an OpenAI-compatible endpoint built here from ``judge.external``.
+  ``openai``, an OpenAI-compatible endpoint built from ``judge.external``.
 """
 
 from __future__ import annotations
@@ -19,36 +19,13 @@ from collections.abc import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from dynalign.config import ConfigError, ExternalJudgeConfig, JudgeConfig
-from dynalign.judge.backends import JudgeBackend, OpenAIChatBackend, SamplerBackend
+from dynalign.judge.backends import JudgeBackend, SamplerBackend
+from dynalign.judge.external import ExternalContext, build_external_backend
 from dynalign.judge.rubric import Rubric
 from dynalign.judge.scoring import Judge
 from dynalign.rollout.base import Sampler, SamplingParams
 
 SamplerFactory = Callable[[ExternalJudgeConfig], Sampler]
-
-
-def _local_external(cfg: JudgeConfig, external_sampler: Sampler | None,
-                    make_sampler: SamplerFactory | None) -> JudgeBackend:
-    if external_sampler is None and make_sampler is not None:
-        external_sampler = make_sampler(cfg.external)
-    if external_sampler is None:
-        raise ConfigError("judge.external.backend",
-                          f"backend={cfg.external.backend} needs the sampler of judge.external.model="
-                          f"{cfg.external.model!r}: pass external_sampler or make_sampler to build_judge")
-    return SamplerBackend(external_sampler)
-
-
-def _openai_external(cfg: JudgeConfig, external_sampler: Sampler | None,
-                     make_sampler: SamplerFactory | None) -> JudgeBackend:
-    return OpenAIChatBackend.from_config(cfg.external, "judge.external")
-
-
-# External judge backends by name; keys match dynalign.config.EXTERNAL_BACKENDS.
-EXTERNAL_BACKEND_BUILDERS: dict[str, Callable[..., JudgeBackend]] = {
-    "hf": _local_external,
-    "vllm": _local_external,
-    "openai": _openai_external,
-}
 
 
 def _self_source(cfg, policy_sampler, frozen_sampler, external_sampler, make_sampler) -> JudgeBackend:
@@ -65,10 +42,11 @@ def _frozen_source(cfg, policy_sampler, frozen_sampler, external_sampler, make_s
 
 
 def _external_source(cfg, policy_sampler, frozen_sampler, external_sampler, make_sampler) -> JudgeBackend:
-    return EXTERNAL_BACKEND_BUILDERS[cfg.external.backend](cfg, external_sampler, make_sampler)
+    context = ExternalContext(sampler=external_sampler, make_sampler=make_sampler)
+    return build_external_backend(cfg.external, context)
 
 
-# Judge sources by name; keys match dynalign.config.JUDGE_SOURCES.
+# Judge sources by name (judge.source).
 JUDGE_SOURCE_BUILDERS: dict[str, Callable[..., JudgeBackend]] = {
     "self": _self_source,
     "frozen": _frozen_source,

@@ -4,7 +4,7 @@ Rubrics are data. The shipped ones live in ``conf/judge/NAME.yaml`` (the ``rubri
 of a judge-group file, so ``judge=NAME`` selects them in Hydra); any other YAML file can
 be loaded by path. The YAML is checked against :class:`dynalign.config.RubricConfig`
 and frozen into a :class:`Rubric`, which also carries the rule that turns the aspect
-scores into one reward (``combine``: a registry aligned with ``config.COMBINE_RULES``).
+scores into one reward (``combine``: picked by name from :data:`COMBINE_FUNCTIONS`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _min(scores: Sequence[float], weights: Sequence[float]) -> float:
     return min(scores)
 
 
-# How aspect scores become one reward; keys match dynalign.config.COMBINE_RULES.
+# How aspect scores become one reward, by name (rubric.combine).
 COMBINE_FUNCTIONS: dict[str, Callable[[Sequence[float], Sequence[float]], float]] = {
     "mean": _mean,
     "weighted": _weighted,

@@ -4,7 +4,8 @@
 (NaN-aware: a candidate with no parsed judgement gets NaN). ``logprob``: read the score
 distribution at each aspect's verdict slot and take the expected score (always defined
 for a sampler-backed judge; smoother rewards). Modes are picked by name from
-``SCORING_MODES`` (aligned with ``config.JUDGE_MODES``).
+``SCORING_MODES`` (the valid values of ``judge.mode``). Pairwise comparison lives in
+:mod:`dynalign.judge.pairwise`.
 """
 
 from __future__ import annotations
@@ -17,14 +18,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from dynalign.judge.backends import JudgeBackend, SamplerBackend
-from dynalign.judge.parse import (
-    BACKEND_ERROR,
-    failed,
-    most_common_failure,
-    parse_pairwise_verdict,
-    parse_verdict,
-)
-from dynalign.judge.prompt import render_judge_prompt, render_pairwise_prompt
+from dynalign.judge.parse import BACKEND_ERROR, failed, most_common_failure, parse_verdict
+from dynalign.judge.prompt import render_judge_prompt
 from dynalign.judge.rubric import Rubric, RubricLike, load_rubric
 from dynalign.rollout.base import Prompt, SamplingParams
 
@@ -96,7 +91,7 @@ def score_by_logprob(judge: Judge, prompts: Sequence[Prompt], candidates: Sequen
         scale=(rubric.scale_min, rubric.scale_max), score_mass=slots.mass.float())
 
 
-# Scoring modes by name; keys match dynalign.config.JUDGE_MODES.
+# Scoring modes by name (judge.mode, eval.judge_mode).
 SCORING_MODES: dict[str, Callable[..., JudgeResult]] = {
     "generate": score_by_generation,
     "logprob": score_by_logprob,
@@ -146,44 +141,3 @@ class Judge:
         close = getattr(self.backend, "close", None)
         if close is not None:
             close()
-
-
-# ------------------------------------------------------------------ pairwise
-
-
-@dataclass(frozen=True)
-class PairwiseResult:
-    """A comparison of answers ``a`` and ``b``, judged in both orders."""
-
-    preference: float  # P(a is better): win 1, tie 0.5, loss 0, averaged over parsed judgements; NaN if none
-    winners: tuple[str | None, ...]  # per judgement: "a", "b", "tie" or None (unparsed); a-first order first
-    reasons: tuple[str, ...]  # per judgement: "ok" or the failure code
-    consistent: bool  # every parsed judgement names the same winner, whatever the order (no position bias)
-
-
-def judge_pairwise(judge: Judge | JudgeBackend | object, prompt: Prompt, a: str, b: str, *,
-                   rubric: RubricLike = "ca_rubric", num_samples: int = 1,
-                   params: SamplingParams | None = None) -> PairwiseResult:
-    """Which of ``a`` and ``b`` better answers ``prompt``, asked in both orders (position swap).
-
-    ``judge`` is a :class:`Judge` (its backend, rubric and sampling are used) or a backend/Sampler.
-    """
-    if isinstance(judge, Judge):
-        backend, rubric_obj, k = judge.backend, judge.rubric, judge.num_samples
-        params = params or judge.params
-    else:
-        backend, rubric_obj, k = as_backend(judge), load_rubric(rubric), num_samples
-        params = params or SamplingParams(max_new_tokens=256, temperature=0.7)
-    orders = [(a, b, {"A": "a", "B": "b"}), (b, a, {"A": "b", "B": "a"})]
-    rendered = [render_pairwise_prompt(rubric_obj, prompt, first, second) for first, second, _ in orders]
-    outputs = backend.generate([m for m, _ in rendered], k, params)  # [2][k]
-    winners, reasons = [], []
-    for (_, nonce), (_, _, names), outs in zip(rendered, orders, outputs, strict=True):
-        for text in outs:
-            winner, reason = (None, BACKEND_ERROR) if text is None else parse_pairwise_verdict(text, nonce)
-            winners.append(None if winner is None else names.get(winner, "tie"))
-            reasons.append(reason)
-    points = [{"a": 1.0, "tie": 0.5, "b": 0.0}[w] for w in winners if w is not None]
-    preference = sum(points) / len(points) if points else math.nan
-    parsed = {w for w in winners if w is not None}
-    return PairwiseResult(preference, tuple(winners), tuple(reasons), consistent=len(parsed) == 1)

@@ -58,7 +58,7 @@ def _default_max_model_len(model_path: str, max_prompt_length: int | None, max_c
     return int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
 
 
-# rollout.backend -> builder; config.ROLLOUT_BACKENDS lists the same names (a test checks it).
+# rollout.backend -> builder; the valid values of rollout.backend.
 SAMPLERS: dict[str, Callable[..., Sampler]] = {"hf": _build_hf, "vllm": _build_vllm}
 
 

@@ -1,66 +1,23 @@
-"""Typed configuration: the one place where every hyperparameter is declared and documented.
+"""The config groups but ``generator`` (:mod:`dynalign.config.generator`) and the run itself.
 
-The YAML files under ``conf/`` hold values only. Their structure and types come from
-the dataclasses below, registered in Hydra's ConfigStore as ``train_schema``, so a
-wrong type or an unknown key fails while Hydra composes the config. Rules that
-relate values to each other (``group_size >= 2``, a known loss name, a batch that
-splits over the ranks) live in ``validate()`` methods and run before any model or
-data is loaded; every failure is a :class:`ConfigError` naming the full key.
+Each field is typed and documented here once; the YAML files hold values. Names that pick a
+variant (a loss, a sampler, a judge source...) are checked against the registry that maps them
+to code, imported inside ``validate()`` so this module loads without torch.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
-EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+from dynalign.config.checks import choice, in_range, positive, require
+from dynalign.config.generator import GeneratorConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
-ROLLOUT_BACKENDS = ("hf", "vllm")
-JUDGE_MODES = ("generate", "logprob")
-JUDGE_SOURCES = ("self", "frozen", "external")
-EXTERNAL_BACKENDS = ("hf", "vllm", "openai")
-COMBINE_RULES = ("mean", "weighted", "min")
-LOGGER_BACKENDS = ("wandb", "none")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 OFFLOAD_DEVICES = ("none", "cpu")
 RESUME_MODES = ("never", "auto")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; ``key`` is the full dotted key (``grpo.group_size``)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(key, message)
-
-
-def _choice(value: Any, choices: Any, key: str) -> None:
-    valid = sorted(choices)
-    _require(value in valid, key, f"unknown value {value!r}; valid: {', '.join(map(str, valid))}")
-
-
-def _in_range(value: float, low: float, high: float, key: str, *, high_open: bool = False) -> None:
-    ok = low <= value < high if high_open else low <= value <= high
-    bracket = ")" if high_open else "]"
-    _require(ok and not math.isnan(value), key, f"must be in [{low}, {high}{bracket} (got {value})")
-
-
-def _positive(value: float, key: str) -> None:
-    _require(value > 0, key, f"must be > 0 (got {value})")
 
 
 # --------------------------------------------------------------------------- model
@@ -83,12 +40,12 @@ class TinyModelConfig:
     def validate(self, key: str) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            _positive(getattr(self, name), f"{key}.{name}")
-        _require(self.vocab_size >= 300, f"{key}.vocab_size",
+            positive(getattr(self, name), f"{key}.{name}")
+        require(self.vocab_size >= 300, f"{key}.vocab_size",
                  f"must be >= 300 (256 bytes + special tokens; got {self.vocab_size})")
-        _require(self.hidden_size % self.num_attention_heads == 0, f"{key}.num_attention_heads",
+        require(self.hidden_size % self.num_attention_heads == 0, f"{key}.num_attention_heads",
                  f"must divide hidden_size={self.hidden_size} (got {self.num_attention_heads})")
-        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+        require(self.num_attention_heads % self.num_key_value_heads == 0,
                  f"{key}.num_key_value_heads",
                  f"must divide num_attention_heads={self.num_attention_heads} "
                  f"(got {self.num_key_value_heads})")
@@ -109,10 +66,10 @@ class LoraConfig:
     def validate(self, key: str) -> None:
         if not self.enabled:
             return
-        _positive(self.r, f"{key}.r")
-        _positive(self.alpha, f"{key}.alpha")
-        _in_range(self.dropout, 0.0, 1.0, f"{key}.dropout", high_open=True)
-        _require(len(self.target_modules) > 0, f"{key}.target_modules", "must name at least one module")
+        positive(self.r, f"{key}.r")
+        positive(self.alpha, f"{key}.alpha")
+        in_range(self.dropout, 0.0, 1.0, f"{key}.dropout", high_open=True)
+        require(len(self.target_modules) > 0, f"{key}.target_modules", "must name at least one module")
 
 
 @dataclass
@@ -128,70 +85,13 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, key: str) -> None:
-        _require(bool(self.name_or_path.strip()), f"{key}.name_or_path", "must not be empty")
-        _choice(self.dtype, DTYPES, f"{key}.dtype")
-        _choice(self.attn_implementation, ("sdpa", "eager", "flash_attention_2"),
-                f"{key}.attn_implementation")
+        require(bool(self.name_or_path.strip()), f"{key}.name_or_path", "must not be empty")
+        choice(self.dtype, DTYPES, f"{key}.dtype")
+        choice(self.attn_implementation, ATTENTION, f"{key}.attn_implementation")
         if self.name_or_path == "tiny":
             self.tiny.validate(f"{key}.tiny")
         self.lora.validate(f"{key}.lora")
 
-
-# ----------------------------------------------------------------------- generator
-
-
-@dataclass
-class GeneratorEndpointConfig:
-    """An OpenAI-compatible chat endpoint that writes prompts (``generator.models: [openai:NAME]``)."""
-
-    base_url: Optional[str] = None  # e.g. http://localhost:8000/v1; required by any openai:NAME model
-    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key; unset: "EMPTY" is sent
-    timeout_s: float = 60.0  # per request
-    max_retries: int = 3  # retries of a failed request; after them the shard fails and a rerun resumes
-    concurrency: int = 8  # simultaneous requests
-
-
-@dataclass
-class GeneratorConfig:
-    """Synthesis of the training prompts (``python -m dynalign.generate``)."""
-
-    name: str = "ca_prompts"
-    num_prompts: int = 64  # target number of prompts after filtering and deduplication
-    output_dir: str = "data/prompts"  # where the datasets DatasetDict, JSONL and shards are written
-    prompts_per_call: int = 4  # prompts asked for in one meta-prompt
-    eval_fraction: float = 0.1  # share of prompts held out as the eval split
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    seed: int = 0
-    regenerate_each_iteration: bool = False  # train each iteration on prompts the current policy wrote
-    dataset: Optional[str] = None  # train on this: saved dataset / generation dir, data file or hub id
-    prompt_column: str = "prompt"  # column of ``dataset`` that holds the prompt text
-    models: List[str] = field(default_factory=lambda: ["policy"])  # policy | openai:NAME | path or hub id
-    endpoint: GeneratorEndpointConfig = field(default_factory=GeneratorEndpointConfig)  # for openai:NAME
-    taxonomy_file: Optional[str] = None  # domains x task types x aspect sets; None: shipped CA taxonomy
-    templates_file: Optional[str] = None  # meta-prompt templates (YAML); None: shipped templates
-    template_ids: List[str] = field(default_factory=list)  # templates to cycle through; empty: all
-    calls_per_shard: int = 8  # meta-prompts sampled as one batch and saved as one shard (resume unit)
-    max_calls: Optional[int] = None  # stop after this many meta-prompts; None: 4 x the calls needed
-    min_chars: int = 24  # parsed prompts shorter than this are dropped
-    max_chars: int = 1200  # parsed prompts longer than this are dropped
-    min_prose_fraction: float = 0.7  # min share of letters (of visible chars) and of words (of tokens)
-    min_ascii_fraction: float = 0.9  # min share of ASCII in visible chars (English); 0 keeps any script
-    max_meta_overlap: float = 0.5  # drop prompts whose word 3-grams lie this much in the meta-prompt
-    dedup_threshold: float = 0.7  # near duplicate: MinHash Jaccard of char 5-grams at least this
-    top_up_with_seeds: bool = True  # too few prompts survive: add shipped seed prompts (source=seed)
-
-    def validate(self, key: str) -> None:
-        from dynalign.datagen.settings import validate_generator
-
-        _positive(self.num_prompts, f"{key}.num_prompts")
-        _positive(self.prompts_per_call, f"{key}.prompts_per_call")
-        _in_range(self.eval_fraction, 0.0, 1.0, f"{key}.eval_fraction", high_open=True)
-        _positive(self.temperature, f"{key}.temperature")
-        _require(0.0 < self.top_p <= 1.0, f"{key}.top_p", f"must be in (0, 1] (got {self.top_p})")
-        _positive(self.max_new_tokens, f"{key}.max_new_tokens")
-        validate_generator(self, key)
 
 
 # --------------------------------------------------------------------------- judge
@@ -219,14 +119,16 @@ class RubricConfig:
     aspects: List[AspectConfig] = field(default_factory=list)
 
     def validate(self, key: str) -> None:
-        _require(self.scale_max > self.scale_min, f"{key}.scale_max",
+        require(self.scale_max > self.scale_min, f"{key}.scale_max",
                  f"must be > scale_min={self.scale_min} (got {self.scale_max})")
-        _choice(self.combine, COMBINE_RULES, f"{key}.combine")
-        _require(len(self.aspects) > 0, f"{key}.aspects", "a rubric needs at least one aspect")
+        from dynalign.judge.rubric import COMBINE_FUNCTIONS
+
+        choice(self.combine, COMBINE_FUNCTIONS, f"{key}.combine")
+        require(len(self.aspects) > 0, f"{key}.aspects", "a rubric needs at least one aspect")
         names = [a.name for a in self.aspects]
-        _require(len(set(names)) == len(names), f"{key}.aspects", f"duplicate aspect names {names}")
+        require(len(set(names)) == len(names), f"{key}.aspects", f"duplicate aspect names {names}")
         for i, aspect in enumerate(self.aspects):
-            _require(aspect.weight >= 0, f"{key}.aspects.{i}.weight",
+            require(aspect.weight >= 0, f"{key}.aspects.{i}.weight",
                      f"must be >= 0 (got {aspect.weight})")
 
 
@@ -243,12 +145,14 @@ class ExternalJudgeConfig:
     concurrency: int = 16  # simultaneous requests to the endpoint
 
     def validate(self, key: str) -> None:
-        _choice(self.backend, EXTERNAL_BACKENDS, f"{key}.backend")
+        from dynalign.judge.external import EXTERNAL_JUDGES
+
+        choice(self.backend, EXTERNAL_JUDGES, f"{key}.backend")
         if self.backend == "openai":
-            _require(bool(self.base_url), f"{key}.base_url", "required when backend=openai")
-        _positive(self.timeout_s, f"{key}.timeout_s")
-        _require(self.max_retries >= 0, f"{key}.max_retries", f"must be >= 0 (got {self.max_retries})")
-        _positive(self.concurrency, f"{key}.concurrency")
+            require(bool(self.base_url), f"{key}.base_url", "required when backend=openai")
+        positive(self.timeout_s, f"{key}.timeout_s")
+        require(self.max_retries >= 0, f"{key}.max_retries", f"must be >= 0 (got {self.max_retries})")
+        positive(self.concurrency, f"{key}.concurrency")
 
 
 @dataclass
@@ -264,11 +168,14 @@ class JudgeConfig:
     external: ExternalJudgeConfig = field(default_factory=ExternalJudgeConfig)
 
     def validate(self, key: str) -> None:
-        _choice(self.source, JUDGE_SOURCES, f"{key}.source")
-        _choice(self.mode, JUDGE_MODES, f"{key}.mode")
-        _positive(self.num_samples, f"{key}.num_samples")
-        _require(self.temperature >= 0, f"{key}.temperature", f"must be >= 0 (got {self.temperature})")
-        _positive(self.max_new_tokens, f"{key}.max_new_tokens")
+        from dynalign.judge.factory import JUDGE_SOURCE_BUILDERS
+        from dynalign.judge.scoring import SCORING_MODES
+
+        choice(self.source, JUDGE_SOURCE_BUILDERS, f"{key}.source")
+        choice(self.mode, SCORING_MODES, f"{key}.mode")
+        positive(self.num_samples, f"{key}.num_samples")
+        require(self.temperature >= 0, f"{key}.temperature", f"must be >= 0 (got {self.temperature})")
+        positive(self.max_new_tokens, f"{key}.max_new_tokens")
         self.rubric.validate(f"{key}.rubric")
         if self.source == "external":
             self.external.validate(f"{key}.external")
@@ -304,26 +211,26 @@ class GRPOConfig:
     def validate(self, key: str) -> None:
         from dynalign import grpo  # the registries are the single source of valid names
 
-        _positive(self.lr, f"{key}.lr")
-        _require(self.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0 (got {self.weight_decay})")
-        _require(self.warmup_steps >= 0, f"{key}.warmup_steps", f"must be >= 0 (got {self.warmup_steps})")
-        _require(self.max_grad_norm >= 0, f"{key}.max_grad_norm",
+        positive(self.lr, f"{key}.lr")
+        require(self.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0 (got {self.weight_decay})")
+        require(self.warmup_steps >= 0, f"{key}.warmup_steps", f"must be >= 0 (got {self.warmup_steps})")
+        require(self.max_grad_norm >= 0, f"{key}.max_grad_norm",
                  f"must be >= 0 (got {self.max_grad_norm})")
-        _require(self.group_size >= 2, f"{key}.group_size",
+        require(self.group_size >= 2, f"{key}.group_size",
                  f"must be >= 2: advantages compare answers within a group (got {self.group_size})")
-        _positive(self.prompts_per_step, f"{key}.prompts_per_step")
-        _positive(self.micro_batch_size, f"{key}.micro_batch_size")
-        _positive(self.max_prompt_length, f"{key}.max_prompt_length")
-        _positive(self.max_completion_length, f"{key}.max_completion_length")
-        _choice(self.loss_type, grpo.POLICY_LOSSES, f"{key}.loss_type")
-        _in_range(self.clip_eps_low, 0.0, 1.0, f"{key}.clip_eps_low", high_open=True)
-        _in_range(self.clip_eps_high, 0.0, 1.0, f"{key}.clip_eps_high", high_open=True)
+        positive(self.prompts_per_step, f"{key}.prompts_per_step")
+        positive(self.micro_batch_size, f"{key}.micro_batch_size")
+        positive(self.max_prompt_length, f"{key}.max_prompt_length")
+        positive(self.max_completion_length, f"{key}.max_completion_length")
+        choice(self.loss_type, grpo.POLICY_LOSSES, f"{key}.loss_type")
+        in_range(self.clip_eps_low, 0.0, 1.0, f"{key}.clip_eps_low", high_open=True)
+        in_range(self.clip_eps_high, 0.0, 1.0, f"{key}.clip_eps_high", high_open=True)
         if self.dual_clip is not None:
-            _require(self.dual_clip > 1.0, f"{key}.dual_clip", f"must be > 1 (got {self.dual_clip})")
-        _require(self.beta >= 0, f"{key}.beta", f"must be >= 0 (got {self.beta})")
-        _choice(self.kl_estimator, grpo.KL_ESTIMATORS, f"{key}.kl_estimator")
-        _choice(self.scale_rewards, grpo.ADVANTAGE_SCALES, f"{key}.scale_rewards")
-        _require(self.num_iterations >= 1, f"{key}.num_iterations",
+            require(self.dual_clip > 1.0, f"{key}.dual_clip", f"must be > 1 (got {self.dual_clip})")
+        require(self.beta >= 0, f"{key}.beta", f"must be >= 0 (got {self.beta})")
+        choice(self.kl_estimator, grpo.KL_ESTIMATORS, f"{key}.kl_estimator")
+        choice(self.scale_rewards, grpo.ADVANTAGE_SCALES, f"{key}.scale_rewards")
+        require(self.num_iterations >= 1, f"{key}.num_iterations",
                  f"must be >= 1 (got {self.num_iterations})")
 
     @property
@@ -346,10 +253,10 @@ class VLLMConfig:
     max_model_len: Optional[int] = None  # None -> max_prompt_length + max_completion_length
 
     def validate(self, key: str) -> None:
-        _require(0.0 < self.gpu_memory_utilization <= 1.0, f"{key}.gpu_memory_utilization",
+        require(0.0 < self.gpu_memory_utilization <= 1.0, f"{key}.gpu_memory_utilization",
                  f"must be in (0, 1] (got {self.gpu_memory_utilization})")
-        _positive(self.tensor_parallel_size, f"{key}.tensor_parallel_size")
-        _positive(self.kv_cache_space_gib, f"{key}.kv_cache_space_gib")
+        positive(self.tensor_parallel_size, f"{key}.tensor_parallel_size")
+        positive(self.kv_cache_space_gib, f"{key}.kv_cache_space_gib")
 
 
 @dataclass
@@ -364,11 +271,13 @@ class RolloutConfig:
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def validate(self, key: str) -> None:
-        _choice(self.backend, ROLLOUT_BACKENDS, f"{key}.backend")
-        _positive(self.temperature, f"{key}.temperature")
-        _require(0.0 < self.top_p <= 1.0, f"{key}.top_p", f"must be in (0, 1] (got {self.top_p})")
-        _require(self.top_k >= 0, f"{key}.top_k", f"must be >= 0 (got {self.top_k})")
-        _positive(self.batch_size, f"{key}.batch_size")
+        from dynalign.rollout import SAMPLERS
+
+        choice(self.backend, SAMPLERS, f"{key}.backend")
+        positive(self.temperature, f"{key}.temperature")
+        require(0.0 < self.top_p <= 1.0, f"{key}.top_p", f"must be in (0, 1] (got {self.top_p})")
+        require(self.top_k >= 0, f"{key}.top_k", f"must be >= 0 (got {self.top_k})")
+        positive(self.batch_size, f"{key}.batch_size")
         if self.backend == "vllm":
             self.vllm.validate(f"{key}.vllm")
 
@@ -391,12 +300,12 @@ class DeepSpeedConfig:
     extra: Dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed JSON config
 
     def validate(self, key: str) -> None:
-        _choice(self.stage, (0, 1, 2, 3), f"{key}.stage")
-        _choice(self.offload_optimizer, OFFLOAD_DEVICES, f"{key}.offload_optimizer")
-        _choice(self.offload_param, OFFLOAD_DEVICES, f"{key}.offload_param")
-        _require(self.offload_param == "none" or self.stage == 3, f"{key}.offload_param",
+        choice(self.stage, (0, 1, 2, 3), f"{key}.stage")
+        choice(self.offload_optimizer, OFFLOAD_DEVICES, f"{key}.offload_optimizer")
+        choice(self.offload_param, OFFLOAD_DEVICES, f"{key}.offload_param")
+        require(self.offload_param == "none" or self.stage == 3, f"{key}.offload_param",
                  f"parameter offload needs stage 3 (stage is {self.stage})")
-        _positive(self.reduce_bucket_size, f"{key}.reduce_bucket_size")
+        positive(self.reduce_bucket_size, f"{key}.reduce_bucket_size")
 
 
 # -------------------------------------------------------------------------- logger
@@ -418,11 +327,13 @@ class LoggerConfig:
     samples_per_log: int = 8  # rows per samples table
 
     def validate(self, key: str) -> None:
-        _choice(self.backend, LOGGER_BACKENDS, f"{key}.backend")
-        _choice(self.mode, WANDB_MODES, f"{key}.mode")
-        _require(self.log_samples_every >= 0, f"{key}.log_samples_every",
+        from dynalign.tracking import TRACKERS
+
+        choice(self.backend, TRACKERS, f"{key}.backend")
+        choice(self.mode, WANDB_MODES, f"{key}.mode")
+        require(self.log_samples_every >= 0, f"{key}.log_samples_every",
                  f"must be >= 0 (got {self.log_samples_every})")
-        _require(self.samples_per_log >= 0, f"{key}.samples_per_log",
+        require(self.samples_per_log >= 0, f"{key}.samples_per_log",
                  f"must be >= 0 (got {self.samples_per_log})")
 
 
@@ -454,22 +365,24 @@ class EvalConfig:
     judge: ExternalJudgeConfig = field(default_factory=ExternalJudgeConfig)
 
     def validate(self, key: str) -> None:
-        _require(self.every_n_iterations >= 0, f"{key}.every_n_iterations",
+        require(self.every_n_iterations >= 0, f"{key}.every_n_iterations",
                  f"must be >= 0 (got {self.every_n_iterations})")
-        _positive(self.num_prompts, f"{key}.num_prompts")
-        _positive(self.max_new_tokens, f"{key}.max_new_tokens")
-        _require(self.bootstrap_samples >= 0, f"{key}.bootstrap_samples",
+        positive(self.num_prompts, f"{key}.num_prompts")
+        positive(self.max_new_tokens, f"{key}.max_new_tokens")
+        require(self.bootstrap_samples >= 0, f"{key}.bootstrap_samples",
                  f"must be >= 0 (got {self.bootstrap_samples})")
         if self.lm_eval_limit is not None:
-            _positive(self.lm_eval_limit, f"{key}.lm_eval_limit")
-        _positive(self.lm_eval_batch_size, f"{key}.lm_eval_batch_size")
+            positive(self.lm_eval_limit, f"{key}.lm_eval_limit")
+        positive(self.lm_eval_batch_size, f"{key}.lm_eval_batch_size")
         if self.judge_mode is not None:
-            _choice(self.judge_mode, JUDGE_MODES, f"{key}.judge_mode")
+            from dynalign.judge.scoring import SCORING_MODES
+
+            choice(self.judge_mode, SCORING_MODES, f"{key}.judge_mode")
         if self.judge_max_new_tokens is not None:
-            _positive(self.judge_max_new_tokens, f"{key}.judge_max_new_tokens")
-        _require(self.temperature >= 0, f"{key}.temperature", f"must be >= 0 (got {self.temperature})")
+            positive(self.judge_max_new_tokens, f"{key}.judge_max_new_tokens")
+        require(self.temperature >= 0, f"{key}.temperature", f"must be >= 0 (got {self.temperature})")
         if self.lm_eval_num_fewshot is not None:
-            _require(self.lm_eval_num_fewshot >= 0, f"{key}.lm_eval_num_fewshot",
+            require(self.lm_eval_num_fewshot >= 0, f"{key}.lm_eval_num_fewshot",
                      f"must be >= 0 (got {self.lm_eval_num_fewshot})")
         self.judge.validate(f"{key}.judge")
 
@@ -502,61 +415,19 @@ class TrainConfig:
         """Check every group, then the rules that depend on the launch (``world_size``)."""
         for name in ("model", "generator", "judge", "grpo", "rollout", "deepspeed", "logger", "eval"):
             getattr(self, name).validate(name)
-        _positive(self.iterations, "iterations")
-        _positive(self.steps_per_iteration, "steps_per_iteration")
-        _require(self.resume in RESUME_MODES or bool(self.resume.strip()), "resume",
+        positive(self.iterations, "iterations")
+        positive(self.steps_per_iteration, "steps_per_iteration")
+        require(self.resume in RESUME_MODES or bool(self.resume.strip()), "resume",
                  f"must be one of {RESUME_MODES} or a checkpoint path")
-        _positive(self.checkpoints_to_keep, "checkpoints_to_keep")
-        _require(self.eval.every_n_iterations == 0 or self.export_each_iteration, "export_each_iteration",
+        positive(self.checkpoints_to_keep, "checkpoints_to_keep")
+        require(self.eval.every_n_iterations == 0 or self.export_each_iteration, "export_each_iteration",
                  "eval.every_n_iterations > 0 evaluates the exported iter_<k>/ directories: set it true")
-        _require(self.grpo.prompts_per_step % world_size == 0, "grpo.prompts_per_step",
+        require(self.grpo.prompts_per_step % world_size == 0, "grpo.prompts_per_step",
                  f"must be a multiple of the world size {world_size}: each rank judges whole groups "
                  f"(got {self.grpo.prompts_per_step})")
         per_rank = self.grpo.micro_batch_size * world_size
-        _require(self.grpo.sequences_per_step % per_rank == 0, "grpo.micro_batch_size",
+        require(self.grpo.sequences_per_step % per_rank == 0, "grpo.micro_batch_size",
                  f"prompts_per_step * group_size = {self.grpo.sequences_per_step} sequences per "
                  f"step must split into micro-batches of {self.grpo.micro_batch_size} on "
                  f"{world_size} rank(s)")
         return self
-
-
-def register_configs() -> None:
-    """Register the schema so Hydra type-checks every group file against it."""
-    from dynalign.runtime import register_resolvers
-
-    register_resolvers()
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    _register_experiments(cs)
-
-
-def _register_experiments(cs: ConfigStore) -> None:
-    """Make ``experiments/*.yaml`` the optional ``experiment`` group (``+experiment=NAME``).
-
-    The files hold only diffs against ``conf/train.yaml`` (``# @package _global_`` and a
-    ``defaults`` list of ``override /group: option`` lines), as Hydra experiment configs do.
-    """
-    for path in sorted(EXPERIMENTS_DIR.rglob("*.yaml")):
-        rel = path.relative_to(EXPERIMENTS_DIR).with_suffix("")
-        cs.store(group="/".join(("experiment", *rel.parts[:-1])), name=rel.name,
-                 node=OmegaConf.load(path), package="_global_")
-
-
-def to_train_config(cfg: DictConfig, world_size: int = 1) -> TrainConfig:
-    """Turn a composed Hydra config into a validated :class:`TrainConfig`.
-
-    The values are merged once more into a fresh, strict schema: Hydra lets ``+key=value``
-    append keys that no dataclass declares, and this is where such keys are refused.
-    """
-    values = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(values, dict)
-    values.pop("hydra", None)
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(TrainConfig), values)
-        obj = OmegaConf.to_object(node)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "<config>"
-        message = str(err).splitlines()[0]
-        raise ConfigError(key, message) from None
-    assert isinstance(obj, TrainConfig)
-    return obj.validate(world_size)

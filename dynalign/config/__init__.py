@@ -1,0 +1,45 @@
+"""Typed configuration: the one place where every hyperparameter is declared and documented.
+
+The YAML files under ``conf/`` hold values only. Their structure and types come from the
+dataclasses of :mod:`.schema` and :mod:`.generator`, registered in Hydra's ConfigStore as
+``train_schema`` (:mod:`.store`), so a wrong type or an unknown key fails while Hydra composes
+the config. Rules that relate values to each other (``group_size >= 2``, a known loss name, a
+batch that splits over the ranks) live in ``validate()`` methods and run before any model or
+data is loaded; every failure is a :class:`ConfigError` naming the full key (:mod:`.checks`).
+"""
+
+from dynalign.config.checks import ConfigError
+from dynalign.config.generator import GeneratorConfig, GeneratorEndpointConfig, parse_model_spec
+from dynalign.config.schema import (
+    DTYPES,
+    AspectConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    ExternalJudgeConfig,
+    GRPOConfig,
+    JudgeConfig,
+    LoggerConfig,
+    LoraConfig,
+    ModelConfig,
+    RolloutConfig,
+    RubricConfig,
+    TinyModelConfig,
+    TrainConfig,
+    VLLMConfig,
+)
+from dynalign.config.store import (
+    CONF_DIR,
+    EXPERIMENTS_DIR,
+    REPO_ROOT,
+    register_configs,
+    register_experiments,
+    to_train_config,
+)
+
+__all__ = [
+    "CONF_DIR", "DTYPES", "EXPERIMENTS_DIR", "REPO_ROOT", "AspectConfig", "ConfigError", "DeepSpeedConfig",
+    "EvalConfig", "ExternalJudgeConfig", "GRPOConfig", "GeneratorConfig", "GeneratorEndpointConfig",
+    "JudgeConfig", "LoggerConfig", "LoraConfig", "ModelConfig", "RolloutConfig", "RubricConfig",
+    "TinyModelConfig", "TrainConfig", "VLLMConfig", "parse_model_spec", "register_configs",
+    "register_experiments", "to_train_config",
+]

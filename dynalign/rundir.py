@@ -1,0 +1,127 @@
+"""The layout of a training run's directory, spelled once.
+
+::
+
+    <run>/
+      checkpoints/            DeepSpeed checkpoints; ``latest`` names the newest complete one
+      iter_<k>/               Hugging Face export of the policy after iteration k
+      prompts/iter_<k>.json   the prompts iteration k trained on (every rank reads them)
+      prompts/iter_<kkk>/     a generation by the policy for iteration k (generator output)
+      eval/iter_<k>/          evaluation of iter_<k>/ (eval_results.json, ...)
+      metrics.jsonl           one line per step (the tracker's local mirror)
+      samples.jsonl           sampled rollouts with their judgements
+      summary.json            the run's final numbers, written when it ends
+
+:func:`resolve_model_dir` turns a run directory (or a model directory) into the Hugging
+Face directory to load.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynalign.config.checks import ConfigError
+
+ITER_DIR = re.compile(r"iter_(\d+)")
+LATEST = "latest"  # DeepSpeed's (and dynalign's) marker of the newest complete checkpoint
+MODEL_CONFIG = "config.json"  # what makes a directory a Hugging Face model
+
+
+def iteration_of(path: str | Path) -> int | None:
+    """``k`` for a directory named ``iter_<k>``, else None."""
+    match = ITER_DIR.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def _iterations(parent: Path, required: str) -> list[tuple[int, Path]]:
+    """``(k, parent/iter_<k>)`` of every such directory holding ``required``, by ``k``."""
+    if not parent.is_dir():
+        return []
+    found = [(iteration_of(d), d) for d in parent.iterdir() if d.is_dir() and (d / required).exists()]
+    return sorted((k, d) for k, d in found if k is not None)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory; nothing is created or read until asked."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def has_checkpoint(self) -> bool:
+        """Whether ``checkpoints/`` holds a complete checkpoint to resume from."""
+        return (self.checkpoints / LATEST).exists()
+
+    def export(self, k: int) -> Path:
+        """The Hugging Face directory of the policy after iteration ``k``."""
+        return self.path / f"iter_{k}"
+
+    def exports(self) -> list[tuple[int, Path]]:
+        """``(k, iter_<k>/)`` of every complete export (its config.json written), oldest first."""
+        return _iterations(self.path, MODEL_CONFIG)
+
+    def newest_export(self) -> Path | None:
+        exports = self.exports()
+        return exports[-1][1] if exports else None
+
+    @property
+    def prompts(self) -> Path:
+        return self.path / "prompts"
+
+    def prompts_file(self, k: int) -> Path:
+        """The prompts iteration ``k`` trained on, as a JSON list."""
+        return self.prompts / f"iter_{k}.json"
+
+    def generated_prompts(self, k: int) -> Path:
+        """Where the policy writes iteration ``k``'s prompt generation."""
+        return self.prompts / f"iter_{k:03d}"
+
+    def eval_dir(self, k: int) -> Path:
+        """The evaluation of ``iter_<k>/``."""
+        return self.path / "eval" / f"iter_{k}"
+
+    def evaluations(self, results_file: str) -> list[tuple[int, Path]]:
+        """``(k, eval/iter_<k>/)`` of every evaluation that wrote ``results_file``, oldest first."""
+        return _iterations(self.path / "eval", results_file)
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+
+def resolve_model_dir(value: str | Path, key: str) -> Path:
+    """A Hugging Face model directory from a model directory or a run directory (its newest export).
+
+    Raises a :class:`ConfigError` naming ``key`` when the path is missing or holds neither.
+    """
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(key, f"{path} does not exist")
+    if not path.is_dir():
+        raise ConfigError(key, f"{path} is a file; give a Hugging Face model directory or a run directory")
+    if (path / MODEL_CONFIG).exists():
+        return path
+    export = RunDir(path).newest_export()
+    if export is not None:
+        return export
+    if (path / LATEST).exists() or RunDir(path).checkpoints.exists():
+        raise ConfigError(key, f"{path} holds DeepSpeed checkpoints, not a model: evaluate an exported "
+                               "iter_<k>/ directory (train with export_each_iteration=true)")
+    raise ConfigError(key, f"{path} is neither a Hugging Face model directory (no config.json) nor a "
+                           "dynalign run directory (no iter_<k>/ with a config.json)")
