@@ -10,10 +10,11 @@ Works in three launch modes with the same code:
 * a process where ``torch.distributed`` is already initialised (a test, vLLM in-process): the
   existing group is reused, never re-created.
 
-Side effects that only rank 0 should have (printing, writing files, W&B) go through
-:func:`print0` and :func:`rank_zero` (a :class:`NullObject` elsewhere) instead of
-``if rank == 0`` branches. ``DS_ACCELERATOR`` must be set before ``deepspeed`` is imported:
-:func:`ensure_ds_accelerator` does that, so import deepspeed only after calling it.
+Side effects that only rank 0 should have go through :func:`print0` and the tracker (a
+``NullTracker`` on other ranks, see :mod:`dynalign.tracking`) instead of ``if rank == 0``
+branches.
+``DS_ACCELERATOR`` must be set before ``deepspeed`` is imported: :func:`ensure_ds_accelerator`
+does that, so import deepspeed only after calling it.
 """
 
 from __future__ import annotations
@@ -142,26 +143,3 @@ def print0(*args: Any, **kwargs: Any) -> None:
     if is_main_process():
         print(*args, **kwargs)
 
-
-class NullObject:
-    """Stands in for a rank-0-only object on other ranks: every attribute and call is a no-op."""
-
-    def __getattr__(self, name: str) -> NullObject:
-        return self
-
-    def __call__(self, *args: Any, **kwargs: Any) -> NullObject:
-        return self
-
-    def __enter__(self) -> NullObject:
-        return self
-
-    def __exit__(self, *exc: Any) -> bool:
-        return False
-
-    def __bool__(self) -> bool:
-        return False
-
-
-def rank_zero(obj: Any) -> Any:
-    """``obj`` on rank 0, a :class:`NullObject` on every other rank."""
-    return obj if is_main_process() else NullObject()

@@ -41,7 +41,6 @@ _EXPORTS = {
     "build_external_judge": "judging",
     "judge_pairs": "judging",
     "pointwise_summary": "judging",
-    "DEFAULT_REAL_MODEL_TASKS": "lm_harness",
     "prepare_tasks": "lm_harness",
     "run_lm_eval": "lm_harness",
 }
