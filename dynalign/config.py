@@ -255,7 +255,7 @@ class ExternalJudgeConfig:
 class JudgeConfig:
     """Who scores the candidates, how, and against which rubric."""
 
-    source: str = "self"  # self (current policy) | frozen (iteration's start) | external
+    source: str = "self"  # self (current policy) | frozen (the policy as the iteration began) | external
     mode: str = "generate"  # generate: parse k sampled verdicts | logprob: expected score
     num_samples: int = 1  # generate mode: verdicts sampled per candidate, NaN-aware mean
     temperature: float = 0.7  # generate mode sampling temperature
@@ -509,6 +509,9 @@ class TrainConfig:
         _positive(self.checkpoints_to_keep, "checkpoints_to_keep")
         _require(self.eval.every_n_iterations == 0 or self.export_each_iteration, "export_each_iteration",
                  "eval.every_n_iterations > 0 evaluates the exported iter_<k>/ directories: set it true")
+        _require(self.judge.source != "frozen" or self.iterations == 1 or self.export_each_iteration,
+                 "export_each_iteration", "judge.source=frozen judges iteration k with the policy exported "
+                 "when it began (iter_<k>/): set it true")
         _require(self.grpo.prompts_per_step % world_size == 0, "grpo.prompts_per_step",
                  f"must be a multiple of the world size {world_size}: each rank judges whole groups "
                  f"(got {self.grpo.prompts_per_step})")
