@@ -116,7 +116,7 @@ def frozen_judge_model(iteration: int, run_dir: Path, base_model: str) -> str:
         return base_model
     path = run_dir / f"iter_{iteration}"
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"judge.source=frozen: iteration {iteration} is judged by the policy "
+        raise FileNotFoundError(f"judge.source=frozen: iteration {iteration + 1} is judged by the policy "
                                 f"exported when it began, {path}, which is missing")
     return str(path)
 
