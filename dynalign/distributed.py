@@ -10,16 +10,19 @@ Works in three launch modes with the same code:
 * a process where ``torch.distributed`` is already initialised (a test, vLLM in-process): the
   existing group is reused, never re-created.
 
-Side effects that only rank 0 should have (printing, writing files, W&B) go through
-:func:`print0` and :func:`rank_zero` (a :class:`NullObject` elsewhere) instead of
-``if rank == 0`` branches. ``DS_ACCELERATOR`` must be set before ``deepspeed`` is imported:
-:func:`ensure_ds_accelerator` does that, so import deepspeed only after calling it.
+Side effects that only rank 0 should have go through :func:`print0` and the tracker (a
+``NullTracker`` on other ranks, see :mod:`dynalign.tracking`) instead of ``if rank == 0``
+branches. Step metrics are combined over ranks by :func:`reduce_metrics`, in one collective.
+``DS_ACCELERATOR`` must be set before ``deepspeed`` is imported: :func:`ensure_ds_accelerator`
+does that, so import deepspeed only after calling it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,25 +146,23 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
-class NullObject:
-    """Stands in for a rank-0-only object on other ranks: every attribute and call is a no-op."""
+def reduce_metrics(metrics: Mapping[str, float], *, summed: Callable[[str], bool] = lambda key: False,
+                   weights: Mapping[str, float] | None = None,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Every rank's share of a step's metrics combined into the whole step's, in one all-reduce.
 
-    def __getattr__(self, name: str) -> NullObject:
-        return self
-
-    def __call__(self, *args: Any, **kwargs: Any) -> NullObject:
-        return self
-
-    def __enter__(self) -> NullObject:
-        return self
-
-    def __exit__(self, *exc: Any) -> bool:
-        return False
-
-    def __bool__(self) -> bool:
-        return False
-
-
-def rank_zero(obj: Any) -> Any:
-    """``obj`` on rank 0, a :class:`NullObject` on every other rank."""
-    return obj if is_main_process() else NullObject()
+    Keys for which ``summed(key)`` holds are counts: summed over the ranks. Every other value is
+    the mean over the ranks where it is finite, each rank weighted by ``weights[key]`` (default 1:
+    the ranks' shares are the same size), NaN where no rank has a finite value. Every rank must
+    pass the same keys: they are sorted so that the packed tensors line up. ``reduce`` sums a
+    tensor over the ranks (default: :func:`all_reduce`).
+    """
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)  # [K]
+    finite = torch.isfinite(values)  # [K]
+    weight = torch.tensor([1.0 if summed(k) else (weights or {}).get(k, 1.0) for k in keys],
+                          dtype=torch.float64) * finite  # [K] 0 where this rank has no value
+    packed = torch.stack([torch.where(finite, values, 0.0) * weight, weight])  # [2, K]
+    totals, weight_sums = (reduce or all_reduce)(packed).tolist()  # [K], [K] over every rank
+    return {key: math.nan if weight_sum == 0 else total if summed(key) else total / weight_sum
+            for key, total, weight_sum in zip(keys, totals, weight_sums, strict=True)}

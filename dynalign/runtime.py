@@ -29,10 +29,11 @@ class PhaseTimer:
         finally:
             self.seconds[phase] += time.perf_counter() - start
 
-    def pop(self) -> dict[str, float]:
-        """The times since the last pop, as metrics."""
+    def pop(self, total: str | None = "step") -> dict[str, float]:
+        """The times since the last pop, as metrics, with their sum as ``time/<total>`` (if named)."""
         out = {f"time/{k}": v for k, v in self.seconds.items()}
-        out["time/step"] = sum(self.seconds.values())
+        if total is not None:
+            out[f"time/{total}"] = sum(self.seconds.values())
         self.seconds.clear()
         return out
 

@@ -3,24 +3,28 @@
 Each iteration the policy trains on a prompt set (shipped seeds, a dataset on disk, or
 prompts it wrote itself); each step it samples a group of answers per prompt, judges its
 own answers with the rubric, turns the rewards into group-relative advantages and takes
-GRPO steps on the DeepSpeed engine. At the end of an iteration it checkpoints, moves the
-KL reference to the policy and runs the evaluation hook. Every phase is timed.
+GRPO steps on the DeepSpeed engine. At the end of an iteration it exports the policy, moves
+the KL reference to it, checkpoints and runs the evaluation hook. Every phase is timed under
+its name: the step's as ``time/<phase>`` with ``time/step`` their sum, the iteration's
+(``prompts``, ``export``, ``reference``, ``checkpoint``, ``eval``, ``frozen_judge``) with the
+first step logged after them and, for the last iteration, in the run summary.
 
-How it departs from plain GRPO: the reward model is the policy itself (or a frozen copy,
-or an external judge); unparseable judgements are NaN rewards that get zero advantage
-(never a default score); groups with no reward spread can be masked out (dynamic
-sampling, counted); the prompt distribution can move with the policy.
+How it departs from plain GRPO: the reward model is the policy itself (or a frozen copy of
+it as the iteration began, or an external judge); unparseable judgements are NaN rewards
+that get zero advantage (never a default score); groups with no reward spread can be masked
+out (dynamic sampling, counted); the prompt distribution can move with the policy.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import torch
@@ -29,13 +33,21 @@ from tqdm.auto import tqdm
 
 from dynalign.cli import validated_config
 from dynalign.config import TrainConfig, register_configs
-from dynalign.distributed import all_reduce, barrier, init_distributed, print0
+from dynalign.distributed import all_reduce, barrier, init_distributed, print0, reduce_metrics
 from dynalign.grpo import group_advantages, zero_spread_groups
 from dynalign.rundir import RunDir
 from dynalign.runtime import PhaseTimer, Preemption, seed_everything, step_seed
 from dynalign.tracking import RunInfo, Tracker, build_tracker
 
+if TYPE_CHECKING:  # torch-heavy modules stay lazily imported
+    from dynalign.engine import PolicyEngine, TrainBatch
+    from dynalign.judge import Judge, JudgeResult
+    from dynalign.rollout import Rollouts, Sampler
+
 register_configs()
+
+# Step metrics that count things (summed over the ranks); every other one is averaged.
+SUMMED_METRICS = ("groups/zero_spread_dropped", "judge/judgements", "judge/hist/")
 
 
 @dataclass
@@ -53,53 +65,100 @@ class Position:
             self.iteration, self.step = self.iteration + 1, 0
 
 
+@dataclass
+class Parts:
+    """The stateful objects the loop drives; only the judge changes (``judge.source=frozen``)."""
+
+    engine: PolicyEngine
+    sampler: Sampler  # the policy's: rollouts, and the verdicts of the self-judge
+    judge: Judge
+
+
 # ------------------------------------------------------------------ building the parts
 
 
-def build_parts(cfg: TrainConfig):
-    """Engine, policy sampler and judge: the stateful objects the loop drives.
+def build_parts(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path, iteration: int) -> Parts:
+    """The policy sampler and the judge of ``iteration`` around the engine.
 
     The sampler truncates nothing by itself: rollouts cap prompts at ``grpo.max_prompt_length``
     per call, while the self-judge sends its long rubric prompts through the same sampler whole.
     The engine comes first: a vLLM sampler joins the process group it created.
     """
-    from dynalign.engine import PolicyEngine
-    from dynalign.judge import build_judge, resolve_judge_model
     from dynalign.rollout import build_sampler, zero3_gather
 
-    engine = PolicyEngine.from_config(cfg)
     sampler = build_sampler(
         cfg.rollout, tokenizer=engine.tokenizer, model=engine.module, model_path=engine.model_path,
         max_prompt_length=None, max_completion_length=cfg.grpo.max_completion_length,
         seed=cfg.seed, dtype=cfg.model.dtype, gather=zero3_gather(engine.module), shares_weights=True)
-    frozen = side_sampler(cfg, engine.model_path) if cfg.judge.source == "frozen" else None
-    judge = build_judge(cfg.judge, sampler, frozen_sampler=frozen,
-                        make_sampler=lambda ext: side_sampler(cfg, resolve_judge_model(ext, cfg.model)))
-    return engine, sampler, judge
+    return Parts(engine, sampler, build_loop_judge(cfg, sampler, run_dir, iteration, engine.model_path))
+
+
+def build_loop_judge(cfg: TrainConfig, sampler: Sampler, run_dir: Path, iteration: int,
+                     base_model: str) -> Judge:
+    """The judge of iteration ``iteration``: ``judge.source`` picks the model behind it."""
+    from dynalign.judge import build_judge, resolve_judge_model
+
+    frozen = None
+    if cfg.judge.source == "frozen":
+        path = frozen_judge_model(iteration, run_dir, base_model)
+        print0(f"dynalign: iteration {iteration + 1} is judged by the frozen policy {path}")
+        frozen = side_sampler(cfg, path)
+    return build_judge(cfg.judge, sampler, frozen_sampler=frozen,
+                       make_sampler=lambda ext: side_sampler(cfg, resolve_judge_model(ext, cfg.model)))
+
+
+def frozen_judge_model(iteration: int, run_dir: Path, base_model: str) -> str:
+    """What judges iteration ``iteration`` under ``judge.source=frozen``: the policy as the
+    iteration began, i.e. the base model for the first one, then the export ``iter_<k>/``
+    written at the end of the iteration before."""
+    if iteration == 0:
+        return base_model
+    path = RunDir(run_dir).export(iteration)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"judge.source=frozen: iteration {iteration + 1} is judged by the policy "
+                                f"exported when it began, {path}, which is missing")
+    return str(path)
+
+
+def renew_frozen_judge(cfg: TrainConfig, parts: Parts, run_dir: Path, iteration: int) -> None:
+    """Replace the frozen judge by the one of ``iteration``, freeing the old model first (two
+    whole copies beside the policy need not fit)."""
+    parts.judge.close()
+    del parts.judge  # the only reference to the old judge and its model
+    gc.collect()
+    parts.judge = build_loop_judge(cfg, parts.sampler, run_dir, iteration, parts.engine.model_path)
 
 
 def side_sampler(cfg: TrainConfig, path: str):
-    """A whole (never ZeRO-partitioned) model beside the policy: the frozen base model or a local
-    external judge."""
+    """A whole (never ZeRO-partitioned) model beside the policy: the frozen judge, a local external
+    judge, or the prompt writer of a multi-rank run."""
     from dynalign.models import load_hf_sampler
 
     return load_hf_sampler(cfg.model, path=path, batch_size=cfg.rollout.batch_size)
 
 
-def prompt_writer(cfg: TrainConfig, engine, sampler, run_dir: Path):
+def sync_sampler(parts: Parts) -> None:
+    """Wake the sampler up and give it the policy's weights when it holds its own copy (vLLM)."""
+    parts.sampler.wake_up()
+    if parts.sampler.needs_weight_sync:
+        parts.sampler.update_weights(parts.engine.export_weights())
+
+
+def prompt_writer(cfg: TrainConfig, parts: Parts, run_dir: Path) -> Sampler | Callable[[], Sampler]:
     """What writes an iteration's prompts when the policy regenerates them (rank 0 alone).
 
     One process: the policy sampler itself. Several: sampling from the ZeRO-3 policy would be a
     collective that the other ranks never join, so rank 0 loads the newest exported policy
     (``iter_<k>/``, the base model before the first export) whole, only if generation is due.
     """
-    if engine.world_size == 1:
-        return sampler
+    if parts.engine.world_size == 1:
+        return parts.sampler
     newest = RunDir(run_dir).newest_export()
-    return lambda: side_sampler(cfg, str(newest) if newest else engine.model_path)
+    return lambda: side_sampler(cfg, str(newest) if newest else parts.engine.model_path)
 
 
-def prompts_for_iteration(cfg: TrainConfig, iteration: int, writer, run_dir: Path, rank: int) -> list[str]:
+def prompts_for_iteration(cfg: TrainConfig, iteration: int, writer: Sampler | Callable[[], Sampler],
+                          run_dir: Path, rank: int) -> list[str]:
     """The training prompts of an iteration, shuffled by (seed, iteration): every rank agrees."""
     from dynalign.datagen.select import select_training_prompts
 
@@ -126,7 +185,7 @@ def step_prompts(prompts: Sequence[str], cfg: TrainConfig, step: int, rank: int,
 # ------------------------------------------------------------------------ one step
 
 
-def make_batch(rollouts, advantages: torch.Tensor, keep: torch.Tensor):
+def make_batch(rollouts: Rollouts, advantages: torch.Tensor, keep: torch.Tensor) -> TrainBatch:
     """Rollouts as the engine's batch; rows not kept (masked groups, truncation) count for nothing."""
     from dynalign.engine import TrainBatch
 
@@ -136,7 +195,7 @@ def make_batch(rollouts, advantages: torch.Tensor, keep: torch.Tensor):
                       completion_mask=completion_mask, advantages=advantages.float())
 
 
-def rewards_to_advantages(rewards: torch.Tensor, rollouts,
+def rewards_to_advantages(rewards: torch.Tensor, rollouts: Rollouts,
                           cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Group-relative advantages [N], the rows that enter the loss [N] and their statistics."""
     g = cfg.grpo
@@ -155,21 +214,12 @@ def rewards_to_advantages(rewards: torch.Tensor, rollouts,
     return advantages, keep, stats
 
 
-def _global_mean(values: torch.Tensor) -> float:
-    """Mean of the finite values over every rank."""
-    finite = torch.isfinite(values)
-    totals = all_reduce(torch.stack([values[finite].sum(), finite.sum().float()]).double(), "sum")
-    return float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
-
-
-def grpo_step(cfg: TrainConfig, parts, prompts: list[str], position: Position, rank: int,
+def grpo_step(cfg: TrainConfig, parts: Parts, prompts: list[str], position: Position, rank: int,
               timer: PhaseTimer) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Roll out, self-judge, compute advantages, update, sync: one GRPO step on this rank's prompts."""
-    from dynalign.judge import judge_stats
+    """Roll out, judge, compute advantages, update, sync: one GRPO step on this rank's prompts."""
     from dynalign.rollout import sampling_params
 
-    engine, sampler, judge = parts
-    g = cfg.grpo
+    g, engine, sampler = cfg.grpo, parts.engine, parts.sampler
     seed = step_seed(cfg.seed, position.global_step, rank)
     params = sampling_params(cfg.rollout, g.max_completion_length, seed=seed,
                              max_prompt_length=g.max_prompt_length)
@@ -177,7 +227,7 @@ def grpo_step(cfg: TrainConfig, parts, prompts: list[str], position: Position, r
         rollouts = sampler.sample([[{"role": "user", "content": p}] for p in prompts], g.group_size, params)
     with timer("judge"):
         answered = [prompts[i] for i in rollouts.prompt_index.tolist()]
-        judged = judge.score(answered, rollouts.texts, seed=seed)
+        judged = parts.judge.score(answered, rollouts.texts, seed=seed)
     with timer("adv"):
         advantages, keep, adv_stats = rewards_to_advantages(judged.rewards, rollouts, cfg)
         batch = make_batch(rollouts, advantages, keep)
@@ -187,31 +237,48 @@ def grpo_step(cfg: TrainConfig, parts, prompts: list[str], position: Position, r
         if g.num_iterations > 1:
             batch = batch.with_logprobs(old=engine.policy_logprobs(batch))
     with timer("update"):
+        sampler.sleep()  # vLLM frees its memory for the optimizer (rollout.vllm.enable_sleep_mode)
         updates = [engine.train_step(batch) for _ in range(g.num_iterations)]
     with timer("sync"):
-        if getattr(sampler, "needs_weight_sync", True):
-            sampler.update_weights(engine.export_weights())
+        sync_sampler(parts)
+
+    metrics = {f"train/{k}": v for k, v in updates[-1].items()}  # already over the whole batch
+    metrics.update(step_metrics(judged, rollouts, adv_stats))
+    metrics["train/skipped_steps"] = float(engine.skipped_steps)
+    return metrics, step_samples(cfg, position, answered, rollouts, judged)
+
+
+def step_metrics(judged: JudgeResult, rollouts: Rollouts, adv_stats: dict[str, float]) -> dict[str, float]:
+    """Judge, completion and advantage statistics of the whole step, from every rank's share."""
+    from dynalign.judge import judge_stats
 
     lengths = rollouts.completion_lengths.float()  # [N]
-    metrics = {f"train/{k}": v for k, v in updates[-1].items()}
-    metrics.update(judge_stats(judged, lengths))
-    metrics.update(adv_stats)
-    metrics["reward/mean"] = _global_mean(judged.rewards)
-    metrics["completions/length_mean"] = float(lengths.mean())
-    metrics["completions/truncated_frac"] = float(rollouts.truncated.float().mean())
-    metrics["train/skipped_steps"] = float(engine.skipped_steps)
-    samples = [{"iteration": position.iteration, "prompt": answered[i], "completion": rollouts.texts[i],
-                "reward": float(judged.rewards[i]), "reason": judged.reasons[i],
-                "scores": dict(zip(judged.aspect_names, judged.scores[i].tolist(), strict=True)),
-                "judge_rationale": judged.texts[i][0] if judged.texts[i] else ""}
-               for i in range(min(len(rollouts), cfg.logger.samples_per_log))]
-    return metrics, samples
+    local = judge_stats(judged, lengths) | adv_stats
+    local["reward/mean"] = local["judge/reward_mean"]
+    local["completions/length_mean"] = float(lengths.mean())
+    local["completions/truncated_frac"] = float(rollouts.truncated.float().mean())
+    # means over parsed rewards weigh each rank by how many it has
+    scored = float(torch.isfinite(judged.rewards).sum())
+    weighted = ["reward/mean", "judge/reward_mean", *(f"judge/{a}_mean" for a in judged.aspect_names)]
+    return reduce_metrics(local, summed=lambda key: key.startswith(SUMMED_METRICS),
+                          weights=dict.fromkeys(weighted, scored))
+
+
+def step_samples(cfg: TrainConfig, position: Position, answered: list[str], rollouts: Rollouts,
+                 judged: JudgeResult) -> list[dict[str, Any]]:
+    """The first ``logger.samples_per_log`` answers of this rank, with their verdicts."""
+    return [{"iteration": position.iteration, "prompt": answered[i], "completion": rollouts.texts[i],
+             "reward": float(judged.rewards[i]), "reason": judged.reasons[i],
+             "scores": dict(zip(judged.aspect_names, judged.scores[i].tolist(), strict=True)),
+             "judge_rationale": judged.texts[i][0] if judged.texts[i] else ""}
+            for i in range(min(len(rollouts), cfg.logger.samples_per_log))]
 
 
 # ------------------------------------------------------------------------- the loop
 
 
 def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
+    from dynalign.engine import PolicyEngine
     from dynalign.tiny_model import resolve_model_path
 
     resolve_model_path(cfg.model)  # build the embedded model, if it is the one, before joining the group
@@ -219,39 +286,41 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     rank, world = dist_info.rank, dist_info.world_size
     cfg.validate(world_size=world)
     seed_everything(cfg.seed)
-    parts = build_parts(cfg)
-    engine, sampler, _ = parts
+    engine = PolicyEngine.from_config(cfg)
     position = resume(cfg, engine, info.run_dir)
+    parts = build_parts(cfg, engine, info.run_dir, position.iteration)
+    if position.global_step:
+        sync_sampler(parts)  # a sampler with its own weights loaded the base model, not the checkpoint
     tracker = build_tracker(cfg.logger, info, rank)
-    timer = PhaseTimer()
+    timer, between = PhaseTimer(), PhaseTimer()  # the step's phases; the iteration's, around the steps
     metrics: dict[str, float] = {}
-    total = cfg.iterations * cfg.steps_per_iteration
-    with Preemption() as preemption, tqdm(total=total, initial=position.global_step, desc="dynalign",
-                                          unit="step", disable=rank != 0, dynamic_ncols=True) as bar:
+    with Preemption() as preemption, tqdm(total=cfg.iterations * cfg.steps_per_iteration,
+                                          initial=position.global_step, desc="dynalign", unit="step",
+                                          disable=rank != 0, dynamic_ncols=True) as bar:
         while position.iteration < cfg.iterations:
             iteration = position.iteration
-            prompts = prompts_for_iteration(cfg, iteration, prompt_writer(cfg, engine, sampler, info.run_dir),
-                                            info.run_dir, rank)
+            with between("prompts"):
+                prompts = prompts_for_iteration(cfg, iteration, prompt_writer(cfg, parts, info.run_dir),
+                                                info.run_dir, rank)
             while position.iteration == iteration:
                 mine = step_prompts(prompts, cfg, position.step, rank, world)
                 metrics, samples = grpo_step(cfg, parts, mine, position, rank, timer)
                 position.advance(cfg.steps_per_iteration)
-                log_step(cfg, tracker, bar, position, metrics | timer.pop(), samples, iteration)
+                log_step(cfg, tracker, bar, position, metrics | timer.pop() | between.pop(total=None),
+                         samples, iteration)
                 if _agreed(preemption.requested):
-                    save_checkpoint(cfg, engine, info.run_dir, position)
-                    print0(f"dynalign: preempted; checkpoint saved at step {position.global_step}")
-                    tracker.finish({"preempted": True, "global_step": position.global_step})
-                    return {"preempted": True, "global_step": position.global_step}
-            end_of_iteration(cfg, parts, info, position, tracker)
+                    return preempted(cfg, engine, info.run_dir, position, tracker)
+            end_of_iteration(cfg, parts, info, position, tracker, between)
+    # the last iteration's end has no step after it to carry its times: the summary does
     summary = {"global_step": position.global_step, "final_reward": metrics.get("reward/mean", math.nan),
-               "skipped_steps": engine.skipped_steps}
+               "skipped_steps": engine.skipped_steps, **between.pop(total=None)}
     tracker.finish(summary)
     print0(f"dynalign: done: {cfg.iterations} iterations, {position.global_step} steps, "
            f"final reward {summary['final_reward']:.3f}, run dir {info.run_dir}")
     return summary
 
 
-def log_step(cfg: TrainConfig, tracker: Tracker, bar, position: Position, metrics: dict[str, float],
+def log_step(cfg: TrainConfig, tracker: Tracker, bar: tqdm, position: Position, metrics: dict[str, float],
              samples: list[dict[str, Any]], iteration: int) -> None:
     """Metrics every step, a samples table every ``logger.log_samples_every`` steps, the progress bar."""
     metrics["perf/tokens_per_s"] = metrics.get("train/tokens", 0.0) / max(metrics["time/step"], 1e-9)
@@ -265,25 +334,43 @@ def log_step(cfg: TrainConfig, tracker: Tracker, bar, position: Position, metric
                     loss=f"{metrics.get('train/loss', 0.0):.4f}")
 
 
-def end_of_iteration(cfg: TrainConfig, parts, info: RunInfo, position: Position, tracker: Tracker) -> None:
-    """Export the policy, move the KL reference to it, checkpoint, evaluate when due."""
+def end_of_iteration(cfg: TrainConfig, parts: Parts, info: RunInfo, position: Position, tracker: Tracker,
+                     timer: PhaseTimer) -> None:
+    """Export the policy, move the KL reference to it, checkpoint, evaluate when due; then, under
+    ``judge.source=frozen``, load the next iteration's judge (the policy just exported)."""
     from dynalign.eval import evaluate_iteration
 
-    engine, sampler, judge = parts
     done = position.iteration  # iterations completed
-    if cfg.export_each_iteration:
-        engine.export_hf(RunDir(info.run_dir).export(done))
-    if cfg.grpo.beta > 0 and cfg.update_reference_each_iteration:
-        engine.update_reference()
-    save_checkpoint(cfg, engine, info.run_dir, position)
-    evaluate_iteration(cfg, info.run_dir, done, tracker=tracker, policy_sampler=sampler, self_judge=judge)
+    with timer("export"):
+        if cfg.export_each_iteration:
+            parts.engine.export_hf(RunDir(info.run_dir).export(done))
+    with timer("reference"):
+        if cfg.grpo.beta > 0 and cfg.update_reference_each_iteration:
+            parts.engine.update_reference()
+    with timer("checkpoint"):
+        save_checkpoint(cfg, parts.engine, info.run_dir, position)
+    with timer("eval"):
+        evaluate_iteration(cfg, info.run_dir, done, tracker=tracker, policy_sampler=parts.sampler,
+                           self_judge=parts.judge)
+    if cfg.judge.source == "frozen" and done < cfg.iterations:
+        with timer("frozen_judge"):
+            renew_frozen_judge(cfg, parts, info.run_dir, done)
 
 
-def save_checkpoint(cfg: TrainConfig, engine, run_dir: Path, position: Position) -> Path:
+def preempted(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path, position: Position,
+              tracker: Tracker) -> dict[str, Any]:
+    """SIGTERM or SIGUSR1 on some rank: checkpoint after this step and end the run cleanly."""
+    save_checkpoint(cfg, engine, run_dir, position)
+    print0(f"dynalign: preempted; checkpoint saved at step {position.global_step}")
+    tracker.finish({"preempted": True, "global_step": position.global_step})
+    return {"preempted": True, "global_step": position.global_step}
+
+
+def save_checkpoint(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path, position: Position) -> Path:
     return engine.save(RunDir(run_dir).checkpoints, vars(position), keep=cfg.checkpoints_to_keep)
 
 
-def resume(cfg: TrainConfig, engine, run_dir: Path) -> Position:
+def resume(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path) -> Position:
     """Where to start: from scratch, the run directory's latest checkpoint, or a given one."""
     if cfg.resume == "never":
         return Position()

@@ -19,7 +19,7 @@ import torch
 
 from dynalign import grpo as grpo_ops
 from dynalign.config import ConfigError, DeepSpeedConfig, GRPOConfig, LoraConfig, ModelConfig
-from dynalign.distributed import LAUNCHER_VARIABLES, NullObject, free_port, rank_zero
+from dynalign.distributed import LAUNCHER_VARIABLES, free_port
 from dynalign.engine import (
     LATEST_FILE,
     PolicyEngine,
@@ -176,14 +176,6 @@ def test_train_batch_checks_shapes_and_shards():
         TrainBatch(batch.input_ids, batch.attention_mask, batch.completion_mask, torch.zeros(7))
     with pytest.raises(ValueError, match="ref_logprobs"):
         batch.with_logprobs(ref=torch.zeros(8, COMPLETION + 1))
-
-
-def test_rank_zero_objects_are_null_elsewhere():
-    assert rank_zero("logger") == "logger"  # rank 0 here
-    null = NullObject()
-    assert null.log(step=1).finish() is null and not null
-    with null as inner:
-        assert inner is null
 
 
 # ------------------------------------------------------------------ ZeRO-3 engine

@@ -68,6 +68,13 @@ def test_default_run_end_to_end(tmp_path, cache_dir, tiny_model_path):
         # the tiny preset judges by score-token probabilities: every reward is defined, in range
         assert m["judge/reward_nan_rate"] == 0.0 and 0.0 <= m["reward/mean"] <= 5.0
         assert m["train/grad_norm"] > 0
+        step_phases = sum(m[f"time/{p}"] for p in ("gen", "judge", "adv", "ref", "update", "sync"))
+        assert m["time/step"] == pytest.approx(step_phases)
+    # once-per-iteration phases ride on the first step after them; the last ones on the summary
+    boundary = {f"time/{p}" for p in ("export", "reference", "checkpoint", "eval")}
+    assert "time/prompts" in metrics[0] and not boundary & metrics[0].keys()
+    assert boundary | {"time/prompts"} <= metrics[2].keys()
+    assert boundary <= json.loads((run / "summary.json").read_text()).keys()
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 * 4 and {"prompt", "completion", "reward", "reason"} <= set(samples[0])
 
@@ -87,6 +94,17 @@ def test_default_run_end_to_end(tmp_path, cache_dir, tiny_model_path):
     assert (run / "checkpoints" / "latest").exists()
     assert not _same_weights(_weights(run / "iter_2"), _weights(tiny_model_path))
     assert (run / "iter_1" / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_frozen_judge_is_the_policy_as_each_iteration_began(tmp_path, cache_dir, tiny_model_path):
+    run = tmp_path / "run"
+    proc = _train(run, "logger=none", "judge.source=frozen", "steps_per_iteration=1",
+                  f"model.name_or_path={tiny_model_path}", cache=cache_dir)
+    out = proc.stdout + proc.stderr
+    assert f"iteration 1 is judged by the frozen policy {tiny_model_path}" in out
+    assert f"iteration 2 is judged by the frozen policy {run / 'iter_1'}" in out
+    assert [m["step"] for m in _metrics(run)] == [1, 2]
 
 
 @pytest.mark.slow

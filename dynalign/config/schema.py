@@ -159,7 +159,7 @@ class ExternalJudgeConfig:
 class JudgeConfig:
     """Who scores the candidates, how, and against which rubric."""
 
-    source: str = "self"  # self (current policy) | frozen (iteration's start) | external
+    source: str = "self"  # self (current policy) | frozen (the policy as the iteration began) | external
     mode: str = "generate"  # generate: parse k sampled verdicts | logprob: expected score
     num_samples: int = 1  # generate mode: verdicts sampled per candidate, NaN-aware mean
     temperature: float = 0.7  # generate mode sampling temperature
@@ -418,16 +418,19 @@ class TrainConfig:
         positive(self.iterations, "iterations")
         positive(self.steps_per_iteration, "steps_per_iteration")
         require(self.resume in RESUME_MODES or bool(self.resume.strip()), "resume",
-                 f"must be one of {RESUME_MODES} or a checkpoint path")
+                f"must be one of {RESUME_MODES} or a checkpoint path")
         positive(self.checkpoints_to_keep, "checkpoints_to_keep")
         require(self.eval.every_n_iterations == 0 or self.export_each_iteration, "export_each_iteration",
-                 "eval.every_n_iterations > 0 evaluates the exported iter_<k>/ directories: set it true")
+                "eval.every_n_iterations > 0 evaluates the exported iter_<k>/ directories: set it true")
+        require(self.judge.source != "frozen" or self.iterations == 1 or self.export_each_iteration,
+                "export_each_iteration", "judge.source=frozen judges iteration k with the policy exported "
+                "when it began (iter_<k>/): set it true")
         require(self.grpo.prompts_per_step % world_size == 0, "grpo.prompts_per_step",
-                 f"must be a multiple of the world size {world_size}: each rank judges whole groups "
-                 f"(got {self.grpo.prompts_per_step})")
+                f"must be a multiple of the world size {world_size}: each rank judges whole groups "
+                f"(got {self.grpo.prompts_per_step})")
         per_rank = self.grpo.micro_batch_size * world_size
         require(self.grpo.sequences_per_step % per_rank == 0, "grpo.micro_batch_size",
-                 f"prompts_per_step * group_size = {self.grpo.sequences_per_step} sequences per "
-                 f"step must split into micro-batches of {self.grpo.micro_batch_size} on "
-                 f"{world_size} rank(s)")
+                f"prompts_per_step * group_size = {self.grpo.sequences_per_step} sequences per "
+                f"step must split into micro-batches of {self.grpo.micro_batch_size} on "
+                f"{world_size} rank(s)")
         return self

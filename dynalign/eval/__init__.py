@@ -26,7 +26,7 @@ _MODULES = {
     "stats": ("bootstrap_ci", "calibration_stats", "mean_with_ci", "pairwise_summary", "spearman",
               "win_rate"),
     "judging": ("build_external_judge", "judge_pairs_in_chunks", "pointwise_summary"),
-    "lm_harness": ("DEFAULT_REAL_MODEL_TASKS", "prepare_tasks", "run_lm_eval"),
+    "lm_harness": ("prepare_tasks", "run_lm_eval"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_EXPORTS)

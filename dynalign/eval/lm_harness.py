@@ -31,7 +31,6 @@ from dynalign.config import ConfigError
 from dynalign.eval.cache import cache_key, model_fingerprint
 
 SHIPPED_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-DEFAULT_REAL_MODEL_TASKS = ("mmlu", "gsm8k", "arc_challenge", "hellaswag", "truthfulqa_mc2", "ifeval")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 

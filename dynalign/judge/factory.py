@@ -5,8 +5,9 @@ registry of :mod:`dynalign.judge.external`):
 
 - ``self``: the current policy, through the sampler that generated the candidates
   (call the judge before the update);
-- ``frozen``: the iteration's starting policy or the base model; the loop builds that
-  sampler and passes it as ``frozen_sampler``;
+- ``frozen``: the policy as the iteration began (the base model in the first iteration,
+  then the export ``iter_<k>/``); the loop loads that model whole and passes its sampler
+  as ``frozen_sampler``, anew each iteration;
 - ``external``: ``hf`` / ``vllm``, another local model whose sampler the loop builds
   from ``judge.external.model`` (``external_sampler``, or ``make_sampler(cfg.external)``);
   ``openai``, an OpenAI-compatible endpoint built from ``judge.external``.

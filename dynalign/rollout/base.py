@@ -32,7 +32,6 @@ import torch
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message]
-FINISH_REASONS = ("stop", "length")
 
 
 @dataclass(frozen=True)

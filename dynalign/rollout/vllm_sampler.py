@@ -118,8 +118,13 @@ class VLLMSampler:
         self.last_sync_seconds = time.perf_counter() - start
 
     def sleep(self) -> None:
-        """Offload weights and free the KV cache (needs ``enable_sleep_mode`` on a GPU; else no-op)."""
-        self.engine.sleep()
+        """Free the weights and the KV cache (needs ``enable_sleep_mode`` on a GPU; else no-op).
+
+        Level 2: the weights are dropped, not copied to CPU memory (level 1), because the training
+        loop reloads every weight right after :meth:`wake_up` (``update_weights``); a backup would
+        only cost host memory and two copies. Give the sampler weights before sampling again.
+        """
+        self.engine.sleep(level=2)
 
     def wake_up(self) -> None:
         self.engine.wake_up()

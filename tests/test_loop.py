@@ -1,0 +1,336 @@
+"""The training loop's own pieces, fast and in process: advantages into a batch, the prompt and
+step bookkeeping, metrics over ranks, the order of the phases, the frozen judge, and one real
+GRPO step that moves every trainable parameter."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynalign.config import ConfigError, to_train_config
+from dynalign.distributed import reduce_metrics
+from dynalign.judge import JudgeResult
+from dynalign.rollout import Rollouts
+from dynalign.runtime import PhaseTimer
+from dynalign.tracking import RunInfo
+from dynalign.train import (
+    Parts,
+    Position,
+    _truncate_local_logs,
+    end_of_iteration,
+    frozen_judge_model,
+    grpo_step,
+    make_batch,
+    rewards_to_advantages,
+    step_metrics,
+    step_prompts,
+)
+
+EPS = 1e-4  # group_advantages' eps: a group with rewards (0, 2) gets advantages -+1 / (1 + EPS)
+
+
+@pytest.fixture
+def train_cfg(compose_cfg):
+    """``train_cfg(*overrides)``: the validated TrainConfig of ``conf/train.yaml`` plus overrides."""
+    return lambda *overrides: to_train_config(compose_cfg(list(overrides)))
+
+
+def rollouts(finish_reasons: list[str], group_size: int = 2) -> Rollouts:
+    """N hand-made rollouts: 2 prompt tokens, 3 completion slots of which row i fills 1 + i % 3."""
+    n = len(finish_reasons)
+    completion_mask = torch.tensor([[1] * (1 + i % 3) + [0] * (2 - i % 3) for i in range(n)])  # [N, 3]
+    ones = torch.ones(n, 2, dtype=torch.long)  # [N, 2]
+    return Rollouts(prompt_ids=ones, prompt_mask=ones,
+                    completion_ids=torch.full((n, 3), 5) * completion_mask, completion_mask=completion_mask,
+                    texts=[f"answer {i}" for i in range(n)], finish_reasons=finish_reasons,
+                    prompt_index=torch.arange(n) // group_size)
+
+
+def judgement(rewards: list[float]) -> JudgeResult:
+    """A judge's result with the given rewards, one aspect equal to the reward."""
+    r = torch.tensor(rewards)
+    ok = ["ok" if math.isfinite(x) else "no_verdict" for x in rewards]
+    return JudgeResult(rewards=r, scores=r[:, None].clone(), reasons=ok, judgement_reasons=[[o] for o in ok],
+                       texts=[["verdict"] for _ in rewards], nonces=["n"] * len(rewards),
+                       aspect_names=("knowledge",), scale=(0, 5))
+
+
+# ------------------------------------------------------------------ advantages into a batch
+
+
+def test_dynamic_sampling_masks_and_counts_groups_without_spread(train_cfg):
+    cfg = train_cfg("grpo.group_size=2", "grpo.dynamic_sampling=true")
+    rewards = torch.tensor([1.0, 1.0, 0.0, 2.0])
+    advantages, keep, stats = rewards_to_advantages(rewards, rollouts(["stop"] * 4), cfg)
+    torch.testing.assert_close(advantages, torch.tensor([0.0, 0.0, -1 / (1 + EPS), 1 / (1 + EPS)]))
+    assert keep.tolist() == [False, False, True, True]
+    assert stats["groups/zero_spread_dropped"] == 1.0
+    assert stats["batch/rows_kept_frac"] == 0.5
+    assert stats["advantages/abs_mean"] == pytest.approx(0.5 / (1 + EPS))
+
+    _, keep, stats = rewards_to_advantages(rewards, rollouts(["stop"] * 4), train_cfg("grpo.group_size=2"))
+    assert keep.all() and "groups/zero_spread_dropped" not in stats  # off by default
+
+
+def test_truncated_answers_leave_the_loss_only_when_asked(train_cfg):
+    rewards, rolled = torch.tensor([0.0, 2.0, 0.0, 2.0]), rollouts(["stop", "length", "length", "stop"])
+    cfg = train_cfg("grpo.group_size=2", "grpo.mask_truncated=true")
+    _, keep, stats = rewards_to_advantages(rewards, rolled, cfg)
+    assert keep.tolist() == [True, False, False, True] and stats["batch/rows_kept_frac"] == 0.5
+    _, keep, _ = rewards_to_advantages(rewards, rolled, train_cfg("grpo.group_size=2"))
+    assert keep.all()
+
+
+def test_nan_rewards_get_zero_advantage_and_stay_out_of_the_baseline(train_cfg):
+    cfg = train_cfg("grpo.group_size=3", "grpo.dynamic_sampling=true")
+    rewards = torch.tensor([math.nan, 1.0, 3.0, math.nan, 2.0, math.nan])
+    advantages, keep, stats = rewards_to_advantages(rewards, rollouts(["stop"] * 6, group_size=3), cfg)
+    # group 1: baseline (1 + 3) / 2 = 2, std 1; a NaN counted as 0 would give a baseline of 4/3
+    torch.testing.assert_close(advantages, torch.tensor([0.0, -1 / (1 + EPS), 1 / (1 + EPS), 0.0, 0.0, 0.0]))
+    # group 2 has one defined reward: nothing to compare, dropped as zero spread
+    assert keep.tolist() == [True] * 3 + [False] * 3 and stats["groups/zero_spread_dropped"] == 1.0
+
+
+def test_make_batch_zeroes_the_completion_mask_of_dropped_rows():
+    rolled = rollouts(["stop"] * 3)
+    advantages = torch.tensor([0.5, -0.5, 1.0], dtype=torch.float64)
+    batch = make_batch(rolled, advantages, torch.tensor([True, False, True]))
+    assert batch.completion_mask.tolist() == [[1, 0, 0], [0, 0, 0], [1, 1, 1]]
+    assert batch.input_ids.tolist()[2] == [1, 1, 5, 5, 5]
+    assert batch.advantages.dtype == torch.float32 and batch.advantages.tolist() == [0.5, -0.5, 1.0]
+
+
+# ------------------------------------------------------------------ prompts, position, resume
+
+
+def test_step_prompts_split_over_ranks_and_cycle_past_the_end(train_cfg):
+    cfg, prompts = train_cfg("grpo.prompts_per_step=4"), ["a", "b", "c", "d", "e"]
+    assert [step_prompts(prompts, cfg, 0, rank, 2) for rank in (0, 1)] == [["a", "b"], ["c", "d"]]
+    assert [step_prompts(prompts, cfg, 1, rank, 2) for rank in (0, 1)] == [["e", "a"], ["b", "c"]]
+
+
+def test_position_advances_into_the_next_iteration():
+    position = Position(iteration=0, step=0, global_step=0)
+    position.advance(steps_per_iteration=2)
+    assert vars(position) == {"iteration": 0, "step": 1, "global_step": 1}
+    position.advance(steps_per_iteration=2)
+    assert vars(position) == {"iteration": 1, "step": 0, "global_step": 2}
+
+
+def test_resume_cuts_local_logs_back_to_the_checkpoint(tmp_path):
+    kept = ['{"step": 1, "reward/mean": 0.25}', '{"step":2,  "reward/mean": null}', '{"step": 2, "x": 1}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join([*kept, '{"step": 3, "reward/mean": 1.0}']) + "\n")
+    (tmp_path / "samples.jsonl").write_text('{"step": 3, "prompt": "p"}\n{"step": 4, "prompt": "q"}\n')
+    _truncate_local_logs(tmp_path, global_step=2)
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(kept) + "\n"  # byte for byte
+    assert (tmp_path / "samples.jsonl").read_text() == ""
+
+
+# ------------------------------------------------------------------ metrics over ranks
+
+
+def fake_world(shares: list[dict], weights: list[dict], summed) -> list[dict]:
+    """``reduce_metrics`` on every rank of a fake world: a first pass records what each rank packs,
+    the second hands every rank the sum, as an all-reduce would."""
+    packed: list[torch.Tensor] = []
+    for share, w in zip(shares, weights, strict=True):
+        reduce_metrics(share, summed=summed, weights=w, reduce=lambda t: packed.append(t.clone()) or t)
+    total = torch.stack(packed).sum(0)
+    return [reduce_metrics(share, summed=summed, weights=w, reduce=lambda t: total.clone())
+            for share, w in zip(shares, weights, strict=True)]
+
+
+def test_reduce_metrics_is_the_identity_in_a_world_of_one():
+    share = {"judge/reward_std": 0.3, "groups/zero_spread_dropped": 2.0, "judge/length_pearson": math.nan,
+             "completions/length_mean": 7.25}
+    out = reduce_metrics(share, summed=lambda k: k.startswith("groups/"))
+    assert out.keys() == share.keys() and math.isnan(out.pop("judge/length_pearson"))
+    assert out == {k: v for k, v in share.items() if k != "judge/length_pearson"}
+
+
+def test_reduce_metrics_sums_counts_and_averages_the_rest_over_finite_ranks():
+    shares = [{"count": 3.0, "frac": 0.5, "corr": math.nan, "mean": 1.0, "none": math.nan},
+              {"none": math.nan, "mean": 3.0, "corr": 0.4, "frac": 0.0, "count": 1.0}]  # another order
+    weights = [{"mean": 1.0}, {"mean": 3.0}]  # rank 1 has three times the parsed rewards
+    for rank in fake_world(shares, weights, summed=lambda k: k == "count"):
+        assert rank.keys() == shares[0].keys()
+        assert rank["count"] == 4.0 and rank["frac"] == 0.25 and rank["corr"] == 0.4
+        assert rank["mean"] == (1.0 * 1 + 3.0 * 3) / 4 and math.isnan(rank["none"])
+
+
+def test_step_metrics_combine_the_ranks_shares(monkeypatch):
+    """Two ranks' judgements of one step: counts add up, rates and means are the whole step's."""
+    import dynalign.distributed
+
+    shares = [(judgement([1.0, math.nan, 2.0, 2.0]), rollouts(["stop", "length", "stop", "stop"])),
+              (judgement([4.0, 5.0, 4.0, 4.0]), rollouts(["stop"] * 4))]
+    adv = [{"groups/zero_spread_dropped": 1.0, "batch/rows_kept_frac": 0.5},
+           {"groups/zero_spread_dropped": 2.0, "batch/rows_kept_frac": 0.0}]
+    packed: list[torch.Tensor] = []
+    monkeypatch.setattr(dynalign.distributed, "all_reduce", lambda t: packed.append(t.clone()) or t)
+    for (judged, rolled), stats in zip(shares, adv, strict=True):
+        step_metrics(judged, rolled, stats)
+    total = torch.stack(packed).sum(0)
+    monkeypatch.setattr(dynalign.distributed, "all_reduce", lambda t: total.clone())
+    metrics = step_metrics(*shares[0], adv[0])
+
+    assert metrics["groups/zero_spread_dropped"] == 3.0 and metrics["batch/rows_kept_frac"] == 0.25
+    assert metrics["judge/judgements"] == 8.0 and metrics["judge/hist/reward/4"] == 3.0
+    assert metrics["judge/reward_nan_rate"] == 1 / 8 and metrics["completions/truncated_frac"] == 1 / 8
+    assert metrics["reward/mean"] == pytest.approx(22 / 7)  # the 7 parsed rewards, not (5/3 + 17/4) / 2
+    assert metrics["judge/knowledge_mean"] == pytest.approx(22 / 7)
+    assert metrics["completions/length_mean"] == pytest.approx((1 + 2 + 3 + 1) / 4)
+
+
+# ------------------------------------------------------------------ the order of the phases
+
+
+class Recorder:
+    """Fakes of the loop's stateful parts that write what the loop asks of them into one list."""
+
+    def __init__(self, needs_weight_sync: bool) -> None:
+        self.calls: list[str] = []
+        self.needs_weight_sync = needs_weight_sync
+        self.skipped_steps = 0
+        self.model_path = "base-model"
+
+    # Sampler
+    def sample(self, prompts, n, params) -> Rollouts:
+        self.calls.append("sample")
+        return rollouts(["stop"] * (len(prompts) * n), group_size=n)
+
+    def sleep(self) -> None:
+        self.calls.append("sleep")
+
+    def wake_up(self) -> None:
+        self.calls.append("wake_up")
+
+    def update_weights(self, named) -> None:
+        self.calls.append(f"update_weights({', '.join(name for name, _ in named)})")
+
+    # Judge
+    def score(self, prompts, candidates, *, seed=None) -> JudgeResult:
+        self.calls.append("score")
+        return judgement([float(i % 2) for i in range(len(candidates))])
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+    # PolicyEngine
+    def train_step(self, batch) -> dict[str, float]:
+        self.calls.append("train_step")
+        return {"loss": 0.0, "tokens": float(batch.completion_mask.sum())}
+
+    def export_weights(self):
+        self.calls.append("export_weights")
+        yield "w", torch.zeros(1)
+
+    def export_hf(self, directory) -> None:
+        self.calls.append(f"export_hf({Path(directory).name})")
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "config.json").write_text("{}")
+
+    def save(self, directory, client_state, *, keep) -> None:
+        self.calls.append(f"save(step {client_state['global_step']})")
+
+
+@pytest.mark.parametrize("needs_weight_sync", [True, False], ids=["own-weights", "shared-weights"])
+def test_the_sampler_sleeps_through_the_update_and_wakes_for_the_sync(train_cfg, needs_weight_sync):
+    cfg = train_cfg("grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.micro_batch_size=2")
+    fake = Recorder(needs_weight_sync)
+    timer = PhaseTimer()
+    metrics, samples = grpo_step(cfg, Parts(fake, fake, fake), ["p", "q"], Position(), 0, timer)
+    synced = ["export_weights", "update_weights(w)"] if needs_weight_sync else []
+    assert fake.calls == ["sample", "score", "sleep", "train_step", "wake_up", *synced]
+    phases = ("gen", "judge", "adv", "ref", "update", "sync", "step")
+    assert timer.pop().keys() == {f"time/{p}" for p in phases}
+    assert metrics["reward/mean"] == 0.5 and samples[1]["prompt"] == "p" and samples[2]["prompt"] == "q"
+
+
+def test_phase_timer_total_is_optional():
+    timer = PhaseTimer()
+    with timer("export"):
+        pass
+    assert timer.pop(total=None).keys() == {"time/export"}
+    assert timer.pop() == {"time/step": 0.0}
+
+
+# ------------------------------------------------------------------ the frozen judge
+
+
+def test_the_frozen_judge_is_the_policy_as_the_iteration_began(tmp_path):
+    assert frozen_judge_model(0, tmp_path, "base") == "base"
+    with pytest.raises(FileNotFoundError, match="iter_1"):
+        frozen_judge_model(1, tmp_path, "base")
+    (tmp_path / "iter_1").mkdir()
+    (tmp_path / "iter_1" / "config.json").write_text("{}")
+    assert frozen_judge_model(1, tmp_path, "base") == str(tmp_path / "iter_1")
+
+
+def test_frozen_judging_over_several_iterations_needs_the_exports(train_cfg):
+    with pytest.raises(ConfigError, match="export_each_iteration"):
+        train_cfg("judge.source=frozen", "export_each_iteration=false").validate()
+    train_cfg("judge.source=frozen", "export_each_iteration=false", "iterations=1").validate()
+    train_cfg("export_each_iteration=false").validate()
+
+
+def test_end_of_iteration_times_its_phases_and_loads_the_next_frozen_judge(train_cfg, tmp_path, monkeypatch):
+    import dynalign.train
+
+    loaded: list[str] = []
+    monkeypatch.setattr(dynalign.train, "side_sampler",
+                        lambda cfg, path: loaded.append(path) or Recorder(needs_weight_sync=False))
+    cfg = train_cfg("judge.source=frozen", "iterations=3")
+    fake = Recorder(needs_weight_sync=False)
+    parts = Parts(fake, fake, fake)
+    info = RunInfo(run_dir=tmp_path, name="test", group="test", config={})
+    timer = PhaseTimer()
+    end_of_iteration(cfg, parts, info, Position(iteration=1, global_step=2), tracker=None, timer=timer)
+    assert fake.calls == ["export_hf(iter_1)", "save(step 2)", "close"]  # the old judge is let go
+    assert loaded == [str(tmp_path / "iter_1")] and parts.judge is not fake
+    phases = ("export", "reference", "checkpoint", "eval", "frozen_judge")
+    assert timer.pop(total=None).keys() == {f"time/{p}" for p in phases}
+
+    fake.calls.clear()  # after the last iteration nothing is judged any more
+    end_of_iteration(cfg, Parts(fake, fake, fake), info, Position(iteration=3, global_step=6), None, timer)
+    assert fake.calls == ["export_hf(iter_3)", "save(step 6)"] and len(loaded) == 1
+
+
+# ------------------------------------------------------------------ one real step
+
+
+class AlternatingJudge:
+    """Rewards 0, 1, 0, 1...: every group has spread, so every answer carries an advantage."""
+
+    def score(self, prompts, candidates, *, seed=None) -> JudgeResult:
+        return judgement([float(i % 2) for i in range(len(candidates))])
+
+    def close(self) -> None:
+        pass
+
+
+def test_one_grpo_step_changes_every_trainable_parameter(train_cfg, tiny_model_path, tmp_path):
+    from dynalign.engine import PolicyEngine
+    from dynalign.train import build_parts
+
+    cfg = train_cfg(f"model.name_or_path={tiny_model_path}", "grpo.group_size=2", "grpo.prompts_per_step=2",
+                    "grpo.micro_batch_size=2", "grpo.max_completion_length=8", "grpo.lr=1e-3")
+    assert cfg.deepspeed.stage == 3
+    engine = PolicyEngine.from_config(cfg)
+    try:
+        parts = build_parts(cfg, engine, tmp_path, iteration=0)
+        parts.judge = AlternatingJudge()
+        trainable = {name for name, p in engine.module.named_parameters() if p.requires_grad}
+        before = dict(engine.export_weights())  # gathered from the ZeRO-3 shards
+        prompts = ["What is kindness?", "Plan a garden."]
+        metrics, _ = grpo_step(cfg, parts, prompts, Position(), 0, PhaseTimer())
+        after = dict(engine.export_weights())
+    finally:
+        engine.close()
+    assert metrics["train/skipped_steps"] == 0 and metrics["advantages/abs_mean"] > 0.9
+    assert trainable and trainable <= before.keys()
+    unchanged = sorted(name for name in trainable if torch.equal(before[name], after[name]))
+    assert not unchanged, f"parameters the step did not move: {unchanged}"
