@@ -107,7 +107,7 @@ class WandbTracker:
     """A W&B run; every call is guarded so a W&B failure degrades to a warning."""
 
     def __init__(self, cfg: LoggerConfig, info: RunInfo) -> None:
-        self._run = None
+        self._run: Any = None
         self._failed = False
         self._guard("init", lambda: self._init(cfg, info))
 
@@ -117,14 +117,16 @@ class WandbTracker:
         id_file = info.run_dir / "wandb_id.txt"  # a resumed run continues the same W&B run
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
-        self._run = wandb.init(
+        run = wandb.init(
             project=cfg.project, entity=cfg.entity, group=cfg.group or info.group, name=info.name,
             job_type=cfg.job_type, tags=list(cfg.tags), config=info.config, dir=str(info.run_dir),
-            mode=resolve_wandb_mode(cfg.mode), id=run_id, resume="allow",
+            mode=resolve_wandb_mode(cfg.mode),  # type: ignore[arg-type]  # one of wandb's modes
+            id=run_id, resume="allow",
             settings=wandb.Settings(init_timeout=cfg.init_timeout_s, silent=True),
         )
-        record = {"id": self._run.id, "name": self._run.name, "group": self._run.group,
-                  "project": self._run.project, "mode": resolve_wandb_mode(cfg.mode), "dir": self._run.dir}
+        self._run = run
+        record = {"id": run.id, "name": run.name, "group": run.group,
+                  "project": run.project, "mode": resolve_wandb_mode(cfg.mode), "dir": run.dir}
         (info.run_dir / "wandb_run.json").write_text(json.dumps(record, indent=2))
 
     def _guard(self, what: str, fn) -> None:
@@ -148,8 +150,9 @@ class WandbTracker:
         def _table() -> None:
             import wandb
 
-            columns = list(rows[0])
-            table = wandb.Table(columns=columns, data=[[_jsonable(r.get(c)) for c in columns] for r in rows])
+            names = list(rows[0])
+            columns: list[str | int] = [*names]  # wandb's annotation
+            table = wandb.Table(columns=columns, data=[[_jsonable(r.get(c)) for c in names] for r in rows])
             # one key per step: a table logged under a fixed key would replace the earlier ones
             self._run.log({f"samples/step_{step:06d}": table}, step=step)
 

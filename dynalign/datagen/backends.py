@@ -73,7 +73,8 @@ class OpenAIChatGenerator:
     def _one(self, messages: list[Message], seed: int, params: SamplingParams) -> str:
         extra: dict[str, Any] = {"stop": list(params.stop)} if params.stop else {}
         response = self.client.chat.completions.create(
-            model=self.model, messages=messages, temperature=params.temperature, top_p=params.top_p,
+            model=self.model, messages=messages,  # type: ignore[arg-type]  # chat messages as dicts
+            temperature=params.temperature, top_p=params.top_p,
             max_tokens=params.max_new_tokens, seed=seed, n=1, **extra)
         return response.choices[0].message.content or ""
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 FILTERS = ("empty", "too_short", "too_long", "not_prose", "non_ascii", "refusal", "meta_copy")
@@ -88,13 +89,14 @@ def word_ngrams(text: str, n: int = 3) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def meta_overlap(text: str, meta_ngrams: set[tuple[str, ...]]) -> float:
+def meta_overlap(text: str, meta_ngrams: AbstractSet[tuple[str, ...]]) -> float:
     """Share of ``text``'s word 3-grams that also occur in the meta-prompt."""
     grams = word_ngrams(text)
     return len(grams & meta_ngrams) / len(grams) if grams else 0.0
 
 
-def rejection_reason(text: str, cfg: Any, meta_ngrams: set[tuple[str, ...]] = frozenset()) -> str | None:
+def rejection_reason(text: str, cfg: Any,
+                     meta_ngrams: AbstractSet[tuple[str, ...]] = frozenset()) -> str | None:
     """The first filter ``text`` fails (a name from :data:`FILTERS`), or None to keep it.
 
     ``cfg`` is the generator config; ``meta_ngrams`` is ``word_ngrams(meta_prompt)``.

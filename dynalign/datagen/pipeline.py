@@ -226,13 +226,7 @@ def generate_prompts(gen_cfg: Any, sampler: SamplerOrFactory = None, *, model_na
     files = run_files.RunStore(out)
     shards = files.open(fingerprint, per_shard)
     resumed_from = len(shards) or None
-    index = DuplicateIndex(gen_cfg.dedup_threshold)
-    index.update(seen_prompts)
-    for shard in shards:
-        index.update(r["prompt"] for r in shard["rows"])
-    totals: Counter[str] = Counter()
-    for shard in shards:
-        totals.update(shard["stats"])
+    index, totals = _resumed_state(shards, seen_prompts, gen_cfg.dedup_threshold)
     limit = max_calls(gen_cfg)
     max_shards = math.ceil(limit / per_shard)
     bar = tqdm(total=gen_cfg.num_prompts, initial=min(totals["kept"], gen_cfg.num_prompts), unit="prompt",
@@ -258,12 +252,29 @@ def generate_prompts(gen_cfg: Any, sampler: SamplerOrFactory = None, *, model_na
                             calls=(s + 1) * per_shard, refresh=False)
     finally:
         bar.close()
-        for generator in built or ():
-            close = getattr(generator, "close", None)
-            if close is not None:
-                close()
+        _close(built or ())
     return finalize(gen_cfg, shards, planner, out, resumed_from_shard=resumed_from,
                     elapsed_s=time.perf_counter() - started, progress=progress)
+
+
+def _resumed_state(shards: Sequence[dict], seen_prompts: Iterable[str],
+                   threshold: float) -> tuple[DuplicateIndex, Counter[str]]:
+    """The dedup index (earlier prompts and every kept row) and the filter counts of the shards
+    already written."""
+    index = DuplicateIndex(threshold)
+    index.update(seen_prompts)
+    totals: Counter[str] = Counter()
+    for shard in shards:
+        index.update(r["prompt"] for r in shard["rows"])
+        totals.update(shard["stats"])
+    return index, totals
+
+
+def _close(generators: Iterable[PromptGenerator]) -> None:
+    for generator in generators:
+        close = getattr(generator, "close", None)
+        if close is not None:
+            close()
 
 
 def finalize(gen_cfg: Any, shards: Sequence[dict], planner: Planner, out: Path, *,

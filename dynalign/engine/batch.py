@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,8 +48,9 @@ class TrainBatch:
         return self.completion_mask.shape[1]
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> TrainBatch:
-        values = vars(self).items()
-        return TrainBatch(**{name: None if value is None else fn(value) for name, value in values})
+        values: dict[str, Any] = {name: None if value is None else fn(value)
+                                  for name, value in vars(self).items()}
+        return TrainBatch(**values)
 
     def select(self, rows: slice) -> TrainBatch:
         """The rows ``rows`` of every tensor."""

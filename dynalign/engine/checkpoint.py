@@ -157,8 +157,8 @@ def rotate(root: Path, tag: str, keep: int | None) -> None:
     """Remove all but the newest ``keep`` checkpoints (None: keep all); ``tag`` always stays."""
     if keep is None:
         return
-    done = sorted((p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
-                  key=checkpoint_step)
+    steps = {p: checkpoint_step(p) for p in root.iterdir() if p.is_dir()}
+    done = sorted((p for p, step in steps.items() if step is not None), key=lambda p: steps[p] or 0)
     for old in done[:-keep] if keep > 0 else done:
         if old.name != tag:
             shutil.rmtree(old, ignore_errors=True)

@@ -123,7 +123,7 @@ def make_optimizer(model: torch.nn.Module, ds: DeepSpeedConfig, grpo: GRPOConfig
                    dtype: str) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters of ``model``, in the form the DeepSpeed setup needs."""
     params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = {"lr": grpo.lr, "weight_decay": grpo.weight_decay}
+    kwargs: dict[str, Any] = {"lr": grpo.lr, "weight_decay": grpo.weight_decay}
     if ds.offload_optimizer != "none" and torch.cuda.is_available():
         # The optimizer runs on CPU: DeepSpeed's vectorised Adam is several times faster.
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -72,14 +72,14 @@ def free_memory() -> None:
 def concat_results(parts: Sequence[JudgeResult]) -> JudgeResult:
     """One :class:`JudgeResult` from the results of consecutive chunks."""
     first = parts[0]
-    masses = [p.score_mass for p in parts]
+    masses = [p.score_mass for p in parts if p.score_mass is not None]
     return JudgeResult(
         rewards=torch.cat([p.rewards for p in parts]), scores=torch.cat([p.scores for p in parts]),
         reasons=[r for p in parts for r in p.reasons],
         judgement_reasons=[r for p in parts for r in p.judgement_reasons],
         texts=[t for p in parts for t in p.texts], nonces=[n for p in parts for n in p.nonces],
         aspect_names=first.aspect_names, scale=first.scale,
-        score_mass=torch.cat(masses) if all(m is not None for m in masses) else None)
+        score_mass=torch.cat(masses) if len(masses) == len(parts) else None)
 
 
 def score_in_chunks(judge: Judge, prompts: Sequence[Prompt], answers: Sequence[str], *, chunk: int,

@@ -134,7 +134,7 @@ def _evaluate(cfg: TrainConfig, policy_path: str | Path | None, out: Path, itera
     with timer("judge"):
         judged = _judge_phase(cfg, resolved, texts, policy, baseline, chunk)
 
-    results = {
+    results: dict[str, Any] = {
         "checkpoint": str(policy_path) if policy_path is not None else "<in-memory policy>",
         "baseline": resolved.baseline, "iteration": iteration,
         "step": step if step is not None else (iteration or 0) * cfg.steps_per_iteration,

@@ -21,22 +21,24 @@ import numpy as np
 
 from dynalign.judge.pairwise import LOSS, TIE, WIN, pair_outcome
 
+Scores = Sequence[float] | np.ndarray  # a 1-D run of scores, NaN where missing
+
 CI_LEVEL = 0.95
 OUTCOME_POINTS = {WIN: 1.0, TIE: 0.5, LOSS: 0.0}
 
 
-def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
+def _finite(values: Scores) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64).ravel()  # [N]
     return x[~np.isnan(x)]
 
 
-def nan_mean(values: Sequence[float] | np.ndarray) -> float:
+def nan_mean(values: Scores) -> float:
     """Mean of the non-NaN values; NaN when there are none."""
     x = _finite(values)
     return float(x.mean()) if x.size else math.nan
 
 
-def bootstrap_ci(values: Sequence[float] | np.ndarray, *, samples: int = 1000, seed: int = 0,
+def bootstrap_ci(values: Scores, *, samples: int = 1000, seed: int = 0,
                  level: float = CI_LEVEL,
                  statistic: Callable[[np.ndarray], np.ndarray] = lambda r: r.mean(axis=1),
                  ) -> tuple[float, float]:
@@ -56,7 +58,7 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, *, samples: int = 1000, s
     return float(low), float(high)
 
 
-def mean_with_ci(values: Sequence[float] | np.ndarray, *, samples: int = 1000,
+def mean_with_ci(values: Scores, *, samples: int = 1000,
                  seed: int = 0) -> dict[str, float]:
     """``{"mean", "ci_low", "ci_high", "n", "missing"}`` of the values (NaN-aware)."""
     x = np.asarray(values, dtype=np.float64).ravel()
@@ -120,7 +122,7 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _paired(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _paired(x: Scores, y: Scores) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if a.size != b.size:
         raise ValueError(f"{a.size} scores against {b.size}")
@@ -128,7 +130,7 @@ def _paired(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndar
     return a[keep], b[keep]
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+def pearson(x: Scores, y: Scores) -> float:
     """Pearson correlation over the pairs where both are present; NaN under 2 pairs or no spread."""
     a, b = _paired(x, y)
     if a.size < 2:
@@ -138,7 +140,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     return float((a * b).sum() / denominator) if denominator > 0 else math.nan
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+def spearman(x: Scores, y: Scores) -> float:
     """Spearman rank correlation (average ranks for ties) over the pairs where both are present."""
     a, b = _paired(x, y)
     if a.size < 2:
@@ -146,7 +148,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return pearson(_average_ranks(a), _average_ranks(b))
 
 
-def mean_abs_diff(x: Sequence[float], y: Sequence[float]) -> float:
+def mean_abs_diff(x: Scores, y: Scores) -> float:
     a, b = _paired(x, y)
     return float(np.abs(a - b).mean()) if a.size else math.nan
 
