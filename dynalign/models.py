@@ -15,13 +15,15 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dynalign.config import ModelConfig
-from dynalign.tiny_model import resolve_model_path
+from dynalign.tiny_model import ensure_tiny_model
 from dynalign.zero import hf_zero3_init
 
 if TYPE_CHECKING:
@@ -32,6 +34,19 @@ __all__ = ["TORCH_DTYPES", "export_config", "load_causal_lm", "load_hf_sampler",
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _USE_CACHE = "_dynalign_use_cache"  # attribute of a model loaded for training: the config's use_cache
+
+# Models dynalign makes on this machine (no hub): ``model.name_or_path`` -> the directory, made
+# on first use and loaded with from_pretrained like any other.
+EMBEDDED_MODELS: dict[str, Callable[[ModelConfig], Path]] = {
+    "tiny": lambda model: ensure_tiny_model(model.tiny),
+}
+
+
+def resolve_model_path(model: ModelConfig) -> str:
+    """What ``from_pretrained`` loads: an embedded model's directory, else ``name_or_path`` as it
+    is (a local directory or a hub id)."""
+    make = EMBEDDED_MODELS.get(model.name_or_path)
+    return str(make(model)) if make is not None else model.name_or_path
 
 
 def load_tokenizer(path: str, model: ModelConfig) -> Any:

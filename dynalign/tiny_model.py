@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from dynalign.config import ModelConfig, TinyModelConfig
+from dynalign.config import TinyModelConfig
 
 # Modules whose sources train the tokenizer: a fixed list so the corpus is the same
 # wherever the same Python runs. Prose-heavy modules give the BPE English merges too.
@@ -152,10 +152,3 @@ def _build_into(target: Path, spec: TinyModelConfig) -> None:
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def resolve_model_path(model: ModelConfig) -> str:
-    """What ``from_pretrained`` should load for a model config (builds the tiny model if asked)."""
-    if model.name_or_path == "tiny":
-        return str(ensure_tiny_model(model.tiny))
-    return model.name_or_path

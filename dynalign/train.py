@@ -279,7 +279,7 @@ def step_samples(cfg: TrainConfig, position: Position, answered: list[str], roll
 
 def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     from dynalign.engine import PolicyEngine
-    from dynalign.tiny_model import resolve_model_path
+    from dynalign.models import resolve_model_path
 
     resolve_model_path(cfg.model)  # build the embedded model, if it is the one, before joining the group
     dist_info = init_distributed()

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dynalign.config import ModelConfig, TinyModelConfig
-from dynalign.tiny_model import build_tiny_model, ensure_tiny_model, resolve_model_path
+from dynalign.models import resolve_model_path
+from dynalign.tiny_model import build_tiny_model, ensure_tiny_model
 
 
 def _digests(path):

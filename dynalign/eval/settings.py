@@ -41,7 +41,7 @@ def resolve_eval(cfg: TrainConfig) -> ResolvedEval:
 
 def resolve_baseline(baseline: str | None, model: ModelConfig) -> str:
     """The baseline to load: ``eval.baseline`` (``tiny``, a directory, a hub id) or the base model."""
-    from dynalign.tiny_model import resolve_model_path
+    from dynalign.models import resolve_model_path
 
     if not baseline:
         return resolve_model_path(model)

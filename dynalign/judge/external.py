@@ -42,8 +42,8 @@ class ExternalContext:
 def resolve_judge_model(judge: ExternalJudgeConfig, model: ModelConfig, key: str = "judge.external") -> str:
     """What a local judge (``hf``/``vllm``) loads: ``tiny`` (the embedded model), the newest
     export of a run directory, a model directory, or a hub id."""
+    from dynalign.models import resolve_model_path
     from dynalign.rundir import resolve_model_dir
-    from dynalign.tiny_model import resolve_model_path
 
     if judge.model == "tiny":
         return resolve_model_path(replace(model, name_or_path="tiny"))
