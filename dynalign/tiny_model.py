@@ -10,17 +10,15 @@ builds the model on first use into a cache directory.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from dynalign.config import TinyModelConfig
+from dynalign.io import build_once
 
 # Modules whose sources train the tokenizer: a fixed list so the corpus is the same
 # wherever the same Python runs. Prose-heavy modules give the BPE English merges too.
@@ -123,32 +121,16 @@ def tiny_model_dir(spec: TinyModelConfig) -> Path:
 
 
 def ensure_tiny_model(spec: TinyModelConfig) -> Path:
-    """Return the cached tiny model directory, building it first if needed.
+    """Return the cached tiny model directory, building it first if needed (:func:`build_once`).
 
-    Builders on one machine take turns under a file lock (the ranks of a launch all ask at
-    once); the build goes to a temporary sibling and is renamed into place, so an interrupted
-    build never leaves a half-written model behind. Call it before ``torch.distributed`` is
-    initialised: transformers then writes checkpoint files on global rank 0 only.
+    Call it before ``torch.distributed`` is initialised: transformers then writes checkpoint
+    files on global rank 0 only.
     """
-    target = tiny_model_dir(spec)
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f"{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            _build_into(target, spec)
-    return target
+    return build_once(tiny_model_dir(spec), lambda tmp: _build_into(tmp, spec))
 
 
-def _build_into(target: Path, spec: TinyModelConfig) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        build_tiny_model(tmp, spec)
-        if not (tmp / "config.json").exists():
-            raise RuntimeError("the tiny model was built on a rank other than 0 of an initialised process "
-                               "group, where transformers saves nothing: build it before joining the group")
-        shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json is not a model
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _build_into(tmp: Path, spec: TinyModelConfig) -> None:
+    build_tiny_model(tmp, spec)
+    if not (tmp / "config.json").exists():
+        raise RuntimeError("the tiny model was built on a rank other than 0 of an initialised process "
+                           "group, where transformers saves nothing: build it before joining the group")

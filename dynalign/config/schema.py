@@ -81,6 +81,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
     attn_implementation: str = "sdpa"  # passed to from_pretrained (sdpa | eager | flash_attention_2)
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    stop: List[str] = field(default_factory=list)  # end answers here too (a base model's next "Question:")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -88,6 +89,7 @@ class ModelConfig:
         require(bool(self.name_or_path.strip()), f"{key}.name_or_path", "must not be empty")
         choice(self.dtype, DTYPES, f"{key}.dtype")
         choice(self.attn_implementation, ATTENTION, f"{key}.attn_implementation")
+        require(all(self.stop), f"{key}.stop", f"stop strings must be non-empty (got {self.stop})")
         if self.name_or_path == "tiny":
             self.tiny.validate(f"{key}.tiny")
         self.lora.validate(f"{key}.lora")

@@ -31,13 +31,13 @@ def _build_hf(cfg: RolloutConfig, *, tokenizer: Any, model: Any, model_path: str
         with hf_zero3_init(None):  # a model of its own: whole, even beside a ZeRO-3 engine
             model = load_causal_lm(model_path, model_config or ModelConfig(dtype=dtype), for_training=False)
     return HFSampler(model, tokenizer, batch_size=cfg.batch_size, max_prompt_length=max_prompt_length,
-                     gather=gather, shares_weights=shares_weights)
+                     gather=gather, shares_weights=shares_weights, stop=_stops(model_config))
 
 
 def _build_vllm(cfg: RolloutConfig, *, tokenizer: Any, model: Any, model_path: str | None,
                 max_prompt_length: int | None, max_completion_length: int, seed: int, dtype: str,
-                gather: GatherFactory | None, shares_weights: bool,
-              model_config: ModelConfig | None) -> Sampler:
+                  gather: GatherFactory | None, shares_weights: bool,
+                model_config: ModelConfig | None) -> Sampler:
     if model_path is None:
         raise ValueError("rollout.backend=vllm needs model_path: the engine loads the model itself")
     from dynalign.rollout.vllm_sampler import VLLMSampler  # imports vllm
@@ -45,7 +45,11 @@ def _build_vllm(cfg: RolloutConfig, *, tokenizer: Any, model: Any, model_path: s
     max_model_len = cfg.vllm.max_model_len or _default_max_model_len(model_path, max_prompt_length,
                                                                       max_completion_length)
     return VLLMSampler(str(model_path), tokenizer, cfg.vllm, max_model_len=max_model_len, seed=seed,
-                       dtype=dtype, max_prompt_length=max_prompt_length)
+                       dtype=dtype, max_prompt_length=max_prompt_length, stop=_stops(model_config))
+
+
+def _stops(model_config: ModelConfig | None) -> tuple[str, ...]:
+    return tuple(model_config.stop) if model_config is not None else ()
 
 
 def _default_max_model_len(model_path: str, max_prompt_length: int | None, max_completion_length: int) -> int:

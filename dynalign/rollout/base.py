@@ -25,7 +25,7 @@ enforces them, so both backends agree token for token on what a completion is):
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -65,6 +65,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def with_stops(self, stops: Sequence[str]) -> SamplingParams:
+        """These params with ``stops`` added (a sampler's model-wide stop strings)."""
+        merged = tuple(dict.fromkeys((*self.stop, *stops)))
+        return self if merged == self.stop else replace(self, stop=merged)
 
 
 class ModelInputs(NamedTuple):

@@ -73,7 +73,7 @@ class HFSampler:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int = 64,
                  max_prompt_length: int | None = None, gather: GatherFactory | None = None,
-                 shares_weights: bool = False) -> None:
+                 shares_weights: bool = False, stop: Sequence[str] = ()) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         self.model = model
@@ -81,6 +81,7 @@ class HFSampler:
         self.batch_size = batch_size
         self.max_prompt_length = max_prompt_length
         self.gather = gather
+        self.stop = tuple(stop)  # the model's own stop strings (model.stop), added to every call
         self.needs_weight_sync = not shares_weights
         self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
         pad = tokenizer.pad_token_id
@@ -91,6 +92,7 @@ class HFSampler:
     def sample(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> Rollouts:
         if n < 1:
             raise ValueError(f"n must be >= 1 (got {n})")
+        params = params.with_stops(self.stop)
         limit = params.max_prompt_length or self.max_prompt_length
         prompt_ids = encode_prompts(self.tokenizer, prompts, limit)
         _check_nonempty(prompt_ids)

@@ -52,12 +52,13 @@ class VLLMSampler:
 
     def __init__(self, model_path: str, tokenizer: Any, vllm_cfg: VLLMConfig, *, max_model_len: int,
                  seed: int = 0, dtype: str = "float32", max_prompt_length: int | None = None,
-                 enforce_eager: bool = False, transport: str | None = None) -> None:
+                 enforce_eager: bool = False, transport: str | None = None, stop: Sequence[str] = ()) -> None:
         from transformers import AutoConfig, GenerationConfig
 
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.max_prompt_length = max_prompt_length
+        self.stop = tuple(stop)  # the model's own stop strings (model.stop), added to every call
         try:
             generation_config = GenerationConfig.from_pretrained(model_path)
         except OSError:  # no generation_config.json: the tokenizer's EOS is the only one
@@ -80,6 +81,7 @@ class VLLMSampler:
     def sample(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> Rollouts:
         if n < 1:
             raise ValueError(f"n must be >= 1 (got {n})")
+        params = params.with_stops(self.stop)
         limit = params.max_prompt_length or self.max_prompt_length
         prompt_ids = encode_prompts(self.tokenizer, prompts, limit)
         self._check_lengths(prompt_ids)
