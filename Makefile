@@ -16,7 +16,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train lint typecheck test test-all ablations report bench install-vllm test-vllm \
+.PHONY: help install train lint typecheck test test-all ablations report judge-check bench install-vllm test-vllm \
         bench-rollout clean
 
 help: ## List the targets
@@ -101,6 +101,9 @@ ablations: install ## Ablation sweeps then their report (PRESET=tiny|full AXES="
 
 report: install ## Report (table + plots) of multirun/ablations/PRESET into reports/ablations/PRESET/
 	$(REPORT_CMD)
+
+judge-check: install ## Measure a judge on the judge sanity set (ARGS="model=gemma3_270m judge.mode=logprob")
+	$(PY) -m dynalign.judge_check $(ARGS)
 
 bench: install ## One GRPO step, dynalign vs TRL GRPOTrainer, same workload (BENCH_STEP_ARGS=...)
 	$(PY) benchmarks/bench_step.py $(BENCH_STEP_ARGS)

@@ -110,7 +110,7 @@ def _convert_into(directory: Path) -> None:
     model.load_state_dict(quantized.state_dict())
     model.tie_weights()
     model.save_pretrained(directory)
-    tokenizer.add_bos_token = True  # the saved tokenizer adds BOS to raw text
+    tokenizer.add_bos_token = True  # type: ignore[misc]  # settable at run time; saved: adds BOS
     tokenizer.chat_template = QA_TEMPLATE
     tokenizer.save_pretrained(directory)
     record = {"source": PACKAGES, "build_version": BUILD_VERSION, "stop_strings": list(STOP_STRINGS)}
