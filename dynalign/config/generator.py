@@ -39,7 +39,9 @@ class GeneratorConfig:
     models: List[str] = field(default_factory=lambda: ["policy"])  # policy | openai:NAME | path or hub id
     endpoint: GeneratorEndpointConfig = field(default_factory=GeneratorEndpointConfig)  # for openai:NAME
     taxonomy_file: Optional[str] = None  # domains x task types x aspect sets; None: shipped CA taxonomy
-    templates_file: Optional[str] = None  # meta-prompt templates (YAML); None: shipped templates
+    # meta-prompt templates (YAML); None: the shipped chat templates; a bare name that is no file
+    # here is a shipped one (meta_prompts_base.yaml: raw few-shot lists for base models)
+    templates_file: Optional[str] = None
     template_ids: List[str] = field(default_factory=list)  # templates to cycle through; empty: all
     calls_per_shard: int = 8  # meta-prompts sampled as one batch and saved as one shard (resume unit)
     max_calls: Optional[int] = None  # stop after this many meta-prompts; None: 4 x the calls needed

@@ -10,6 +10,11 @@
 * :class:`OpenAIChatGenerator` sends each meta-prompt to an OpenAI-compatible
   ``/v1/chat/completions`` endpoint (vLLM, TGI, llama.cpp server, a hosted API) with its
   own seed, ``concurrency`` requests at a time.
+
+A request is chat messages (an instruction template, rendered by the model's chat
+template) or a raw string (a ``format: raw`` template a base model continues). A sampler
+takes either as is; a chat endpoint only takes messages, so it sends a raw string as one
+user message (:func:`as_messages`).
 """
 
 from __future__ import annotations
@@ -22,17 +27,24 @@ from typing import Any, Protocol
 
 from dynalign.config import ModelConfig
 from dynalign.datagen.settings import parse_model_spec
-from dynalign.rollout.base import Message, Sampler, SamplingParams
+from dynalign.rollout.base import Message, Prompt, Sampler, SamplingParams
 
 
 class PromptGenerator(Protocol):
     name: str  # recorded in every row as generator_model
     seeds_per_request: bool  # True: request j is sampled with seeds[j]; False: all with seeds[0]
 
-    def generate(self, requests: Sequence[list[Message]], seeds: Sequence[int],
+    def generate(self, requests: Sequence[Prompt], seeds: Sequence[int],
                  params: SamplingParams) -> list[str]:
-        """One completion per request (chat messages), in order."""
+        """One completion per request (chat messages or raw text), in order."""
         ...
+
+
+def as_messages(request: Prompt) -> list[Message]:
+    """A request as chat messages: raw text becomes one user message."""
+    if isinstance(request, str):
+        return [{"role": "user", "content": request}]
+    return list(request)
 
 
 class SamplerGenerator:
@@ -44,7 +56,7 @@ class SamplerGenerator:
         self.sampler = sampler
         self.name = name
 
-    def generate(self, requests: Sequence[list[Message]], seeds: Sequence[int],
+    def generate(self, requests: Sequence[Prompt], seeds: Sequence[int],
                  params: SamplingParams) -> list[str]:
         rollouts = self.sampler.sample(list(requests), 1, replace(params, seed=seeds[0]))
         return list(rollouts.texts)
@@ -78,10 +90,10 @@ class OpenAIChatGenerator:
             max_tokens=params.max_new_tokens, seed=seed, n=1, **extra)
         return response.choices[0].message.content or ""
 
-    def generate(self, requests: Sequence[list[Message]], seeds: Sequence[int],
+    def generate(self, requests: Sequence[Prompt], seeds: Sequence[int],
                  params: SamplingParams) -> list[str]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda r, s: self._one(r, s, params), requests, seeds))
+            return list(pool.map(lambda r, s: self._one(as_messages(r), s, params), requests, seeds))
 
     def close(self) -> None:
         self.client.close()

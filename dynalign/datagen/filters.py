@@ -19,6 +19,9 @@
 ``meta_copy``    a near-copy of the meta-prompt: at least ``max_meta_overlap`` of the
                  prompt's word 3-grams also occur in the meta-prompt (echoed instructions,
                  copied few-shot examples).
+``unfinished``   only for templates that set ``endings`` (the raw base-model templates): the
+                 prompt ends with none of them (e.g. ``?`` ``.``): an item cut off by the
+                 token limit, or a line that is no request.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import unicodedata
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-FILTERS = ("empty", "too_short", "too_long", "not_prose", "non_ascii", "refusal", "meta_copy")
+FILTERS = ("empty", "too_short", "too_long", "not_prose", "non_ascii", "refusal", "meta_copy", "unfinished")
 
 _CODE_CHARS = frozenset("_[]{}<>=\\|^~`@#$")  # never inside a word of prose
 _CANNOT = (r"\bi (?:cannot|can't|can not|won't|will not|am unable to|'m unable to"
@@ -95,11 +98,12 @@ def meta_overlap(text: str, meta_ngrams: AbstractSet[tuple[str, ...]]) -> float:
     return len(grams & meta_ngrams) / len(grams) if grams else 0.0
 
 
-def rejection_reason(text: str, cfg: Any,
-                     meta_ngrams: AbstractSet[tuple[str, ...]] = frozenset()) -> str | None:
+def rejection_reason(text: str, cfg: Any, meta_ngrams: AbstractSet[tuple[str, ...]] = frozenset(),
+                     endings: tuple[str, ...] = ()) -> str | None:
     """The first filter ``text`` fails (a name from :data:`FILTERS`), or None to keep it.
 
-    ``cfg`` is the generator config; ``meta_ngrams`` is ``word_ngrams(meta_prompt)``.
+    ``cfg`` is the generator config; ``meta_ngrams`` is ``word_ngrams(meta_prompt)``;
+    ``endings`` is the template's (empty: any ending).
     """
     if not text.strip():
         return "empty"
@@ -115,4 +119,6 @@ def rejection_reason(text: str, cfg: Any,
         return "refusal"
     if meta_ngrams and meta_overlap(text, meta_ngrams) >= cfg.max_meta_overlap:
         return "meta_copy"
+    if endings and not text.rstrip().endswith(tuple(endings)):
+        return "unfinished"
     return None

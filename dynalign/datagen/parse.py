@@ -6,6 +6,11 @@ array cut off by the token limit), code fences around anything, numbered items (
 ``1)`` ``(1)`` ``1:`` ``1 -``), bullets (``-`` ``*`` ``•`` ...), labels (``Prompt 1:``
 ``**Request 2**:`` ``### Prompt 3``), items that run over several lines, quoted lines,
 and a completion that is just one prompt. Pure functions; no filtering happens here.
+
+A base model does not follow instructions: it continues a document (a ``raw`` template
+ending in ``3.``). :func:`parse_continuation` reads such a completion as the rest of that
+list: one item per line, up to the first blank line or the first line that opens no item
+(the model has left the list: a heading, an answer, prose).
 """
 
 from __future__ import annotations
@@ -41,6 +46,23 @@ def parse_prompts(text: str) -> list[str]:
     if from_json:
         return from_json
     return [p for p in (clean_item(i) for i in _split_items(body)) if p]
+
+
+def parse_continuation(text: str, tail: str = "") -> list[str]:
+    """The list items of ``tail + text``, where ``tail`` is the last line of the raw meta-prompt
+    (e.g. ``"3."``): the first item is the one the prompt opened. One item per line; the list
+    ends at the first blank line or line that is not an item."""
+    found: list[str] = []
+    for line in (tail + (text or "")).splitlines():
+        if not line.strip():
+            break
+        is_item, rest = strip_marker(line)
+        if not is_item:
+            break
+        item = clean_item(rest)
+        if item:
+            found.append(item)
+    return found
 
 
 def clean_item(item: str) -> str:

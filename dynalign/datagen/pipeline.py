@@ -33,7 +33,7 @@ from dynalign.datagen.backends import PromptGenerator, build_generators
 from dynalign.datagen.dataset_io import save_dataset_dict, split_of, to_dataset_dict
 from dynalign.datagen.dedup import DuplicateIndex, prompt_id
 from dynalign.datagen.filters import rejection_reason, word_ngrams
-from dynalign.datagen.parse import parse_prompts
+from dynalign.datagen.parse import parse_continuation, parse_prompts
 from dynalign.datagen.settings import max_calls, parse_model_spec, validate_generator
 from dynalign.datagen.summary import build_summary, format_summary
 from dynalign.datagen.taxonomy import (
@@ -49,7 +49,7 @@ from dynalign.datagen.taxonomy import (
     seed_prompts,
     template_for_call,
 )
-from dynalign.rollout.base import Sampler, SamplingParams
+from dynalign.rollout.base import Prompt, Sampler, SamplingParams
 from dynalign.runtime import step_seed
 
 SEED_SCHEDULE = "sampling seed of call k = dynalign.runtime.step_seed(generator.seed, iteration, k)"
@@ -117,7 +117,7 @@ def run_fingerprint(gen_cfg: Any, planner: Planner, policy_name: str) -> dict[st
     fingerprint["generator.models"] = [generator_name(m, policy_name) for m in gen_cfg.models]
     fingerprint["generator.taxonomy_file"] = digest(asdict(planner.taxonomy))
     fingerprint["generator.template_ids"] = [t.id for t in planner.templates]
-    fingerprint["generator.templates_file"] = digest([asdict(t) for t in planner.templates])
+    fingerprint["generator.templates_file"] = digest([t.fingerprint() for t in planner.templates])
     fingerprint["iteration"] = planner.iteration
     return fingerprint
 
@@ -127,23 +127,28 @@ def run_fingerprint(gen_cfg: Any, planner: Planner, policy_name: str) -> dict[st
 
 def run_shard(shard_index: int, planner: Planner, generator: PromptGenerator, index: DuplicateIndex,
               gen_cfg: Any) -> dict:
-    """Sample, parse, filter and deduplicate the calls of one shard; ``index`` learns the kept prompts."""
+    """Sample, parse, filter and deduplicate the calls of one shard; ``index`` learns the kept prompts.
+
+    Calls go to the generator in one batch per template sending mode (format and stop
+    strings); a shard whose templates all send alike (the shipped sets) is one batch.
+    """
     per_shard = gen_cfg.calls_per_shard
     calls = [planner.call(k) for k in range(shard_index * per_shard, (shard_index + 1) * per_shard)]
-    requests = [[{"role": "user", "content": c.meta_prompt}] for c in calls]
-    texts = generator.generate(requests, [c.seed for c in calls], sampling_params(gen_cfg))
+    templates = {t.id: t for t in planner.templates}
+    texts, used_seeds = _sample_calls(calls, templates, generator, sampling_params(gen_cfg))
     timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     stats: Counter[str] = Counter()
     rows, call_records = [], []
-    for j, (call, text) in enumerate(zip(calls, texts, strict=True)):
-        used_seed = call.seed if generator.seeds_per_request else calls[0].seed
-        candidates = parse_prompts(text)
+    for j, (call, text, used_seed) in enumerate(zip(calls, texts, used_seeds, strict=True)):
+        template = templates[call.template_id]
+        candidates = parse_completion(template, call.meta_prompt, text)
         stats["completions"] += 1
         stats["unparsed"] += not candidates
         meta_ngrams = word_ngrams(call.meta_prompt)
         for candidate in candidates:
             stats["candidates"] += 1
-            reason = rejection_reason(candidate, gen_cfg, meta_ngrams) or index.add(candidate)
+            reason = (rejection_reason(candidate, gen_cfg, meta_ngrams, template.endings)
+                      or index.add(candidate))
             if reason:
                 stats[reason] += 1
                 continue
@@ -157,6 +162,42 @@ def run_shard(shard_index: int, planner: Planner, generator: PromptGenerator, in
                              "parsed": len(candidates), "batch_position": j})
     return {"shard": shard_index, "iteration": planner.iteration, "generator_model": generator.name,
             "timestamp": timestamp, "calls": call_records, "rows": rows, "stats": dict(stats)}
+
+
+def build_request(template: Template, meta_prompt: str) -> Prompt:
+    """What is sent for one call: the raw text (``format: raw``) or one user message."""
+    if template.raw:
+        return meta_prompt
+    return [{"role": "user", "content": meta_prompt}]
+
+
+def parse_completion(template: Template, meta_prompt: str, text: str) -> list[str]:
+    """The candidate prompts of one completion: a raw template's completion continues the
+    meta-prompt's last line (``"3."``), so that line is read with it."""
+    if template.raw:
+        return parse_continuation(text, meta_prompt.rsplit("\n", 1)[-1])
+    return parse_prompts(text)
+
+
+def _sample_calls(calls: Sequence[CallPlan], templates: dict[str, Template], generator: PromptGenerator,
+                  params: SamplingParams) -> tuple[list[str], list[int]]:
+    """Completions and the seed each was sampled with, in call order; one ``generate`` per
+    group of calls whose templates send alike (a group samples with its first call's seed
+    unless the generator seeds each request)."""
+    groups: dict[tuple[bool, tuple[str, ...]], list[int]] = {}
+    for j, call in enumerate(calls):
+        template = templates[call.template_id]
+        groups.setdefault((template.raw, template.stop), []).append(j)
+    texts: list[str] = [""] * len(calls)
+    seeds: list[int] = [0] * len(calls)
+    for (_, stop), members in groups.items():
+        group = [calls[j] for j in members]
+        requests = [build_request(templates[c.template_id], c.meta_prompt) for c in group]
+        outs = generator.generate(requests, [c.seed for c in group], params.with_stops(stop))
+        for j, call, out in zip(members, group, outs, strict=True):
+            texts[j] = out
+            seeds[j] = call.seed if generator.seeds_per_request else group[0].seed
+    return texts, seeds
 
 
 def _row(prompt: str, call: CallPlan, model: str, seed: int, shard: int, iteration: int,

@@ -25,8 +25,9 @@ TEMPLATES_FILE = DATA_DIR / "meta_prompts.yaml"
 SEED_PROMPTS_FILE = DATA_DIR / "ca_seed_prompts.yaml"
 
 PLACEHOLDERS = frozenset({"n", "domain", "domain_description", "task_type", "task_description",
-                          "aspects", "aspect_guidance", "examples"})
+                          "aspects", "aspect_guidance", "examples", "numbered_examples", "next_number"})
 EXAMPLES_PER_META_PROMPT = 2  # seed prompts shown by templates that use {examples}
+FORMATS = ("chat", "raw")
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,37 @@ class Taxonomy:
 
 @dataclass(frozen=True)
 class Template:
+    """One meta-prompt template.
+
+    ``format`` says how the rendered text is sent: ``chat`` as one user message (rendered
+    by the model's chat template: for instruction-tuned models), ``raw`` as plain text the
+    model continues (for base models: a document whose next line is the next prompt; the
+    completion is parsed as the continuation of the text's last line). ``stop`` adds
+    stop strings to the calls of this template; ``endings`` (e.g. ``["?", "."]``) drops
+    prompts that end with none of them (filter ``unfinished``: an item cut off by the token
+    limit, or a line that is no request).
+    """
+
     id: str
     text: str
+    format: str = "chat"
+    stop: tuple[str, ...] = ()
+    endings: tuple[str, ...] = ()
+
+    @property
+    def raw(self) -> bool:
+        return self.format == "raw"
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must match: id and text, and the options that differ from the defaults."""
+        out: dict = {"id": self.id, "text": self.text}
+        if self.format != "chat":
+            out["format"] = self.format
+        if self.stop:
+            out["stop"] = list(self.stop)
+        if self.endings:
+            out["endings"] = list(self.endings)
+        return out
 
 
 @dataclass(frozen=True)
@@ -83,8 +113,9 @@ def _read_yaml(path: str | Path) -> dict:
 
 
 def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
-    """Load and check a taxonomy file (``None``: the shipped Collective Agency taxonomy)."""
-    path = Path(path or TAXONOMY_FILE)
+    """Load and check a taxonomy file (``None``: the shipped Collective Agency taxonomy; a bare
+    name that is not a file here: that shipped file)."""
+    path = resolve_data_file(path, TAXONOMY_FILE)
     data = _read_yaml(path)
     try:
         taxonomy = Taxonomy(
@@ -107,15 +138,56 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
     return taxonomy
 
 
+def resolve_data_file(path: str | Path | None, default: Path) -> Path:
+    """``path`` as given; a bare file name that does not exist here is looked up among the
+    shipped data files (``dynalign/data/``), so configs can say ``meta_prompts_base.yaml``."""
+    if not path:
+        return default
+    path = Path(path)
+    if not path.exists() and path.name == str(path) and (DATA_DIR / path).exists():
+        return DATA_DIR / path
+    return path
+
+
+def _strings(value: object, what: str, path: Path, template_id: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise DataFileError(f"{path}: template {template_id!r}: {what} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _template(entry: object, path: Path) -> Template:
+    if not isinstance(entry, dict) or "id" not in entry or "text" not in entry:
+        raise DataFileError(f"{path}: every template needs an id and a text (got {entry!r:.80})")
+    template_id = str(entry["id"])
+    unknown = set(entry) - {"id", "text", "format", "stop", "endings"}
+    if unknown:
+        raise DataFileError(f"{path}: template {template_id!r} has unknown keys {sorted(unknown)}")
+    fmt = str(entry.get("format") or "chat")
+    if fmt not in FORMATS:
+        raise DataFileError(f"{path}: template {template_id!r}: format must be one of {list(FORMATS)} "
+                            f"(got {fmt!r})")
+    return Template(id=template_id, text=str(entry["text"]), format=fmt,
+                    stop=_strings(entry.get("stop"), "stop", path, template_id),
+                    endings=_strings(entry.get("endings"), "endings", path, template_id))
+
+
 def load_templates(path: str | Path | None = None, ids: Sequence[str] = ()) -> tuple[Template, ...]:
-    """Load meta-prompt templates, keeping ``ids`` (in that order) when given."""
-    path = Path(path or TEMPLATES_FILE)
+    """Load meta-prompt templates, keeping ``ids`` (in that order) when given.
+
+    ``path`` None: the shipped chat templates; a bare name such as ``meta_prompts_base.yaml``
+    that is not a file here: that shipped file (:func:`resolve_data_file`).
+    """
+    path = resolve_data_file(path, TEMPLATES_FILE)
     entries = _read_yaml(path).get("templates")
     if not isinstance(entries, list) or not entries:
         raise DataFileError(f"{path}: needs a non-empty list 'templates' of {{id, text}}")
     templates = {}
     for entry in entries:
-        template = Template(id=str(entry["id"]), text=str(entry["text"]))
+        template = _template(entry, path)
         fields = {name for _, name, _, _ in string.Formatter().parse(template.text) if name is not None}
         if fields - PLACEHOLDERS:
             raise DataFileError(f"{path}: template {template.id!r} uses unknown placeholders "
@@ -172,7 +244,12 @@ def examples_for_call(pool: Sequence[SeedPrompt], call_index: int, *, seed: int,
 
 def render_meta_prompt(template: Template, cell: Cell, taxonomy: Taxonomy, *, n: int,
                        examples: Sequence[SeedPrompt] = ()) -> str:
-    """The text a generator model reads for one call."""
+    """The text a generator model reads for one call.
+
+    ``{examples}`` lists the few-shot examples as ``- `` bullets, ``{numbered_examples}`` as
+    ``1.`` ``2.`` ...; ``{next_number}`` is the number after them (a raw template ends with
+    ``{next_number}.`` so that the model's continuation is the next item).
+    """
     guidance = "\n".join(f"- {a}: {taxonomy.aspects[a]}" for a in cell.aspects)
     aspects = cell.aspects[0] if len(cell.aspects) == 1 else (
         ", ".join(cell.aspects[:-1]) + " and " + cell.aspects[-1])
@@ -185,4 +262,6 @@ def render_meta_prompt(template: Template, cell: Cell, taxonomy: Taxonomy, *, n:
         aspects=aspects,
         aspect_guidance=guidance,
         examples="\n".join(f"- {e.prompt}" for e in examples),
+        numbered_examples="\n".join(f"{i}. {e.prompt}" for i, e in enumerate(examples, 1)),
+        next_number=len(examples) + 1,
     )
