@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from dynalign.rollout.base import Prompt, Rollouts
+from dynalign.rollout.base import Prompt, Rollouts, SamplingParams
 
 
 def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
@@ -47,6 +47,17 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt],
         raise TypeError("prompts must be a sequence of prompts, not one string")
     return [encode_text(tokenizer, render_prompt(tokenizer, p), chat=not isinstance(p, str),
                         max_length=max_length) for p in prompts]
+
+
+def prepare_request(tokenizer: Any, prompts: Sequence[Prompt], n: int, params: SamplingParams, *,
+                    stop: Sequence[str] = (), max_prompt_length: int | None = None,
+                    ) -> tuple[SamplingParams, list[list[int]]]:
+    """What every sampler does first: check ``n``, add the model's ``stop`` strings to ``params``,
+    and tokenize the prompts (left-truncated to the call's or the sampler's prompt limit)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (got {n})")
+    params = params.with_stops(stop)
+    return params, encode_prompts(tokenizer, prompts, params.max_prompt_length or max_prompt_length)
 
 
 def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:

@@ -18,12 +18,12 @@ from dynalign.rollout.base import Prompt, Rollouts, SamplingParams
 from dynalign.rollout.encoding import (
     Completion,
     build_rollouts,
-    encode_prompts,
     encode_text,
     eos_token_ids,
     find_stop,
     finish_completion,
     left_pad,
+    prepare_request,
 )
 from dynalign.zero import gathered, is_partitioned
 
@@ -90,11 +90,8 @@ class HFSampler:
     # ------------------------------------------------------------------ sampling
 
     def sample(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> Rollouts:
-        if n < 1:
-            raise ValueError(f"n must be >= 1 (got {n})")
-        params = params.with_stops(self.stop)
-        limit = params.max_prompt_length or self.max_prompt_length
-        prompt_ids = encode_prompts(self.tokenizer, prompts, limit)
+        params, prompt_ids = prepare_request(self.tokenizer, prompts, n, params, stop=self.stop,
+                                             max_prompt_length=self.max_prompt_length)
         _check_nonempty(prompt_ids)
         rows = [ids for ids in prompt_ids for _ in range(n)]  # prompt-major
         completions: list[Completion] = []

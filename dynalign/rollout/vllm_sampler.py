@@ -22,10 +22,10 @@ from dynalign.rollout._vllm_compat import VLLMEngine
 from dynalign.rollout.base import Prompt, Rollouts, SamplingParams
 from dynalign.rollout.encoding import (
     build_rollouts,
-    encode_prompts,
     encode_text,
     eos_token_ids,
     finish_completion,
+    prepare_request,
 )
 
 
@@ -79,11 +79,8 @@ class VLLMSampler:
         return self.engine.llm
 
     def sample(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> Rollouts:
-        if n < 1:
-            raise ValueError(f"n must be >= 1 (got {n})")
-        params = params.with_stops(self.stop)
-        limit = params.max_prompt_length or self.max_prompt_length
-        prompt_ids = encode_prompts(self.tokenizer, prompts, limit)
+        params, prompt_ids = prepare_request(self.tokenizer, prompts, n, params, stop=self.stop,
+                                             max_prompt_length=self.max_prompt_length)
         self._check_lengths(prompt_ids)
         rows = [ids for ids in prompt_ids for _ in range(n)]  # prompt-major
         # One request per completion, each with its own seed: distinct answers within a group,
