@@ -163,14 +163,15 @@ def prompts_for_iteration(cfg: TrainConfig, iteration: int, writer: Sampler | Ca
     """The training prompts of an iteration, shuffled by (seed, iteration): every rank agrees."""
     from dynalign.datagen.select import select_training_prompts
 
+    layout = RunDir(run_dir)
     if rank == 0:
         prompt_set = select_training_prompts(cfg.generator, writer, model_name=cfg.model.name_or_path,
                                              iteration=iteration, run_dir=run_dir)
         prompts = list(prompt_set.train)
-        RunDir(run_dir).prompts.mkdir(parents=True, exist_ok=True)
-        RunDir(run_dir).prompts_file(iteration).write_text(json.dumps(prompts))
+        layout.prompts.mkdir(parents=True, exist_ok=True)
+        layout.prompts_file(iteration).write_text(json.dumps(prompts))
     barrier()
-    prompts = json.loads(RunDir(run_dir).prompts_file(iteration).read_text())
+    prompts = json.loads(layout.prompts_file(iteration).read_text())
     shuffle = torch.Generator().manual_seed(step_seed(cfg.seed, iteration))
     return [prompts[i] for i in torch.randperm(len(prompts), generator=shuffle)]
 
@@ -375,8 +376,9 @@ def resume(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path) -> Position:
     """Where to start: from scratch, the run directory's latest checkpoint, or a given one."""
     if cfg.resume == "never":
         return Position()
-    source = RunDir(run_dir).checkpoints if cfg.resume == "auto" else Path(cfg.resume)
-    if cfg.resume == "auto" and not RunDir(run_dir).has_checkpoint():
+    layout = RunDir(run_dir)
+    source = layout.checkpoints if cfg.resume == "auto" else Path(cfg.resume)
+    if cfg.resume == "auto" and not layout.has_checkpoint():
         return Position()
     position = Position(**engine.load(source))
     _truncate_local_logs(run_dir, position.global_step)
@@ -390,7 +392,8 @@ def _truncate_local_logs(run_dir: Path, global_step: int) -> None:
 
     if get_rank() != 0:
         return
-    for path in (RunDir(run_dir).metrics, RunDir(run_dir).samples):
+    layout = RunDir(run_dir)
+    for path in (layout.metrics, layout.samples):
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= global_step]
             path.write_text("".join(line + "\n" for line in kept))
