@@ -22,7 +22,7 @@ from dynalign.config import ConfigError, ExternalJudgeConfig
 from dynalign.judge.logprob import expected_scores, score_slots, verdict_prefix
 from dynalign.judge.parse import BACKEND_ERROR, NO_SCORE_LOGPROBS, OK, parse_verdict
 from dynalign.judge.rubric import Rubric
-from dynalign.rollout.base import Message, Sampler, SamplingParams
+from dynalign.rollout.base import Message, Sampler, SamplingParams, reusing_prefixes
 
 Conversation = list[Message]
 
@@ -88,10 +88,23 @@ class SamplerBackend:
 
     def verdict_distributions(self, conversations: Sequence[Conversation], nonces: Sequence[str],
                               rubric: Rubric, params: SamplingParams) -> SlotDistributions:
-        n, scores = len(conversations), rubric.scores
+        n = len(conversations)
         probs, mass = nan_distributions(n, rubric)  # [N, A, S], [N, A]
         bases = [self.render(c) for c in conversations]
-        chosen: list[list[int]] = [[] for _ in range(n)]
+        with reusing_prefixes(self.sampler) as group:
+            size = group or max(n, 1)  # prompts read together: their caches must not evict each other
+            for start in range(0, n, size):
+                rows = slice(start, start + size)
+                probs[rows], mass[rows] = self._read_slots(bases[rows], nonces[rows], rubric)
+        return SlotDistributions(probs, mass, [OK] * n, [""] * n)
+
+    def _read_slots(self, bases: Sequence[str], nonces: Sequence[str],
+                    rubric: Rubric) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, A, S] and [N, A]: each aspect's score distribution after the judge prompts
+        ``bases``, each slot conditioned on the most likely scores of the slots before it."""
+        scores = rubric.scores
+        probs, mass = nan_distributions(len(bases), rubric)
+        chosen: list[list[int]] = [[] for _ in bases]
         for a in range(len(rubric.aspects)):
             contexts = [base + verdict_prefix(rubric, nonce, a, chosen[i])
                         for i, (base, nonce) in enumerate(zip(bases, nonces, strict=True))]
@@ -100,7 +113,7 @@ class SamplerBackend:
             _, mass[:, a], probs[:, a] = expected_scores(logprobs, scores)
             for i, best in enumerate(probs[:, a].argmax(-1).tolist()):
                 chosen[i].append(scores[best])  # the next slot sees the most likely score here
-        return SlotDistributions(probs, mass, [OK] * n, [""] * n)
+        return probs, mass
 
 
 # ------------------------------------------------------------------ HTTP

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from dynalign.judge.backends import SamplerBackend
 from dynalign.judge.parse import BACKEND_ERROR, OK, parse_pairwise_verdict
 from dynalign.judge.prompt import render_pairwise_prompt
-from dynalign.rollout.base import Prompt
+from dynalign.rollout.base import Prompt, reusing_prefixes
 
 if TYPE_CHECKING:
     import torch
@@ -104,8 +104,16 @@ def choice_logprobs(sampler: Any, contexts: Sequence[str], choices: Sequence[str
 
 
 def _votes_by_logprob(backend: SamplerBackend, rendered: Sequence[tuple[list, str]]) -> list[list[str]]:
+    import torch
+
+    if not rendered:
+        return []
     contexts = [backend.render(messages) + f"<verdict-{nonce}>\nwinner:" for messages, nonce in rendered]
-    logprobs = choice_logprobs(backend.sampler, contexts, [f" {c}" for c in PAIRWISE_CHOICES])  # [2N, 3]
+    choices = [f" {c}" for c in PAIRWISE_CHOICES]
+    with reusing_prefixes(backend.sampler) as group:
+        size = group or max(len(contexts), 1)
+        logprobs = torch.cat([choice_logprobs(backend.sampler, contexts[i:i + size], choices)
+                              for i in range(0, len(contexts), size)])  # [2N, 3]
     return [[PAIRWISE_CHOICES[i]] for i in logprobs.argmax(-1).tolist()]
 
 

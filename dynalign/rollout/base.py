@@ -24,7 +24,8 @@ enforces them, so both backends agree token for token on what a completion is):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -152,3 +153,20 @@ class Sampler(Protocol):
     def wake_up(self) -> None:
         """Undo :meth:`sleep` before the next :meth:`sample`."""
         ...
+
+
+@contextmanager
+def reusing_prefixes(sampler: Sampler, slots: int = 8) -> Iterator[int | None]:
+    """A block in which ``sampler.next_token_logprobs`` reuses the work of shared text prefixes.
+
+    Backends that read each text from scratch offer ``reuse_prefixes(slots)`` (the HF sampler:
+    KV caches of the last ``slots`` texts); the block yields how many texts to ask about at
+    a time. Backends that cache prefixes by themselves (vLLM's prefix caching) need nothing:
+    the block yields None, and callers ask about all their texts at once.
+    """
+    reuse = getattr(sampler, "reuse_prefixes", None)
+    if reuse is None:
+        yield None
+        return
+    with reuse(slots) as group:
+        yield group

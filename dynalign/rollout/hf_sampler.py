@@ -25,6 +25,7 @@ from dynalign.rollout.encoding import (
     left_pad,
     prepare_request,
 )
+from dynalign.rollout.prefix_cache import PrefixCache
 from dynalign.zero import gathered, is_partitioned
 
 GatherFactory = Callable[[], AbstractContextManager]
@@ -86,6 +87,8 @@ class HFSampler:
         self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
+        self._prefixes: PrefixCache | None = None  # set inside reuse_prefixes()
+        self._inside = False  # within _inference(): gathered, eval, no grad
 
     # ------------------------------------------------------------------ sampling
 
@@ -150,6 +153,10 @@ class HFSampler:
         candidates = torch.as_tensor(list(token_ids), dtype=torch.long)  # [K]
         rows = [encode_text(self.tokenizer, t) for t in texts]
         _check_nonempty(rows)
+        if self._prefixes is not None:
+            with self._inference():
+                return torch.stack([self._prefixes.logprobs(r)[candidates] for r in rows]) if rows \
+                    else torch.zeros(0, len(candidates))  # [N, K]
         out = []
         with self._inference():
             for start in range(0, len(rows), self.batch_size):
@@ -160,6 +167,22 @@ class HFSampler:
                 logp = torch.log_softmax(logits[:, -1].float(), -1)  # [B, V]
                 out.append(logp[:, candidates.to(logp.device)].cpu())  # [B, K]
         return torch.cat(out) if out else torch.zeros(0, len(candidates))  # [N, K]
+
+    @contextmanager
+    def reuse_prefixes(self, slots: int = 8) -> Iterator[int]:
+        """Within the block, :meth:`next_token_logprobs` reads each text one at a time, reusing
+        the KV cache of the longest token prefix it shares with one of the last ``slots`` texts
+        (:class:`~dynalign.rollout.prefix_cache.PrefixCache`): a judge's rubric is read once,
+        each aspect slot costs its new tokens only. The parameters stay gathered (ZeRO-3) for
+        the whole block. Yields ``slots``: callers that ask about more texts at once should
+        split them into groups of that many, or the caches of one group evict each other.
+        """
+        with self._inference():
+            self._prefixes = PrefixCache(self.model, self.device, slots)
+            try:
+                yield slots
+            finally:
+                self._prefixes = None
 
     # ------------------------------------------------------------------- weights
 
@@ -187,14 +210,20 @@ class HFSampler:
 
     @contextmanager
     def _inference(self) -> Iterator[None]:
-        """Gathered (ZeRO-3), eval mode, no grad; the model's train/eval flag is restored."""
+        """Gathered (ZeRO-3), eval mode, no grad; the model's train/eval flag is restored.
+        Re-entrant: a nested block (a query inside :meth:`reuse_prefixes`) gathers nothing."""
+        if self._inside:
+            yield
+            return
         was_training = self.model.training
         gather = self.gather() if self.gather is not None else nullcontext()
         with gather, torch.no_grad():
             self.model.eval()
+            self._inside = True
             try:
                 yield
             finally:
+                self._inside = False
                 self.model.train(was_training)
 
     @contextmanager

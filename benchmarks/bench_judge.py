@@ -1,0 +1,106 @@
+"""The logprob self-judge with and without reuse of shared prefixes, in one process.
+
+Workload (defaults): ``--prompts`` user prompts x ``--answers`` answers each, judged in logprob
+mode with ``--rubric`` by an HF sampler on ``--model`` (``tiny``, ``gemma3_270m`` or a local
+directory): the rows of one step's self-judge. The same judge prompts (same nonces) are scored
+twice per round, reading every text from scratch (the path every sampler had before, and the
+one vLLM still takes, which caches prefixes itself) and with
+:meth:`~dynalign.rollout.hf_sampler.HFSampler.reuse_prefixes`; the order alternates between
+rounds so both see the same machine load. Printed: seconds per answer of each, their ratio
+and the largest difference of an expected score between the two.
+
+    .venv/bin/python benchmarks/bench_judge.py                       # tiny model, ca_rubric
+    .venv/bin/python benchmarks/bench_judge.py --model gemma3_270m --rubric ca_compact --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import time
+
+QUESTIONS = ["How can our town reduce food waste?", "My neighbour keeps parking across my driveway. "
+             "What should I do?", "How should a small team share credit for a success?",
+             "What is a good way to learn a new language as an adult?"]
+ANSWERS = ["Start a shared fridge and compost the rest; ask shops to donate surplus food.",
+           "Talk to them calmly first, leave a friendly note, then ask the council if it continues.",
+           "Do nothing, it is not your problem.",
+           "Name each person's part in public, and ask the team how they want to be thanked.",
+           "Practise a little every day with people who speak it, and read things you enjoy.",
+           "Shout at them until they stop."]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny", help="tiny, gemma3_270m or a local model directory")
+    parser.add_argument("--rubric", default="ca_rubric")
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--answers", type=int, default=4, help="answers per prompt (the group size)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
+    parser.add_argument("--slots", type=int, default=8, help="KV caches kept (reuse_prefixes)")
+    return parser.parse_args()
+
+
+def judge_inputs(rubric, prompts: int, answers: int):
+    from dynalign.judge import render_judge_prompt
+
+    rng = random.Random(0)
+    rendered = [render_judge_prompt(rubric, QUESTIONS[p % len(QUESTIONS)], ANSWERS[(p + a) % len(ANSWERS)],
+                                    reasoning=False, rng=rng)
+                for p in range(prompts) for a in range(answers)]
+    return [m for m, _ in rendered], [n for _, n in rendered]
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    from dynalign.config import ModelConfig
+    from dynalign.judge import SamplerBackend, load_rubric
+    from dynalign.models import load_hf_sampler
+    from dynalign.rollout.base import SamplingParams
+
+    rubric = load_rubric(args.rubric)
+    sampler = load_hf_sampler(ModelConfig(name_or_path=args.model), batch_size=args.prompts * args.answers)
+    conversations, nonces = judge_inputs(rubric, args.prompts, args.answers)
+    params = SamplingParams(max_new_tokens=8)
+    backend = SamplerBackend(sampler)
+    values = torch.tensor([float(s) for s in rubric.scores])
+
+    def run(with_reuse: bool):
+        if not with_reuse:
+            sampler.reuse_prefixes = None  # reusing_prefixes() then reads every text from scratch
+        start = time.perf_counter()
+        try:
+            out = backend.verdict_distributions(conversations, nonces, rubric, params)
+        finally:
+            if not with_reuse:
+                del sampler.reuse_prefixes
+        return time.perf_counter() - start, out.probs @ values  # [N, A] expected scores
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    diff = 0.0
+    for r in range(args.rounds):
+        results = {}
+        for with_reuse in ((False, True) if r % 2 == 0 else (True, False)):
+            seconds, expected = run(with_reuse)
+            times[with_reuse].append(seconds)
+            results[with_reuse] = expected
+        diff = max(diff, float((results[True] - results[False]).abs().max()))
+    n = len(conversations)
+    plain, reused = statistics.median(times[False]), statistics.median(times[True])
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f}; model {args.model}, rubric {args.rubric}, "
+          f"{args.prompts} prompts x {args.answers} answers, {args.rounds} rounds")
+    runs = {k: ", ".join(f"{t:.2f}" for t in v) for k, v in times.items()}
+    print(f"from scratch     {plain / n:8.3f} s/answer   runs: {runs[False]} s")
+    print(f"prefix reuse     {reused / n:8.3f} s/answer   runs: {runs[True]} s")
+    print(f"speed-up         {plain / reused:8.2f}x")
+    print(f"max |expected score difference| {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
