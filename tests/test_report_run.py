@@ -201,10 +201,15 @@ def test_the_runs_newest_own_evaluation_is_the_default(run_dir, tmp_path):
     assert report.evaluation.ca["policy"]["overall"].mean == 4.0
 
 
-def test_an_evaluation_of_another_policy_is_flagged(run_dir, tmp_path):
+def test_an_evaluation_of_another_policy_is_flagged(run_dir, tmp_path, monkeypatch):
     evaluation = write_eval(tmp_path / "eval", "/elsewhere/iter_1")
     text = run_report.render_run_markdown(run_report.read_run_report(run_dir, evaluation))
     assert f"Note: the evaluated policy is not a checkpoint of `{run_dir}`." in text
+    # relative paths (evaluate and report started from the same directory) are this run's
+    monkeypatch.chdir(tmp_path)
+    relative = write_eval(tmp_path / "eval_relative", "run/iter_2")
+    text = run_report.render_run_markdown(run_report.read_run_report(Path("run"), relative))
+    assert "Note: the evaluated policy" not in text
 
 
 def test_an_unfinished_run_without_config(tmp_path):

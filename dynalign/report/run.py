@@ -452,6 +452,11 @@ def _lm_eval_lines(e: Evaluation) -> list[str]:
     return ["### Capability (lm-eval)", "", *_table(("task", "metric", "policy", "baseline", "Δ"), rows), ""]
 
 
+def _inside(path: str, directory: str) -> bool:
+    """Whether ``path`` lies under ``directory`` (both resolved against the working directory)."""
+    return Path(path).resolve().is_relative_to(Path(directory).resolve())
+
+
 def _evaluation_section(report: RunReport) -> list[str]:
     lines = ["## Evaluation against the base model", ""]
     e = report.evaluation
@@ -461,7 +466,7 @@ def _evaluation_section(report: RunReport) -> list[str]:
     lines += [f"- evaluation: `{e.source}`",
               f"- policy: `{e.checkpoint}`{iteration}; base model: `{e.baseline}`",
               f"- external judge: {e.judge}; {fmt(e.prompts)} prompts", ""]
-    if not e.checkpoint.startswith(report.run_dir.rstrip("/") + "/"):
+    if not _inside(e.checkpoint, report.run_dir):
         lines += [f"Note: the evaluated policy is not a checkpoint of `{report.run_dir}`.", ""]
     lines += _ca_lines(e) + _pairwise_lines(e) + _lm_eval_lines(e)
     if e.warnings:
