@@ -21,28 +21,39 @@ def _pyplot():
     return plt
 
 
-def plot_reward_curves(axis: str, runs: Sequence[RunRecord], path: Path) -> None:
-    """Mean reward per step, one line per value of the axis."""
+Series = tuple[str, Sequence[int], Sequence[float]]  # (label, steps, values)
+
+
+def plot_lines(series: Sequence[Series], path: Path, *, title: str, ylabel: str,
+               legend_title: str | None = None) -> None:
+    """One line per series against the global step, saved to ``path``."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for i, run in enumerate(runs):
-        label = run.value if finite(run.rewards) else f"{run.value} (no finite reward)"
-        # runs that share their first steps overlap exactly: shrinking markers and varied dashes keep
+    for i, (label, steps, values) in enumerate(series):
+        # lines that share their first steps overlap exactly: shrinking markers and varied dashes keep
         # every line visible
-        ax.plot(run.steps, run.rewards, marker=MARKERS[i % len(MARKERS)], markersize=max(9 - 1.5 * i, 3),
+        ax.plot(steps, values, marker=MARKERS[i % len(MARKERS)], markersize=max(9 - 1.5 * i, 3),
                 linestyle=LINESTYLES[i % len(LINESTYLES)], label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"ablation {axis}: reward per step")
+    ax.set_title(title)
     ax.set_xlabel("global step")
-    ax.set_ylabel("mean judge reward")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if runs:
-        ax.legend(title=axis, fontsize="small")
+    if series:
+        ax.legend(title=legend_title, fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_reward_curves(axis: str, runs: Sequence[RunRecord], path: Path) -> None:
+    """Mean reward per step, one line per value of the axis."""
+    series = [(run.value if finite(run.rewards) else f"{run.value} (no finite reward)", run.steps,
+               run.rewards) for run in runs]
+    plot_lines(series, path, title=f"ablation {axis}: reward per step", ylabel="mean judge reward",
+               legend_title=axis)
 
 
 def plot_ca_vs_capability(records: Sequence[RunRecord], path: Path) -> bool:
