@@ -16,8 +16,8 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train lint typecheck test test-all ablations report judge-check bench install-vllm test-vllm \
-        bench-rollout clean
+.PHONY: help install train cpu-gemma lint typecheck test test-all ablations report judge-check bench install-vllm \
+        test-vllm bench-rollout clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +33,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 
 train: install ## Run the main job: python -m dynalign.train (ARGS="key=value ..." to override)
 	$(PY) -m dynalign.train $(ARGS)
+
+# The whole loop on a real pretrained model on CPU (experiments/cpu_gemma.yaml, ~20 min on 2 cores),
+# then the run's report into reports/cpu_gemma/ (reward curves, evaluation against the base model).
+CPU_GEMMA_RUN ?= outputs/cpu_gemma/$(shell date +%Y-%m-%d_%H-%M-%S)
+cpu-gemma: install ## Gemma 3 270M through the whole loop on CPU, then its report in reports/cpu_gemma/
+	$(PY) -m dynalign.train +experiment=cpu_gemma hydra.run.dir=$(CPU_GEMMA_RUN) $(ARGS)
+	$(PY) -m dynalign.report.run $(CPU_GEMMA_RUN) --out reports/cpu_gemma \
+	  --title "Gemma 3 270M on CPU: +experiment=cpu_gemma"
 
 lint: install ## Lint with ruff
 	$(VENV)/bin/ruff check .
