@@ -157,3 +157,17 @@ def test_tiny_preset_of_one_axis_end_to_end(tmp_path, cache_dir, tiny_model_path
     assert png.read_bytes()[:4] == b"\x89PNG"
     text = (out / "report.md").read_text()
     assert "| kl_beta | `0.04` | done | 2 |" in text and "(plots/reward_kl_beta.png)" in text
+
+
+def test_cpu_gemma_preset_composes_the_whole_loop_on_gemma():
+    cfg = to_train_config(_compose(["+experiment=cpu_gemma"]))
+    assert cfg.model.name_or_path == "gemma3_270m" and cfg.model.lora.enabled
+    assert cfg.model.stop == ["\nQuestion:", "\n\n\n"]  # the model group's settings survive the preset
+    assert cfg.judge.mode == "logprob" and cfg.judge.source == "self"
+    assert cfg.judge.rubric.name == "ca_compact" and cfg.eval.rubric == "ca_compact"
+    assert cfg.generator.name == "base_model" and cfg.generator.regenerate_each_iteration
+    assert cfg.deepspeed.stage == 2  # one process: no partitioning to pay hooks for
+    # evaluated once, after the last iteration, by the base model, with pairwise and lm-eval
+    assert cfg.eval.every_n_iterations == cfg.iterations
+    assert (cfg.eval.judge.backend, cfg.eval.judge.model) == ("hf", "gemma3_270m")
+    assert cfg.eval.pairwise and cfg.eval.lm_eval_tasks == ["ca_mini_mc"]
