@@ -189,17 +189,21 @@ def run_dynalign(args: argparse.Namespace) -> None:
 
     _threads(args)
 
+    from dataclasses import replace
+
     from dynalign.distributed import init_distributed
+    from dynalign.engine import PolicyEngine
     from dynalign.train import build_parts
 
     cfg = _dynalign_config(args)
     init_distributed()
-    engine, sampler, judge = build_parts(cfg)
+    engine = PolicyEngine.from_config(cfg)
+    with tempfile.TemporaryDirectory() as run_dir:
+        parts = build_parts(cfg, engine, Path(run_dir), iteration=0)
     prompts = list(PROMPTS[: args.prompts])
-    cheap = _time_dynalign(cfg, (engine, sampler, PythonRewardJudge(cheap_reward)), prompts,
+    cheap = _time_dynalign(cfg, replace(parts, judge=PythonRewardJudge(cheap_reward)), prompts,
                            args.warmup, args.steps)
-    judged = (_time_dynalign(cfg, (engine, sampler, judge), prompts, 1, args.judge_steps)
-              if args.judge_steps else [])
+    judged = _time_dynalign(cfg, parts, prompts, 1, args.judge_steps) if args.judge_steps else []
     emit({"framework": "dynalign", "cheap": cheap, "judge": judged, "threads": torch.get_num_threads(),
           "zero_stage": cfg.deepspeed.stage})
 

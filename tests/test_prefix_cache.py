@@ -95,8 +95,8 @@ def judged_both_ways(sampler, rubric, n=5, slots=2):
     rng = random.Random(0)
     answers = ["Share surplus food with neighbours.", "No.", "Compost, donate, and plan meals together.",
                "Ignore it.", "Ask the council for a shared fridge."][:n]
-    rendered = [render_judge_prompt(rubric, "How can our town reduce food waste?", a, reasoning=False, rng=rng)
-                for a in answers]
+    question = "How can our town reduce food waste?"
+    rendered = [render_judge_prompt(rubric, question, a, reasoning=False, rng=rng) for a in answers]
     conversations, nonces = [m for m, _ in rendered], [x for _, x in rendered]
     params = SamplingParams(max_new_tokens=8)
     plain = SamplerBackend(WithoutReuse(sampler)).verdict_distributions(conversations, nonces, rubric, params)
@@ -110,9 +110,9 @@ def judged_both_ways(sampler, rubric, n=5, slots=2):
 
 
 def test_logprob_judge_scores_equal_with_and_without_reuse_on_the_tiny_model(tiny_model_path):
+    from dynalign.config import ModelConfig
     from dynalign.judge import load_rubric
     from dynalign.models import load_hf_sampler
-    from dynalign.config import ModelConfig
 
     sampler = load_hf_sampler(ModelConfig(name_or_path=str(tiny_model_path)), batch_size=4)
     rubric = load_rubric("ca_rubric")
