@@ -37,7 +37,7 @@ from dynalign.distributed import all_reduce, barrier, init_distributed, print0, 
 from dynalign.grpo import group_advantages, zero_spread_groups
 from dynalign.rundir import RunDir
 from dynalign.runtime import PhaseTimer, Preemption, seed_everything, step_seed
-from dynalign.tracking import RunInfo, Tracker, build_tracker
+from dynalign.tracking import RunInfo, Tracker, build_tracker, console_postfix
 
 if TYPE_CHECKING:  # torch-heavy modules stay lazily imported
     from dynalign.engine import PolicyEngine, TrainBatch
@@ -332,8 +332,7 @@ def log_step(cfg: TrainConfig, tracker: Tracker, bar: tqdm, position: Position, 
     if every and position.global_step % every == 0:
         tracker.log_samples(samples, step=position.global_step)
     bar.update(1)
-    bar.set_postfix(iteration=iteration + 1, reward=f"{metrics['reward/mean']:.3f}",
-                    loss=f"{metrics.get('train/loss', 0.0):.4f}")
+    bar.set_postfix({"iteration": iteration + 1, **console_postfix(metrics)})  # in this order
 
 
 def end_of_iteration(cfg: TrainConfig, parts: Parts, info: RunInfo, position: Position, tracker: Tracker,

@@ -15,7 +15,7 @@ from dynalign.distributed import reduce_metrics
 from dynalign.judge import JudgeResult
 from dynalign.rollout import Rollouts
 from dynalign.runtime import PhaseTimer
-from dynalign.tracking import RunInfo
+from dynalign.tracking import RunInfo, console_postfix
 from dynalign.train import (
     Parts,
     Position,
@@ -183,6 +183,14 @@ def test_step_metrics_combine_the_ranks_shares(monkeypatch):
     assert metrics["reward/mean"] == pytest.approx(22 / 7)  # the 7 parsed rewards, not (5/3 + 17/4) / 2
     assert metrics["judge/knowledge_mean"] == pytest.approx(22 / 7)
     assert metrics["completions/length_mean"] == pytest.approx((1 + 2 + 3 + 1) / 4)
+
+
+def test_the_console_shows_the_reward_spread_and_how_the_policy_moves_not_the_loss():
+    # an on-policy GRPO step: the loss is ~0 by construction, the rest is what tells steps apart
+    metrics = {"reward/mean": 1.9016, "judge/reward_std": 0.0069, "train/loss": -1e-9,
+               "train/grad_norm": 1.066, "train/entropy": 6.9009}
+    assert console_postfix(metrics) == {"reward": "1.902±0.007", "grad": "1.07", "entropy": "6.90"}
+    assert console_postfix(metrics | {"train/kl_mean": 0.01234})["kl"] == "0.0123"  # with grpo.beta > 0
 
 
 # ------------------------------------------------------------------ the order of the phases
