@@ -304,14 +304,18 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
             with between("prompts"):
                 prompts = prompts_for_iteration(cfg, iteration, prompt_writer(cfg, parts, info.run_dir),
                                                 info.run_dir, rank)
+            rewards: list[float] = []  # of this iteration's steps, for its summary line
             while position.iteration == iteration:
                 mine = step_prompts(prompts, cfg, position.step, rank, world)
                 metrics, samples = grpo_step(cfg, parts, mine, position, rank, timer)
+                rewards.append(metrics["reward/mean"])
                 position.advance(cfg.steps_per_iteration)
                 log_step(cfg, tracker, bar, position, metrics | timer.pop() | between.pop(total=None),
                          samples, iteration)
                 if _agreed(preemption.requested):
                     return preempted(cfg, engine, info.run_dir, position, tracker)
+            print0(f"dynalign: iteration {iteration + 1}: reward {rewards[0]:.3f} at its first step, "
+                   f"{rewards[-1]:.3f} at its last ({len(rewards)} steps)")
             end_of_iteration(cfg, parts, info, position, tracker, between)
     # the last iteration's end has no step after it to carry its times: the summary does
     summary = {"global_step": position.global_step, "final_reward": metrics.get("reward/mean", math.nan),
