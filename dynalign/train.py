@@ -281,11 +281,13 @@ def step_samples(cfg: TrainConfig, position: Position, answered: list[str], roll
 
 def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     from dynalign.engine import PolicyEngine
-    from dynalign.models import resolve_model_path
+    from dynalign.models import MODEL_NOTICES, resolve_model_path
 
     resolve_model_path(cfg.model)  # build the embedded model, if it is the one, before joining the group
     dist_info = init_distributed()
     rank, world = dist_info.rank, dist_info.world_size
+    if notice := MODEL_NOTICES.get(cfg.model.name_or_path):
+        print0(f"dynalign: {notice}")
     cfg.validate(world_size=world)
     seed_everything(cfg.seed)
     engine = PolicyEngine.from_config(cfg)

@@ -54,7 +54,10 @@ def _same_weights(a: dict, b: dict) -> bool:
 def test_default_run_end_to_end(tmp_path, cache_dir, tiny_model_path):
     run = tmp_path / "run"
     proc = _train(run, cache=cache_dir)
-    assert "dynalign: done: 2 iterations, 4 steps" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "dynalign: done: 2 iterations, 4 steps" in out
+    assert "the embedded tiny model, whose weights are RANDOM" in out  # said once, before any step
+    assert out.count("weights are RANDOM") == 1 and "dynalign: iteration 2: reward " in out
 
     metrics = _metrics(run)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
