@@ -280,9 +280,9 @@ def test_the_frozen_judge_is_the_policy_as_the_iteration_began(tmp_path):
 
 def test_frozen_judging_over_several_iterations_needs_the_exports(train_cfg):
     with pytest.raises(ConfigError, match="export_each_iteration"):
-        train_cfg("judge.source=frozen", "export_each_iteration=false").validate()
+        train_cfg("judge.source=frozen", "iterations=2", "export_each_iteration=false").validate()
     train_cfg("judge.source=frozen", "export_each_iteration=false", "iterations=1").validate()
-    train_cfg("export_each_iteration=false").validate()
+    train_cfg("judge.source=self", "iterations=2", "export_each_iteration=false").validate()
 
 
 def test_end_of_iteration_times_its_phases_and_loads_the_next_frozen_judge(train_cfg, tmp_path, monkeypatch):

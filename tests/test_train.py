@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from dynalign.distributed import free_port
 
 # Small but complete: 2 iterations x 2 steps, 4 prompts x 4 answers, short answers and verdicts.
-FAST = ["grpo.max_completion_length=8", "judge.max_new_tokens=24", "logger.samples_per_log=4"]
+FAST = ["iterations=2", "steps_per_iteration=2", "grpo.max_completion_length=8", "judge.max_new_tokens=24",
+        "logger.samples_per_log=4"]
 
 
 def _env(cache: Path, **extra: str) -> dict[str, str]:
@@ -89,7 +90,7 @@ def test_default_run_end_to_end(tmp_path, cache_dir, tiny_model_path):
     # offline runs keep config and group inside the run's record file until `wandb sync`
     (records,) = offline[0].glob("run-*.wandb")
     raw = records.read_bytes()
-    assert b'"group_size":4' in raw and b"ca_rubric" in raw and str(run).encode() in raw
+    assert b'"group_size":4' in raw and b"ca_compact" in raw and str(run).encode() in raw
     tables = sorted(p.name for p in (offline[0] / "files" / "media" / "table" / "samples").glob("*.json"))
     assert len(tables) == 4 and tables[0].startswith("step_000001")
 
