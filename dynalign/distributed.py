@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -141,9 +142,10 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
-    """``print`` on rank 0 only."""
+    """``print`` on rank 0 only, on a line of its own above a live progress bar (``tqdm.write``:
+    ``file``, ``end``)."""
     if is_main_process():
-        print(*args, **kwargs)
+        tqdm.write(" ".join(str(a) for a in args), **kwargs)
 
 
 def reduce_metrics(metrics: Mapping[str, float], *, summed: Callable[[str], bool] = lambda key: False,

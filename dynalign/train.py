@@ -37,7 +37,7 @@ from dynalign.distributed import all_reduce, barrier, init_distributed, print0, 
 from dynalign.grpo import group_advantages, zero_spread_groups
 from dynalign.rundir import RunDir
 from dynalign.runtime import PhaseTimer, Preemption, seed_everything, step_seed
-from dynalign.tracking import RunInfo, Tracker, build_tracker
+from dynalign.tracking import RunInfo, Tracker, build_tracker, console_postfix
 
 if TYPE_CHECKING:  # torch-heavy modules stay lazily imported
     from dynalign.engine import PolicyEngine, TrainBatch
@@ -281,11 +281,13 @@ def step_samples(cfg: TrainConfig, position: Position, answered: list[str], roll
 
 def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     from dynalign.engine import PolicyEngine
-    from dynalign.models import resolve_model_path
+    from dynalign.models import MODEL_NOTICES, resolve_model_path
 
     resolve_model_path(cfg.model)  # build the embedded model, if it is the one, before joining the group
     dist_info = init_distributed()
     rank, world = dist_info.rank, dist_info.world_size
+    if notice := MODEL_NOTICES.get(cfg.model.name_or_path):
+        print0(f"dynalign: {notice}")
     cfg.validate(world_size=world)
     seed_everything(cfg.seed)
     engine = PolicyEngine.from_config(cfg)
@@ -304,14 +306,18 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
             with between("prompts"):
                 prompts = prompts_for_iteration(cfg, iteration, prompt_writer(cfg, parts, info.run_dir),
                                                 info.run_dir, rank)
+            rewards: list[float] = []  # of this iteration's steps, for its summary line
             while position.iteration == iteration:
                 mine = step_prompts(prompts, cfg, position.step, rank, world)
                 metrics, samples = grpo_step(cfg, parts, mine, position, rank, timer)
+                rewards.append(metrics["reward/mean"])
                 position.advance(cfg.steps_per_iteration)
                 log_step(cfg, tracker, bar, position, metrics | timer.pop() | between.pop(total=None),
                          samples, iteration)
                 if _agreed(preemption.requested):
                     return preempted(cfg, engine, info.run_dir, position, tracker)
+            print0(f"dynalign: iteration {iteration + 1}: reward {rewards[0]:.3f} at its first step, "
+                   f"{rewards[-1]:.3f} at its last ({len(rewards)} steps)")
             end_of_iteration(cfg, parts, info, position, tracker, between)
     # the last iteration's end has no step after it to carry its times: the summary does
     summary = {"global_step": position.global_step, "final_reward": metrics.get("reward/mean", math.nan),
@@ -332,8 +338,7 @@ def log_step(cfg: TrainConfig, tracker: Tracker, bar: tqdm, position: Position, 
     if every and position.global_step % every == 0:
         tracker.log_samples(samples, step=position.global_step)
     bar.update(1)
-    bar.set_postfix(iteration=iteration + 1, reward=f"{metrics['reward/mean']:.3f}",
-                    loss=f"{metrics.get('train/loss', 0.0):.4f}")
+    bar.set_postfix({"iteration": iteration + 1, **console_postfix(metrics)})  # in this order
 
 
 def end_of_iteration(cfg: TrainConfig, parts: Parts, info: RunInfo, position: Position, tracker: Tracker,

@@ -42,15 +42,24 @@ def test_defaults_are_the_embedded_run(compose_cfg):
     assert cfg.model.name_or_path == "tiny"
     assert cfg.rollout.backend == "hf"
     assert cfg.deepspeed.stage == 3
-    assert cfg.judge.rubric.name == "ca_rubric"
+    # the tiny model's own values (conf/model/tiny.yaml): a short rubric, read by logprob, judged by
+    # the policy as the iteration began, a learning rate its random weights move with
+    assert (cfg.judge.rubric.name, cfg.judge.mode, cfg.judge.source) == ("ca_compact", "logprob", "frozen")
     assert [a.name for a in cfg.judge.rubric.aspects] == ["knowledge", "benevolence", "power", "vitality"]
-    assert all(set(a.levels) == {str(i) for i in range(6)} for a in cfg.judge.rubric.aspects)
+    assert cfg.grpo.lr == 3e-2 and cfg.grpo.max_completion_length == 128
+    assert (cfg.iterations, cfg.steps_per_iteration) == (1, 12)
+    full = to_train_config(compose_cfg(["judge=ca_rubric"])).judge.rubric
+    assert all(set(a.levels) == {str(i) for i in range(6)} for a in full.aspects)
 
 
 def test_model_presets(compose_cfg):
     llama = to_train_config(compose_cfg(["model=llama3_8b"]))
     assert llama.model.name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert llama.model.dtype == "bfloat16"
+    # the tiny model's training values stay with it
+    assert (llama.grpo.lr, llama.grpo.max_completion_length) == (1e-5, 32)
+    judge = llama.judge
+    assert (judge.rubric.name, judge.mode, judge.source) == ("ca_rubric", "generate", "self")
     assert to_train_config(compose_cfg(["model=qwen2_5_7b"])).model.name_or_path.startswith("Qwen/")
 
 

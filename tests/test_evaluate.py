@@ -18,7 +18,9 @@ from dynalign.config import to_train_config
 
 RESULT_KEYS = {"checkpoint", "baseline", "iteration", "step", "timestamp", "prompts", "judge", "settings",
                "pointwise", "pairwise", "calibration", "lm_eval", "warnings", "timing", "metrics"}
-SMALL = ["eval.num_prompts=2", "eval.max_new_tokens=6", "eval.bootstrap_samples=100", "logger.backend=none"]
+# steps_per_iteration: the step an iteration's evaluation is logged at, pinned apart from the default run's
+SMALL = ["eval.num_prompts=2", "eval.max_new_tokens=6", "eval.bootstrap_samples=100", "logger.backend=none",
+         "steps_per_iteration=2"]
 
 
 def _run(tmp_path, *overrides: str, cache) -> subprocess.CompletedProcess:
@@ -100,7 +102,8 @@ def test_loop_hook_logs_numbers_and_reuses_the_baseline(tmp_path, compose_cfg, c
     from dynalign.judge import build_judge
     from dynalign.rollout import HFSampler
 
-    cfg = to_train_config(compose_cfg([*SMALL, "judge.mode=logprob", "eval.lm_eval_tasks=[]"]))
+    overrides = [*SMALL, "judge.mode=logprob", "judge.source=self", "eval.lm_eval_tasks=[]"]
+    cfg = to_train_config(compose_cfg(overrides))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).train()
     sampler = HFSampler(model, AutoTokenizer.from_pretrained(tiny_model_path), shares_weights=True)
     judge = build_judge(cfg.judge, sampler)  # the loop's self-judge

@@ -87,6 +87,8 @@ def test_tiny_preset_is_small_and_scores_by_logprob():
     cfg = to_train_config(_compose([_experiment("tiny", "kl_beta")]))
     assert cfg.model.name_or_path == "tiny" and cfg.rollout.backend == "hf"
     assert cfg.judge.mode == "logprob"  # generate mode on the tiny model: NaN rewards only
+    # its own baseline, not the default run's values from conf/model/tiny.yaml
+    assert (cfg.judge.source, cfg.judge.rubric.name, cfg.grpo.lr) == ("self", "ca_rubric", 1e-5)
     assert cfg.iterations * cfg.steps_per_iteration <= 2 and cfg.grpo.max_completion_length <= 8
     assert (cfg.judge.external.backend, cfg.judge.external.model) == ("hf", "tiny")
     generate = to_train_config(_compose([_experiment("tiny", "judge_mode"), "judge.mode=generate"]))

@@ -150,7 +150,7 @@ def test_a_bad_value_exits_2_before_any_model_loads(tmp_path, override, key):
 
 @pytest.mark.slow  # a subprocess: the tiny self-judge scores 8 answers and 4 pairs, 25-55 s on 2 cores
 def test_cli_measures_the_tiny_self_judge(tmp_path, cache_dir, tiny_model_path):
-    proc = _run(tmp_path, "model=tiny", "judge.mode=logprob", "judge_check.limit=4",
+    proc = _run(tmp_path, "model=tiny", "judge=ca_rubric", "judge.source=self", "judge_check.limit=4",
                 "judge_check.bootstrap_samples=50", cache=cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "judge_check.json").read_text())

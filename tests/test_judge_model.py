@@ -107,7 +107,7 @@ def test_logprob_mode_refuses_multi_token_scores(tiny, sampler):
 
 
 def test_a_group_judged_end_to_end_counts_its_failures(compose_cfg, sampler):
-    overrides = ["judge.mode=generate", "judge.num_samples=2", "judge.max_new_tokens=24"]
+    overrides = ["judge.source=self", "judge.mode=generate", "judge.num_samples=2", "judge.max_new_tokens=24"]
     cfg = to_train_config(compose_cfg(overrides))
     judge = build_judge(cfg.judge, sampler)
     group_size = 4  # one prompt's group of answers, as the loop judges it
@@ -127,7 +127,7 @@ def test_a_group_judged_end_to_end_counts_its_failures(compose_cfg, sampler):
 
 
 def test_hhh_logprob_composes_and_builds(compose_cfg, sampler):
-    cfg = to_train_config(compose_cfg(["judge=hhh_rubric", "judge.mode=logprob"]))
+    cfg = to_train_config(compose_cfg(["judge=hhh_rubric", "judge.mode=logprob", "judge.source=self"]))
     judge = build_judge(cfg.judge, sampler)
     assert isinstance(judge, Judge) and judge.mode == "logprob"
     assert judge.rubric.aspect_names == ("helpful", "honest", "harmless")
@@ -139,7 +139,7 @@ def test_judge_sources_pick_their_sampler(compose_cfg, sampler, tiny):
     model, tokenizer = tiny
     frozen = HFSampler(model, tokenizer)
     external = HFSampler(model, tokenizer)
-    base = to_train_config(compose_cfg()).judge
+    base = to_train_config(compose_cfg(["judge.source=self"])).judge
     assert build_judge(base, sampler).backend.sampler is sampler
     frozen_cfg = to_train_config(compose_cfg(["judge.source=frozen"])).judge
     assert build_judge(frozen_cfg, sampler, frozen_sampler=frozen).backend.sampler is frozen

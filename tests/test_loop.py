@@ -15,7 +15,7 @@ from dynalign.distributed import reduce_metrics
 from dynalign.judge import JudgeResult
 from dynalign.rollout import Rollouts
 from dynalign.runtime import PhaseTimer
-from dynalign.tracking import RunInfo
+from dynalign.tracking import RunInfo, console_postfix
 from dynalign.train import (
     Parts,
     Position,
@@ -185,6 +185,14 @@ def test_step_metrics_combine_the_ranks_shares(monkeypatch):
     assert metrics["completions/length_mean"] == pytest.approx((1 + 2 + 3 + 1) / 4)
 
 
+def test_the_console_shows_the_reward_spread_and_how_the_policy_moves_not_the_loss():
+    # an on-policy GRPO step: the loss is ~0 by construction, the rest is what tells steps apart
+    metrics = {"reward/mean": 1.9016, "judge/reward_std": 0.0069, "train/loss": -1e-9,
+               "train/grad_norm": 1.066, "train/entropy": 6.9009}
+    assert console_postfix(metrics) == {"reward": "1.902±0.007", "grad": "1.07", "entropy": "6.90"}
+    assert console_postfix(metrics | {"train/kl_mean": 0.01234})["kl"] == "0.0123"  # with grpo.beta > 0
+
+
 # ------------------------------------------------------------------ the order of the phases
 
 
@@ -272,9 +280,9 @@ def test_the_frozen_judge_is_the_policy_as_the_iteration_began(tmp_path):
 
 def test_frozen_judging_over_several_iterations_needs_the_exports(train_cfg):
     with pytest.raises(ConfigError, match="export_each_iteration"):
-        train_cfg("judge.source=frozen", "export_each_iteration=false").validate()
+        train_cfg("judge.source=frozen", "iterations=2", "export_each_iteration=false").validate()
     train_cfg("judge.source=frozen", "export_each_iteration=false", "iterations=1").validate()
-    train_cfg("export_each_iteration=false").validate()
+    train_cfg("judge.source=self", "iterations=2", "export_each_iteration=false").validate()
 
 
 def test_end_of_iteration_times_its_phases_and_loads_the_next_frozen_judge(train_cfg, tmp_path, monkeypatch):
