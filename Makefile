@@ -144,8 +144,8 @@ $(VLLM_VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(VLLM_PY) -c "import torch, transformers, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 	@touch $@
 
-test-vllm: install-vllm ## vLLM sampler tests: a real engine on the tiny model, in .venv-vllm
-	$(call PYTEST_IN,$(VLLM_PY),tests/test_vllm.py $(VLLM_TEST_ARGS))
+test-vllm: install-vllm ## vLLM sampler tests: a real engine on the tiny model and on Gemma 270M, in .venv-vllm
+	$(call PYTEST_IN,$(VLLM_PY),tests/test_vllm.py tests/test_vllm_gemma.py $(VLLM_TEST_ARGS))
 
 bench-rollout: install-vllm ## Rollout throughput: HF generate vs vLLM on one workload (tokens/s)
 	$(VLLM_PY) benchmarks/bench_rollout.py $(BENCH_ARGS)

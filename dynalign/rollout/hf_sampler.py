@@ -153,11 +153,11 @@ class HFSampler:
         candidates = torch.as_tensor(list(token_ids), dtype=torch.long)  # [K]
         rows = [encode_text(self.tokenizer, t) for t in texts]
         _check_nonempty(rows)
-        if self._prefixes is not None:
-            with self._inference():
-                return torch.stack([self._prefixes.logprobs(r)[candidates] for r in rows]) if rows \
-                    else torch.zeros(0, len(candidates))  # [N, K]
         out = []
+        if self._prefixes is not None:  # one text at a time, continuing cached prefixes
+            with self._inference():
+                out = [self._prefixes.logprobs(r)[candidates][None] for r in rows]  # N x [1, K]
+            return torch.cat(out) if out else torch.zeros(0, len(candidates))  # [N, K]
         with self._inference():
             for start in range(0, len(rows), self.batch_size):
                 ids, mask = left_pad(rows[start:start + self.batch_size], self.pad_id)  # [B, L]
