@@ -316,8 +316,9 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
                          samples, iteration)
                 if _agreed(preemption.requested):
                     return preempted(cfg, engine, info.run_dir, position, tracker)
-            print0(f"dynalign: iteration {iteration + 1}: reward {rewards[0]:.3f} at its first step, "
-                   f"{rewards[-1]:.3f} at its last ({len(rewards)} steps)")
+            if rewards:  # a resumed iteration may have no step left
+                print0(f"dynalign: iteration {iteration + 1}: reward {rewards[0]:.3f} at its first step, "
+                       f"{rewards[-1]:.3f} at its last ({len(rewards)} steps)")
             end_of_iteration(cfg, parts, info, position, tracker, between)
     # the last iteration's end has no step after it to carry its times: the summary does
     summary = {"global_step": position.global_step, "final_reward": metrics.get("reward/mean", math.nan),

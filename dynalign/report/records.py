@@ -55,7 +55,7 @@ class RunRecord:
 # ------------------------------------------------------------------ small readers
 
 
-def _number(value: Any) -> float:
+def as_number(value: Any) -> float:
     """A float, or NaN for None / non-numbers (JSON writes NaN as null)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return math.nan
@@ -71,7 +71,7 @@ def _mean(values: Iterable[float]) -> float:
     return statistics.fmean(kept) if kept else math.nan
 
 
-def _median(values: Iterable[float]) -> float:
+def nan_median(values: Iterable[float]) -> float:
     kept = finite(values)
     return statistics.median(kept) if kept else math.nan
 
@@ -89,11 +89,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def _dig(node: Any, *keys: str) -> Any:
+def dig(node: Any, *keys: str) -> Any:
     for key in keys:
         if not isinstance(node, Mapping):
             return None
@@ -146,7 +146,7 @@ def capability_delta(delta: Mapping[str, Mapping[str, Any]] | None) -> float:
     """Mean over tasks of each task's main metric delta (policy - baseline; see MAIN_METRICS)."""
     per_task = []
     for metrics in (delta or {}).values():
-        by_name = {str(name).split(",")[0]: _number(v) for name, v in metrics.items()
+        by_name = {str(name).split(",")[0]: as_number(v) for name, v in metrics.items()
                    if "_stderr" not in str(name)}
         main = next((m for m in MAIN_METRICS if m in by_name), None) or next(iter(sorted(by_name)), None)
         if main is not None:
@@ -156,9 +156,9 @@ def capability_delta(delta: Mapping[str, Mapping[str, Any]] | None) -> float:
 
 def eval_numbers(results: Mapping[str, Any]) -> dict[str, float]:
     """CA score, win rate and capability delta of one ``eval_results.json``."""
-    return {"ca_score": _number(_dig(results, "pointwise", "policy", "overall", "mean")),
-            "win_rate": _number(_dig(results, "pairwise", "win_rate")),
-            "capability_delta": capability_delta(_dig(results, "lm_eval", "delta"))}
+    return {"ca_score": as_number(dig(results, "pointwise", "policy", "overall", "mean")),
+            "win_rate": as_number(dig(results, "pairwise", "win_rate")),
+            "capability_delta": capability_delta(dig(results, "lm_eval", "delta"))}
 
 
 def latest_eval(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
@@ -191,14 +191,14 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(runs)
 
 
-def _status(metrics: list[dict[str, Any]], summary: Mapping[str, Any] | None) -> str:
+def run_status(metrics: list[dict[str, Any]], summary: Mapping[str, Any] | None) -> str:
     if summary is not None:
         return "preempted" if summary.get("preempted") else "done"
     return "incomplete" if metrics else "failed"
 
 
 def _job_number(run_dir: Path, hydra: Any) -> int:
-    num = _dig(hydra, "hydra", "job", "num")
+    num = dig(hydra, "hydra", "job", "num")
     if isinstance(num, int):
         return num
     head = run_dir.name.split("_", 1)[0]
@@ -207,16 +207,16 @@ def _job_number(run_dir: Path, hydra: Any) -> int:
 
 def read_local_run(run_dir: Path) -> RunRecord:
     """A :class:`RunRecord` from a run directory's own files."""
-    config = _read_yaml(run_dir / ".hydra" / "config.yaml") or {}
-    hydra = _read_yaml(run_dir / ".hydra" / "hydra.yaml")
-    overrides = parse_overrides(_read_yaml(run_dir / ".hydra" / "overrides.yaml") or [])
-    swept = list(_dig(hydra, "hydra", "sweeper", "params") or {})
+    config = read_yaml(run_dir / ".hydra" / "config.yaml") or {}
+    hydra = read_yaml(run_dir / ".hydra" / "hydra.yaml")
+    overrides = parse_overrides(read_yaml(run_dir / ".hydra" / "overrides.yaml") or [])
+    swept = list(dig(hydra, "hydra", "sweeper", "params") or {})
     files = RunDir(run_dir)
     metrics = read_jsonl(files.metrics)
     summary = json.loads(files.summary.read_text(encoding="utf-8")) if files.summary.exists() else None
-    record = RunRecord(axis=axis_of(_dig(config, "logger", "group"), run_dir.parent),
+    record = RunRecord(axis=axis_of(dig(config, "logger", "group"), run_dir.parent),
                        value=value_of(overrides, swept), run=str(run_dir),
-                       status=_status(metrics, summary), order=_job_number(run_dir, hydra),
+                       status=run_status(metrics, summary), order=_job_number(run_dir, hydra),
                        keys=tuple(value_keys(overrides, swept)))
     fill_from_metrics(record, metrics, summary or {})
     evaluated = latest_eval(run_dir)
@@ -233,11 +233,11 @@ def fill_from_metrics(record: RunRecord, metrics: Sequence[Mapping[str, Any]],
     key = reward_key(metrics)
     steps = [m for m in metrics if "step" in m and (key is None or key in m)]
     record.steps = [int(m["step"]) for m in steps]
-    record.rewards = [_number(m.get(key)) if key else math.nan for m in steps]
-    final = _number(summary.get("final_reward"))
+    record.rewards = [as_number(m.get(key)) if key else math.nan for m in steps]
+    final = as_number(summary.get("final_reward"))
     record.final_reward = final if not math.isnan(final) or not record.rewards else record.rewards[-1]
-    record.judge_failure_rate = _mean(_number(m.get(FAILURE_KEY)) for m in steps)
-    record.time_per_step_s = _median(_number(m.get(STEP_TIME_KEY)) for m in steps)
+    record.judge_failure_rate = _mean(as_number(m.get(FAILURE_KEY)) for m in steps)
+    record.time_per_step_s = nan_median(as_number(m.get(STEP_TIME_KEY)) for m in steps)
 
 
 def local_records(roots: Iterable[Path]) -> list[RunRecord]:
@@ -270,8 +270,8 @@ def wandb_record(run: Any) -> RunRecord:
         parts = str(key).split("/")
         if parts[:3] == ["eval", "lm_eval", "delta"] and len(parts) == 5:
             delta.setdefault(parts[3], {})[parts[4]] = value
-    record.ca_score = _number(summary.get("eval/ca/policy/overall/mean"))
-    record.win_rate = _number(summary.get("eval/pairwise/win_rate"))
+    record.ca_score = as_number(summary.get("eval/ca/policy/overall/mean"))
+    record.win_rate = as_number(summary.get("eval/pairwise/win_rate"))
     record.capability_delta = capability_delta(delta)
     return record
 

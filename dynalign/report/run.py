@@ -32,14 +32,14 @@ from dynalign.report.records import (
     FAILURE_KEY,
     STEP_TIME_KEY,
     RunRecord,
-    _dig,
-    _median,
-    _number,
-    _read_yaml,
-    _status,
+    as_number,
+    dig,
     fill_from_metrics,
+    nan_median,
     read_jsonl,
+    read_yaml,
     reward_key,
+    run_status,
 )
 from dynalign.report.render import NA, fmt
 from dynalign.rundir import RunDir
@@ -164,21 +164,21 @@ class RunReport:
 
 def run_settings(config: Mapping[str, Any]) -> RunSettings:
     """The settings a reader needs to place the run, from its composed config."""
-    lora = _dig(config, "model", "lora") or {}
-    source = _dig(config, "judge", "source")
+    lora = dig(config, "model", "lora") or {}
+    source = dig(config, "judge", "source")
     if source == "external":
-        external = _dig(config, "judge", "external") or {}
+        external = dig(config, "judge", "external") or {}
         source = f"external ({external.get('backend')}:{external.get('model')})"
     return RunSettings(
-        model=_dig(config, "model", "name_or_path"),
+        model=dig(config, "model", "name_or_path"),
         lora=f"r={lora.get('r')}, alpha={lora.get('alpha')}" if lora.get("enabled") else "off",
-        judge_source=source, judge_mode=_dig(config, "judge", "mode"),
-        rubric=_dig(config, "judge", "rubric", "name"),
-        iterations=_dig(config, "iterations"), steps_per_iteration=_dig(config, "steps_per_iteration"),
-        prompts_per_step=_dig(config, "grpo", "prompts_per_step"),
-        group_size=_dig(config, "grpo", "group_size"),
-        lr=_dig(config, "grpo", "lr"), loss_type=_dig(config, "grpo", "loss_type"),
-        kl_beta=_dig(config, "grpo", "beta"))
+        judge_source=source, judge_mode=dig(config, "judge", "mode"),
+        rubric=dig(config, "judge", "rubric", "name"),
+        iterations=dig(config, "iterations"), steps_per_iteration=dig(config, "steps_per_iteration"),
+        prompts_per_step=dig(config, "grpo", "prompts_per_step"),
+        group_size=dig(config, "grpo", "group_size"),
+        lr=dig(config, "grpo", "lr"), loss_type=dig(config, "grpo", "loss_type"),
+        kl_beta=dig(config, "grpo", "beta"))
 
 
 def aspect_names(config: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -189,7 +189,7 @@ def aspect_names(config: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]]
     """
     logged = {key[len("judge/"):-len("_mean")] for m in metrics for key in m
               if key.startswith("judge/") and key.endswith("_mean")}
-    rubric = [a.get("name") for a in _dig(config, "judge", "rubric", "aspects") or []
+    rubric = [a.get("name") for a in dig(config, "judge", "rubric", "aspects") or []
               if isinstance(a, Mapping)]
     if rubric:
         return [name for name in rubric if name in logged]
@@ -199,7 +199,7 @@ def aspect_names(config: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]]
 
 def _iteration(logged: Any) -> int | None:
     """The loop logs the iteration from 0; the report counts from 1, like ``iter_<k>/``."""
-    number = _number(logged)
+    number = as_number(logged)
     return None if math.isnan(number) else int(number) + 1
 
 
@@ -209,9 +209,9 @@ def step_rows(metrics: Sequence[Mapping[str, Any]], aspects: Sequence[str]) -> l
     if key is None:
         return []
     return [StepRow(step=int(m["step"]), iteration=_iteration(m.get("iteration")),
-                    reward=_number(m.get(key)), reward_std=_number(m.get(REWARD_STD_KEY)),
-                    aspects={a: _number(m.get(f"judge/{a}_mean")) for a in aspects},
-                    judge_failure_rate=_number(m.get(FAILURE_KEY)))
+                    reward=as_number(m.get(key)), reward_std=as_number(m.get(REWARD_STD_KEY)),
+                    aspects={a: as_number(m.get(f"judge/{a}_mean")) for a in aspects},
+                    judge_failure_rate=as_number(m.get(FAILURE_KEY)))
             for m in metrics if "step" in m and key in m]
 
 
@@ -224,16 +224,16 @@ def phase_timings(metrics: Sequence[Mapping[str, Any]], summary: Mapping[str, An
     values: dict[str, list[float]] = {}
     for record in [*metrics, summary]:
         for key, value in record.items():
-            number = _number(value)
+            number = as_number(value)
             if key.startswith(TIME_PREFIX) and not math.isnan(number):
                 values.setdefault(key[len(TIME_PREFIX):], []).append(number)
     # the whole step first, then the phases as the loop first logged them
     order = sorted(values, key=lambda phase: phase != STEP_TIME_KEY[len(TIME_PREFIX):])
-    return [PhaseTiming(p, _median(values[p]), math.fsum(values[p]), len(values[p])) for p in order]
+    return [PhaseTiming(p, nan_median(values[p]), math.fsum(values[p]), len(values[p])) for p in order]
 
 
 def _interval(stat: Any) -> Interval:
-    return Interval(*(_number(_dig(stat, key)) for key in ("mean", "ci_low", "ci_high")))
+    return Interval(*(as_number(dig(stat, key)) for key in ("mean", "ci_low", "ci_high")))
 
 
 def _ca_scores(pointwise: Mapping[str, Any]) -> dict[str, dict[str, Interval]]:
@@ -250,8 +250,8 @@ def _ca_scores(pointwise: Mapping[str, Any]) -> dict[str, dict[str, Interval]]:
 def lm_eval_rows(lm_eval: Mapping[str, Any]) -> list[LmEvalRow]:
     """Every task metric of the policy (standard errors left out) beside the baseline's and the delta."""
     baseline, delta = lm_eval.get("baseline") or {}, lm_eval.get("delta") or {}
-    return [LmEvalRow(task, metric, _number(value), _number(_dig(baseline, task, metric)),
-                      _number(_dig(delta, task, metric)))
+    return [LmEvalRow(task, metric, as_number(value), as_number(dig(baseline, task, metric)),
+                      as_number(dig(delta, task, metric)))
             for task, metrics in (lm_eval.get("policy") or {}).items()
             for metric, value in metrics.items() if "_stderr" not in metric]
 
@@ -260,8 +260,8 @@ def sample_pairs(rows: Sequence[Mapping[str, Any]], n: int) -> list[SamplePair]:
     """The first ``n`` evaluation prompts, the base model's answer beside the policy's."""
     return [SamplePair(prompt=str(row.get("prompt", "")), baseline_answer=row.get("baseline_answer"),
                        policy_answer=str(row.get("policy_answer", "")),
-                       baseline_score=_number(row.get("baseline_external_score")),
-                       policy_score=_number(row.get("external_score")), pairwise=row.get("pairwise"))
+                       baseline_score=as_number(row.get("baseline_external_score")),
+                       policy_score=as_number(row.get("external_score")), pairwise=row.get("pairwise"))
             for row in rows[:max(n, 0)] if "policy_answer" in row]
 
 
@@ -270,7 +270,7 @@ def evaluation_summary(results: Mapping[str, Any], rows: Sequence[Mapping[str, A
     """What the report shows of one evaluation."""
     pointwise = results.get("pointwise") or {}
     judge = results.get("judge") or {}
-    scale = _dig(pointwise, "policy", "scale")
+    scale = dig(pointwise, "policy", "scale")
     pairwise = results.get("pairwise") or {}
     keys = ("win_rate", "ci_low", "ci_high", "wins", "ties", "losses", "failed", "failure_rate")
     return Evaluation(
@@ -278,12 +278,12 @@ def evaluation_summary(results: Mapping[str, Any], rows: Sequence[Mapping[str, A
         baseline=str(results.get("baseline", NA)), iteration=results.get("iteration"),
         judge=f"{judge.get('backend')}:{judge.get('model')} ({judge.get('mode')} mode, rubric "
               f"{judge.get('rubric')})" if judge else NA,
-        prompts=_dig(results, "prompts", "total"),
+        prompts=dig(results, "prompts", "total"),
         scale=(float(scale[0]), float(scale[1])) if isinstance(scale, list) and len(scale) == 2 else None,
         ca=_ca_scores(pointwise),
-        ca_failure_rate={side: _number(_dig(pointwise, side, "failure_rate"))
+        ca_failure_rate={side: as_number(dig(pointwise, side, "failure_rate"))
                          for side in ("policy", "baseline") if side in pointwise},
-        pairwise={k: _number(pairwise.get(k)) for k in keys} if pairwise else {},
+        pairwise={k: as_number(pairwise.get(k)) for k in keys} if pairwise else {},
         lm_eval=lm_eval_rows(results.get("lm_eval") or {}),
         samples=sample_pairs(rows, samples), warnings=[str(w) for w in results.get("warnings") or []])
 
@@ -309,7 +309,7 @@ def read_run_report(run_dir: Path, eval_dir: Path | None = None, *, samples: int
     config_file = run_dir / ".hydra" / "config.yaml"
     if not config_file.is_file() and not files.metrics.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no .hydra/config.yaml, no metrics.jsonl)")
-    config = _read_yaml(config_file) or {}
+    config = read_yaml(config_file) or {}
     metrics = read_jsonl(files.metrics)
     summary = json.loads(files.summary.read_text(encoding="utf-8")) if files.summary.exists() else None
     headline = RunRecord(axis="", value="", run=str(run_dir))
@@ -325,7 +325,7 @@ def read_run_report(run_dir: Path, eval_dir: Path | None = None, *, samples: int
         f"not evaluated: {run_dir} has no eval/iter_<k>/{RESULTS_FILE}. Evaluate it with `python -m "
         f"dynalign.evaluate checkpoint={run_dir}`, then pass that output directory as `--eval`.")
     return RunReport(title=title or f"Run report: {run_dir.name}", run_dir=str(run_dir),
-                     status=_status(metrics, summary), settings=run_settings(config), aspects=aspects,
+                     status=run_status(metrics, summary), settings=run_settings(config), aspects=aspects,
                      steps=step_rows(metrics, aspects), final_reward=headline.final_reward,
                      judge_failure_rate=headline.judge_failure_rate,
                      time_per_step_s=headline.time_per_step_s, timings=phase_timings(metrics, summary or {}),
