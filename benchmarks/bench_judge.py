@@ -40,7 +40,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--answers", type=int, default=4, help="answers per prompt (the group size)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
-    parser.add_argument("--slots", type=int, default=8, help="KV caches kept (reuse_prefixes)")
     return parser.parse_args()
 
 
