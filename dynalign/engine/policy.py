@@ -310,8 +310,10 @@ class PolicyEngine:
         return checkpoint.save(self, directory, client_state, keep)
 
     def load(self, directory: str | os.PathLike) -> dict[str, Any]:
-        """Restore the newest checkpoint under ``directory`` (or that checkpoint directory), written
-        with this world size; collective; returns the caller's ``client_state``."""
+        """Restore the checkpoint ``<directory>/latest`` names (or ``directory`` itself, a checkpoint
+        directory), written with this world size; collective; returns the caller's ``client_state``.
+        Safe on checkpoints from anyone; a missing, corrupt or refused file raises
+        :class:`~dynalign.engine.checkpoint.CheckpointError` naming it."""
         return checkpoint.load(self, directory)
 
     def close(self) -> None:
