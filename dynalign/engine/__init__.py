@@ -14,6 +14,7 @@ from dynalign.engine.checkpoint import (
     CheckpointError,
     newest_complete_checkpoint,
     read_safetensors_dir,
+    record_client_state,
     resolve_checkpoint,
     resumable_checkpoint,
     write_safetensors_shards,
@@ -24,5 +25,5 @@ from dynalign.zero import hf_zero3_init
 
 __all__ = ["LATEST_FILE", "CheckpointError", "PolicyEngine", "TrainBatch", "deepspeed_config",
            "gradient_accumulation_steps", "hf_zero3_init", "newest_complete_checkpoint",
-           "read_safetensors_dir", "resolve_checkpoint", "resumable_checkpoint", "warmup_constant",
-           "write_safetensors_shards"]
+           "read_safetensors_dir", "record_client_state", "resolve_checkpoint", "resumable_checkpoint",
+           "warmup_constant", "write_safetensors_shards"]

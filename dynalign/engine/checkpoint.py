@@ -49,6 +49,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,7 +211,9 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = None) -> Any:
     """``torch.load`` that refuses arbitrary globals (``weights_only=True`` plus
     :func:`deepspeed_safe_globals`); any failure raises :class:`CheckpointError` naming ``path``."""
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(deepspeed_safe_globals()), warnings.catch_warnings():
+            # a file not written by torch.save: the refusal below says what matters about it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(path, f"refused to load: {_unpickler_detail(exc)} (only tensors, "
@@ -604,3 +607,15 @@ def _load_reference(engine: PolicyEngine, directory: Path) -> None:
     if targets:
         raise CheckpointError(directory, f"reference weights missing: {sorted(targets)[:5]}")
     engine.reference_updated = True
+
+
+def record_client_state(engine: PolicyEngine, directory: str | os.PathLike,
+                        client_state: dict[str, Any]) -> None:
+    """Replace the ``client_state`` of the newest checkpoint under ``directory`` (atomically, rank 0):
+    what the caller did after saving (an evaluation) is then on record; collective."""
+    if engine.rank == 0:
+        root, tag = resolve_checkpoint(directory)
+        state = read_state(root / tag)
+        state["client_state"] = client_state
+        write_json(root / tag / STATE_FILE, state, indent=2, sort_keys=True, ensure_ascii=True)
+    barrier()
