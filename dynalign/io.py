@@ -110,3 +110,29 @@ def build_once(target: str | Path, fill: Callable[[Path], None], *, marker: str 
         if not (target / marker).exists():
             raise RuntimeError(f"building {target} wrote no {marker}")
     return target
+
+
+def cut_jsonl(path: str | Path, keep: Callable[[dict[str, Any]], bool]) -> int:
+    """Rewrite the JSON-lines file ``path`` atomically with the records ``keep`` accepts.
+
+    Lines that do not parse (a write torn by a kill, always the last one) are dropped with the
+    rejected records; kept lines stay byte for byte. Returns how many lines were dropped; a
+    missing file is left missing.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and _keeps(line, keep)]
+    dropped = sum(1 for line in lines if line.strip()) - len(kept)
+    if dropped or len(kept) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
+
+
+def _keeps(line: str, keep: Callable[[dict[str, Any]], bool]) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and keep(record)

@@ -11,14 +11,23 @@
       metrics.jsonl           one line per step (the tracker's local mirror)
       samples.jsonl           sampled rollouts with their judgements
       summary.json            the run's final numbers, written when it ends
+      .dynalign.lock          held by the run that owns the directory (its process, host, start)
 
-:func:`resolve_model_dir` turns a run directory (or a model directory) into the Hugging
-Face directory to load.
+A run owns its directory: :meth:`RunDir.owned` holds an exclusive lock for the run's lifetime,
+so a second run there refuses to start and names the first. :func:`resolve_model_dir` turns a
+run directory (or a model directory) into the Hugging Face directory to load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
+import shutil
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +36,11 @@ from dynalign.config.checks import ConfigError
 ITER_DIR = re.compile(r"iter_(\d+)")
 LATEST = "latest"  # DeepSpeed's (and dynalign's) marker of the newest complete checkpoint
 MODEL_CONFIG = "config.json"  # what makes a directory a Hugging Face model
+LOCK_FILE = ".dynalign.lock"
+
+
+class RunDirError(RuntimeError):
+    """A run directory this run may not use (owned by another run, holding one, unwritable)."""
 
 
 def iteration_of(path: str | Path) -> int | None:
@@ -103,6 +117,70 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.path / "summary.json"
+
+    @property
+    def eval_history(self) -> Path:
+        """One line per in-training evaluation (written by :mod:`dynalign.eval.report`)."""
+        return self.path / "eval" / "eval_history.jsonl"
+
+    # ------------------------------------------------------------------ ownership
+
+    @contextlib.contextmanager
+    def owned(self) -> Iterator[None]:
+        """Hold the directory's lock while the block runs; refuse if another run holds it.
+
+        The lock is ``flock`` on ``.dynalign.lock`` (released by the kernel when the process
+        dies, so a killed run never leaves its directory locked); the file says who holds it.
+        """
+        self.check_writable()
+        handle = open(self.path / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held open)
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                raise RunDirError(f"{self.path} is in use by {owner}: wait for that run to end or "
+                                  "choose another hydra.run.dir") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()} on {socket.gethostname()} "
+                         f"(started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # releases the lock
+
+    def check_writable(self) -> None:
+        """Create the directory, and prove it and ``checkpoints/`` take new files (a real write:
+        permission bits say nothing for root or on network filesystems)."""
+        for directory in (self.path, self.checkpoints):
+            if directory == self.checkpoints and not directory.exists():
+                continue
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                probe = directory / f".write-test-{os.getpid()}"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as err:
+                raise RunDirError(f"{directory}: cannot write there ({err.strerror or err}); the run "
+                                  "directory and its checkpoints/ must be writable") from None
+
+    def previous_run(self) -> list[str]:
+        """What an earlier run left here (checkpoints, logged steps, exports), by name; [] if nothing."""
+        found = [p.name for p in (self.checkpoints, self.metrics, self.samples, self.summary)
+                 if (p.is_dir() and any(p.iterdir())) or (p.is_file() and p.stat().st_size > 0)]
+        return found + [d.name for _, d in _iterations(self.path, MODEL_CONFIG)]
+
+    def clear_previous_run(self) -> None:
+        """Delete what :meth:`previous_run` finds, with the prompts and evaluations of that run."""
+        for name in ("checkpoints", "prompts", "eval"):
+            shutil.rmtree(self.path / name, ignore_errors=True)
+        for path in (self.metrics, self.samples, self.summary):
+            path.unlink(missing_ok=True)
+        for export in self.path.iterdir():
+            if export.is_dir() and iteration_of(export) is not None:
+                shutil.rmtree(export, ignore_errors=True)
 
 
 def resolve_model_dir(value: str | Path, key: str) -> Path:

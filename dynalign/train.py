@@ -4,8 +4,9 @@ Each iteration the policy trains on a prompt set (shipped seeds, a dataset on di
 prompts it wrote itself); each step it samples a group of answers per prompt, judges its
 own answers with the rubric, turns the rewards into group-relative advantages and takes
 GRPO steps on the DeepSpeed engine. At the end of an iteration it exports the policy, moves
-the KL reference to it, checkpoints and runs the evaluation hook. Every phase is timed under
-its name: the step's as ``time/<phase>`` with ``time/step`` their sum, the iteration's
+the KL reference to it, checkpoints and runs the evaluation hook; the checkpoint records which
+of these stages are still to run, so an interrupted run finishes them when it resumes. Every
+phase is timed under its name: the step's as ``time/<phase>`` with ``time/step`` their sum, the iteration's
 (``prompts``, ``export``, ``reference``, ``checkpoint``, ``eval``, ``frozen_judge``) with the
 first step logged after them and, for the last iteration, in the run summary.
 
@@ -20,9 +21,11 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +38,8 @@ from dynalign.cli import validated_config
 from dynalign.config import TrainConfig, register_configs
 from dynalign.distributed import all_reduce, barrier, init_distributed, print0, reduce_metrics
 from dynalign.grpo import group_advantages, zero_spread_groups
-from dynalign.rundir import RunDir
+from dynalign.io import cut_jsonl
+from dynalign.rundir import RunDir, RunDirError
 from dynalign.runtime import PhaseTimer, Preemption, seed_everything, step_seed
 from dynalign.tracking import RunInfo, Tracker, build_tracker, console_postfix
 
@@ -48,15 +52,18 @@ register_configs()
 
 # Step metrics that count things (summed over the ranks); every other one is averaged.
 SUMMED_METRICS = ("groups/zero_spread_dropped", "judge/judgements", "judge/hist/")
+# What ends an iteration, in order; the checkpoint is written after the first two.
+END_STAGES = ("export", "reference", "checkpoint", "eval")
 
 
 @dataclass
 class Position:
     """Where the run is; saved in every checkpoint, so a resumed run continues exactly here."""
 
-    iteration: int = 0
+    iteration: int = 0  # iterations whose steps are all done
     step: int = 0  # step within the iteration
     global_step: int = 0  # steps done over the whole run
+    pending: list[str] = field(default_factory=list)  # END_STAGES of iteration `iteration` still to run
 
     def advance(self, steps_per_iteration: int) -> None:
         self.step += 1
@@ -291,12 +298,14 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     cfg.validate(world_size=world)
     seed_everything(cfg.seed)
     engine = PolicyEngine.from_config(cfg)
+    timer, between = PhaseTimer(), PhaseTimer()  # the step's phases; the iteration's, around the steps
     position = resume(cfg, engine, info.run_dir)
+    close_iteration(cfg, engine, info.run_dir, position, between)  # what an interruption cut short
     parts = build_parts(cfg, engine, info.run_dir, position.iteration)
     if position.global_step:
         sync_sampler(parts)  # a sampler with its own weights loaded the base model, not the checkpoint
     tracker = build_tracker(cfg.logger, info, rank)
-    timer, between = PhaseTimer(), PhaseTimer()  # the step's phases; the iteration's, around the steps
+    evaluate_pending(cfg, parts, info, position, tracker, between)
     metrics: dict[str, float] = {}
     with Preemption() as preemption, tqdm(total=cfg.iterations * cfg.steps_per_iteration,
                                           initial=position.global_step, desc="dynalign", unit="step",
@@ -312,6 +321,8 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
                 metrics, samples = grpo_step(cfg, parts, mine, position, rank, timer)
                 rewards.append(metrics["reward/mean"])
                 position.advance(cfg.steps_per_iteration)
+                if position.iteration > iteration:
+                    position.pending = end_stages(cfg, position.iteration)
                 log_step(cfg, tracker, bar, position, metrics | timer.pop() | between.pop(total=None),
                          samples, iteration)
                 if _agreed(preemption.requested):
@@ -346,28 +357,57 @@ def end_of_iteration(cfg: TrainConfig, parts: Parts, info: RunInfo, position: Po
                      timer: PhaseTimer) -> None:
     """Export the policy, move the KL reference to it, checkpoint, evaluate when due; then, under
     ``judge.source=frozen``, load the next iteration's judge (the policy just exported)."""
+    close_iteration(cfg, parts.engine, info.run_dir, position, timer)
+    evaluate_pending(cfg, parts, info, position, tracker, timer)
+    if cfg.judge.source == "frozen" and position.iteration < cfg.iterations:
+        with timer("frozen_judge"):
+            renew_frozen_judge(cfg, parts, info.run_dir, position.iteration)
+
+
+def close_iteration(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path, position: Position,
+                    timer: PhaseTimer) -> None:
+    """The engine's share of an iteration's end, as far as ``position.pending`` asks: export the
+    policy, move the KL reference to it, checkpoint (recording that only the evaluation is left).
+
+    Each stage can run again from the same weights with the same result, so a run interrupted
+    anywhere in here redoes them all from the checkpoint it resumes from.
+    """
+    done, pending = position.iteration, position.pending
+    if "checkpoint" not in pending:
+        return
+    with timer("export"):
+        if "export" in pending:
+            engine.export_hf(RunDir(run_dir).export(done))
+    with timer("reference"):
+        if "reference" in pending:
+            engine.update_reference()
+    position.pending = [stage for stage in pending if stage == "eval"]
+    with timer("checkpoint"):
+        save_checkpoint(cfg, engine, run_dir, position)
+
+
+def evaluate_pending(cfg: TrainConfig, parts: Parts, info: RunInfo, position: Position, tracker: Tracker,
+                     timer: PhaseTimer) -> None:
+    """The evaluation of the iteration just ended, if due and not yet done; the checkpoint then
+    records it as done, so a resumed run evaluates each iteration once."""
+    from dynalign.engine import record_client_state
     from dynalign.eval import evaluate_iteration
 
-    done = position.iteration  # iterations completed
-    with timer("export"):
-        if cfg.export_each_iteration:
-            parts.engine.export_hf(RunDir(info.run_dir).export(done))
-    with timer("reference"):
-        if cfg.grpo.beta > 0 and cfg.update_reference_each_iteration:
-            parts.engine.update_reference()
-    with timer("checkpoint"):
-        save_checkpoint(cfg, parts.engine, info.run_dir, position)
     with timer("eval"):
-        evaluate_iteration(cfg, info.run_dir, done, tracker=tracker, policy_sampler=parts.sampler,
-                           self_judge=parts.judge)
-    if cfg.judge.source == "frozen" and done < cfg.iterations:
-        with timer("frozen_judge"):
-            renew_frozen_judge(cfg, parts, info.run_dir, done)
+        if "eval" not in position.pending:
+            return
+        # calibration is the policy judging its own answers: a frozen or external judge is not it
+        self_judge = parts.judge if cfg.judge.source == "self" else None
+        evaluate_iteration(cfg, info.run_dir, position.iteration, tracker=tracker,
+                           policy_sampler=parts.sampler, self_judge=self_judge)
+        position.pending.remove("eval")
+        record_client_state(parts.engine, RunDir(info.run_dir).checkpoints, vars(position))
 
 
 def preempted(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path, position: Position,
               tracker: Tracker) -> dict[str, Any]:
-    """SIGTERM or SIGUSR1 on some rank: checkpoint after this step and end the run cleanly."""
+    """SIGTERM or SIGUSR1 on some rank: checkpoint after this step and end the run cleanly. After
+    an iteration's last step, the checkpoint records its whole end as pending."""
     save_checkpoint(cfg, engine, run_dir, position)
     print0(f"dynalign: preempted; checkpoint saved at step {position.global_step}")
     tracker.finish({"preempted": True, "global_step": position.global_step})
@@ -379,30 +419,79 @@ def save_checkpoint(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path, posit
 
 
 def resume(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path) -> Position:
-    """Where to start: from scratch, the run directory's latest checkpoint, or a given one."""
+    """Where to start: from scratch, the run directory's newest complete checkpoint, or a given one.
+
+    ``resume=auto`` without any checkpoint starts from step 0, dropping what a run killed before
+    its first checkpoint logged; the logs are cut back to the checkpoint either way.
+    """
     if cfg.resume == "never":
         return Position()
-    layout = RunDir(run_dir)
-    source = layout.checkpoints if cfg.resume == "auto" else Path(cfg.resume)
-    if cfg.resume == "auto" and not layout.has_checkpoint():
-        return Position()
-    position = Position(**engine.load(source))
-    _truncate_local_logs(run_dir, position.global_step)
-    print0(f"dynalign: resumed from {source} at iteration {position.iteration}, step {position.global_step}")
+    source = auto_checkpoint(RunDir(run_dir).checkpoints) if cfg.resume == "auto" else Path(cfg.resume)
+    position = Position(**engine.load(source)) if source is not None else Position()
+    dropped = cut_logs(run_dir, position)
+    if source is None:
+        print0(f"dynalign: resume=auto: no checkpoint in {run_dir}, starting from step 0"
+               + (f" (dropped {dropped} records logged before the first checkpoint)" if dropped else ""))
+    else:
+        left = f" (still to run: {', '.join(position.pending)})" if position.pending else ""
+        print0(f"dynalign: resumed from {source} at iteration {position.iteration}, "
+               f"step {position.global_step}{left}")
     return position
 
 
-def _truncate_local_logs(run_dir: Path, global_step: int) -> None:
-    """Drop records of steps after the checkpoint: they will be logged again, identically."""
+def auto_checkpoint(root: Path) -> Path | None:
+    """What ``resume=auto`` loads: the checkpoint ``latest`` names, else the newest complete one;
+    None when the run never checkpointed. Checkpoints none of which is complete refuse: starting
+    over would silently throw their steps away."""
+    from dynalign.engine import LATEST_FILE, CheckpointError, resumable_checkpoint
+    from dynalign.engine.checkpoint import checkpoint_step
+
+    source = resumable_checkpoint(root)
+    if source is None and root.is_dir():
+        left = sorted(p.name for p in root.iterdir()
+                      if checkpoint_step(p) is not None or p.name == LATEST_FILE)
+        if left:
+            raise CheckpointError(root, f"holds {', '.join(left)} but no complete checkpoint: move them "
+                                        "away to start over, or resume=PATH one of them")
+    return source
+
+
+def cut_logs(run_dir: Path, position: Position) -> int:
+    """Drop the records logged after ``position`` (they are logged again, identically) and torn
+    lines, on rank 0; with the iteration's evaluation pending, its records go too. Returns how
+    many records of steps were dropped."""
     from dynalign.distributed import get_rank
 
     if get_rank() != 0:
-        return
+        return 0
+    step, redo_eval = position.global_step, "eval" in position.pending
+
+    def logged_before(record: dict[str, Any]) -> bool:
+        at = record.get("step")
+        if not isinstance(at, int):
+            return False
+        return at < step or (at == step and not (redo_eval and _is_evaluation(record)))
+
     layout = RunDir(run_dir)
-    for path in (layout.metrics, layout.samples):
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= global_step]
-            path.write_text("".join(line + "\n" for line in kept))
+    dropped = cut_jsonl(layout.metrics, logged_before) + cut_jsonl(layout.samples, logged_before)
+    cut_jsonl(layout.eval_history, lambda r: isinstance(r.get("step"), int)
+              and (r["step"] < step or (r["step"] == step and not redo_eval)))
+    return dropped
+
+
+def _is_evaluation(record: dict[str, Any]) -> bool:
+    """A metrics line or samples row the evaluation logged (``eval/...`` metrics, its table rows)."""
+    return record.get("table") == "eval" or all(k == "step" or k.startswith("eval/") for k in record)
+
+
+def end_stages(cfg: TrainConfig, done: int) -> list[str]:
+    """The END_STAGES that end iteration ``done`` (1-based) under ``cfg``."""
+    from dynalign.eval import evaluation_due
+
+    wanted = {"export": cfg.export_each_iteration,
+              "reference": cfg.grpo.beta > 0 and cfg.update_reference_each_iteration,
+              "checkpoint": True, "eval": evaluation_due(cfg, done)}
+    return [stage for stage in END_STAGES if wanted[stage]]
 
 
 def _agreed(flag: bool) -> bool:
@@ -426,9 +515,40 @@ def run_info(cfg: DictConfig) -> RunInfo:
     return RunInfo(run_dir=Path(hc.runtime.output_dir), name=name, group=str(group), config=config)
 
 
+def claim_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse a fresh run (``resume=never``) in a directory an earlier run used, unless
+    ``overwrite=true`` deletes what that run left; called under the directory's lock."""
+    layout = RunDir(run_dir)
+    found = layout.previous_run()
+    if cfg.resume != "never" or not found:
+        return
+    if not cfg.overwrite:
+        raise RunDirError(f"{run_dir} holds an earlier run ({', '.join(found)}): resume=auto continues it, "
+                          "overwrite=true deletes it, or choose another hydra.run.dir")
+    layout.clear_previous_run()
+    print0(f"dynalign: overwrite=true: deleted the earlier run in {run_dir} ({', '.join(found)})")
+
+
+def owned_train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
+    """``train`` holding the run directory (rank 0 locks it for the whole run; the other ranks of
+    the launch share it). A directory or checkpoint it may not use ends the process with one
+    line naming it, before any model is loaded (or, for a checkpoint, when it is read)."""
+    from dynalign.engine import CheckpointError
+
+    try:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return train(cfg, info)
+        with RunDir(info.run_dir).owned():
+            claim_run_dir(cfg, info.run_dir)
+            return train(cfg, info)
+    except (RunDirError, CheckpointError) as err:
+        print(f"dynalign: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    return train(validated_config(cfg), run_info(cfg))
+    return owned_train(validated_config(cfg), run_info(cfg))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from dynalign.tracking import RunInfo, console_postfix
 from dynalign.train import (
     Parts,
     Position,
-    _truncate_local_logs,
+    cut_logs,
     end_of_iteration,
+    end_stages,
     frozen_judge_model,
     grpo_step,
     make_batch,
@@ -115,18 +116,41 @@ def test_step_prompts_split_over_ranks_and_cycle_past_the_end(train_cfg):
 def test_position_advances_into_the_next_iteration():
     position = Position(iteration=0, step=0, global_step=0)
     position.advance(steps_per_iteration=2)
-    assert vars(position) == {"iteration": 0, "step": 1, "global_step": 1}
+    assert vars(position) == {"iteration": 0, "step": 1, "global_step": 1, "pending": []}
     position.advance(steps_per_iteration=2)
-    assert vars(position) == {"iteration": 1, "step": 0, "global_step": 2}
+    assert vars(position) == {"iteration": 1, "step": 0, "global_step": 2, "pending": []}
 
 
 def test_resume_cuts_local_logs_back_to_the_checkpoint(tmp_path):
     kept = ['{"step": 1, "reward/mean": 0.25}', '{"step":2,  "reward/mean": null}', '{"step": 2, "x": 1}']
-    (tmp_path / "metrics.jsonl").write_text("\n".join([*kept, '{"step": 3, "reward/mean": 1.0}']) + "\n")
+    torn = '{"step": 3, "rew'  # a kill in the middle of a write
+    (tmp_path / "metrics.jsonl").write_text("\n".join([*kept, '{"step": 3, "reward/mean": 1.0}', torn]))
     (tmp_path / "samples.jsonl").write_text('{"step": 3, "prompt": "p"}\n{"step": 4, "prompt": "q"}\n')
-    _truncate_local_logs(tmp_path, global_step=2)
+    assert cut_logs(tmp_path, Position(global_step=2)) == 4
     assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(kept) + "\n"  # byte for byte
     assert (tmp_path / "samples.jsonl").read_text() == ""
+
+
+def test_a_pending_evaluation_takes_its_logged_records_with_it(tmp_path):
+    step = '{"step": 2, "reward/mean": 0.5}'
+    evaluation = '{"step": 2, "eval/ca/policy/overall/mean": 3.0, "eval/time/judge": 1.0}'
+    (tmp_path / "metrics.jsonl").write_text(f"{step}\n{evaluation}\n")
+    (tmp_path / "samples.jsonl").write_text('{"step": 2, "prompt": "p"}\n{"step": 2, "table": "eval"}\n')
+    (tmp_path / "eval").mkdir()
+    history = tmp_path / "eval" / "eval_history.jsonl"
+    history.write_text('{"step": 1, "iteration": 1}\n{"step": 2, "iteration": 2}\n')
+    cut_logs(tmp_path, Position(iteration=2, global_step=2, pending=["eval"]))
+    assert (tmp_path / "metrics.jsonl").read_text() == step + "\n"
+    assert (tmp_path / "samples.jsonl").read_text() == '{"step": 2, "prompt": "p"}\n'
+    assert history.read_text() == '{"step": 1, "iteration": 1}\n'
+
+
+def test_an_iteration_ends_with_the_stages_its_config_asks_for(train_cfg):
+    assert end_stages(train_cfg("iterations=3"), 1) == ["export", "checkpoint"]
+    cfg = train_cfg("iterations=3", "grpo.beta=0.1", "eval.every_n_iterations=2")
+    assert end_stages(cfg, 1) == ["export", "reference", "checkpoint"]
+    assert end_stages(cfg, 2) == ["export", "reference", "checkpoint", "eval"]
+    assert end_stages(cfg, 3) == ["export", "reference", "checkpoint", "eval"]  # the last one
 
 
 # ------------------------------------------------------------------ metrics over ranks
@@ -296,15 +320,22 @@ def test_end_of_iteration_times_its_phases_and_loads_the_next_frozen_judge(train
     parts = Parts(fake, fake, fake)
     info = RunInfo(run_dir=tmp_path, name="test", group="test", config={})
     timer = PhaseTimer()
-    end_of_iteration(cfg, parts, info, Position(iteration=1, global_step=2), tracker=None, timer=timer)
+    position = Position(iteration=1, global_step=2, pending=end_stages(cfg, 1))
+    end_of_iteration(cfg, parts, info, position, tracker=None, timer=timer)
     assert fake.calls == ["export_hf(iter_1)", "save(step 2)", "close"]  # the old judge is let go
     assert loaded == [str(tmp_path / "iter_1")] and parts.judge is not fake
+    assert position.pending == []
     phases = ("export", "reference", "checkpoint", "eval", "frozen_judge")
     assert timer.pop(total=None).keys() == {f"time/{p}" for p in phases}
 
     fake.calls.clear()  # after the last iteration nothing is judged any more
-    end_of_iteration(cfg, Parts(fake, fake, fake), info, Position(iteration=3, global_step=6), None, timer)
+    position = Position(iteration=3, global_step=6, pending=end_stages(cfg, 3))
+    end_of_iteration(cfg, Parts(fake, fake, fake), info, position, None, timer)
     assert fake.calls == ["export_hf(iter_3)", "save(step 6)"] and len(loaded) == 1
+
+    fake.calls.clear()  # an iteration whose end is done (a resumed run) is not ended again
+    end_of_iteration(cfg, Parts(fake, fake, fake), info, Position(iteration=3, global_step=6), None, timer)
+    assert fake.calls == []
 
 
 # ------------------------------------------------------------------ one real step

@@ -218,12 +218,16 @@ def test_two_processes_under_torchrun(tmp_path, cache_dir):
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m")
     # both ranks find an empty model cache and build the tiny model at once; then rank 0
-    # regenerates the prompts from a whole copy of the policy while rank 1 waits
+    # regenerates the prompts from a whole copy of the policy while rank 1 waits; after the
+    # iteration rank 0 evaluates the export beside the ZeRO-3 engine while rank 1 waits
     _train(run, "logger=none", "iterations=1", "generator.regenerate_each_iteration=true",
-           "generator.num_prompts=4", "generator.max_new_tokens=16", cache=tmp_path / "empty-cache",
-           launcher=torchrun, timeout=900)
+           "generator.num_prompts=4", "generator.max_new_tokens=16", "eval.every_n_iterations=1",
+           "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.lm_eval_limit=4", "eval.bootstrap_samples=50",
+           cache=tmp_path / "empty-cache", launcher=torchrun, timeout=900)
     metrics = _metrics(run)
-    assert [m["step"] for m in metrics] == [1, 2]
+    assert [m["step"] for m in metrics] == [1, 2, 2]  # the steps, then the evaluation
+    assert metrics[2]["eval/ca/policy/overall/n"] == 2 and "eval/lm_eval/policy/ca_mini_mc/acc" in metrics[2]
+    assert json.loads((run / "eval" / "iter_1" / "eval_results.json").read_text())["iteration"] == 1
     assert (run / "iter_1" / "model.safetensors").exists()
     summary = json.loads((run / "prompts" / "iter_000" / "summary.json").read_text())
     assert summary["calls"] > 0

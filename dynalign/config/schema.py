@@ -408,6 +408,7 @@ class TrainConfig:
     steps_per_iteration: int = 2  # GRPO optimizer steps per iteration
     seed: int = 0
     resume: str = "never"  # never | auto (latest checkpoint of the run dir) | a checkpoint path
+    overwrite: bool = False  # resume=never where an earlier run left files: delete them (true) or refuse
     checkpoints_to_keep: int = 2  # newest K checkpoints are kept
     update_reference_each_iteration: bool = True  # move the KL reference to the policy per iteration
     export_each_iteration: bool = True  # write a Hugging Face directory iter_<k>/ after iteration k

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dynalign._lazy import lazy_exports
 
 _MODULES = {
-    "runner": ("evaluate_iteration", "evaluate_policy", "calibration"),
+    "runner": ("evaluate_iteration", "evaluate_policy", "evaluation_due", "calibration"),
     "settings": ("ResolvedEval", "resolve_eval"),
     "prompts": ("EvalPrompt", "curated_prompts", "eval_prompt_set"),
     "stats": ("bootstrap_ci", "calibration_stats", "mean_with_ci", "pairwise_summary", "spearman",

@@ -96,9 +96,9 @@ def evaluate_iteration(cfg: TrainConfig, run_dir: str | Path, iteration: int, *,
     and checkpointed: evaluates ``<run_dir>/iter_<k>`` into ``<run_dir>/eval/iter_<k>`` when due
     (every ``eval.every_n_iterations`` iterations, and after the last one), else returns ``{}``.
     """
-    every = cfg.eval.every_n_iterations
-    if every <= 0 or (iteration % every != 0 and iteration != cfg.iterations):
+    if not evaluation_due(cfg, iteration):
         return {}
+    every = cfg.eval.every_n_iterations
     run = RunDir(Path(run_dir))
     policy_path = run.export(iteration)
     if not (policy_path / "config.json").exists():
@@ -107,6 +107,13 @@ def evaluate_iteration(cfg: TrainConfig, run_dir: str | Path, iteration: int, *,
     return evaluate_policy(cfg, policy_path, out_dir=run.eval_dir(iteration),
                            iteration=iteration, tracker=tracker, policy_sampler=policy_sampler,
                            self_judge=self_judge)
+
+
+def evaluation_due(cfg: TrainConfig, iteration: int) -> bool:
+    """Whether training evaluates after iteration ``iteration`` (1-based): every
+    ``eval.every_n_iterations`` iterations, and after the last one; never when that is 0."""
+    every = cfg.eval.every_n_iterations
+    return every > 0 and (iteration % every == 0 or iteration == cfg.iterations)
 
 
 def _evaluate(cfg: TrainConfig, policy_path: str | Path | None, out: Path, iteration: int | None,
