@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -11,7 +13,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
-        self.key = key
+        self.key, self.message = key, message
 
 
 def require(condition: bool, key: str, message: str) -> None:
@@ -33,3 +35,32 @@ def in_range(value: float, low: float, high: float, key: str, *, high_open: bool
 def positive(value: float, key: str) -> None:
     require(value > 0, key, f"must be > 0 (got {value})")
 
+
+def non_finite(value: Any, key: str = "") -> Iterator[tuple[str, float]]:
+    """``(full key, value)`` of every NaN or infinite float in a tree of dataclasses, lists and dicts."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            yield key, value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from non_finite(getattr(value, f.name), _join(key, f.name))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from non_finite(item, _join(key, str(i)))
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield from non_finite(item, _join(key, str(name)))
+
+
+def finite(tree: Any, key: str = "") -> None:
+    """Every float under ``tree`` is a finite number.
+
+    One rule for all of them: a range check such as ``lr > 0`` lets ``inf`` through, and a NaN
+    fails every comparison silently, so either would only show up steps into a run.
+    """
+    for where, value in non_finite(tree, key):
+        raise ConfigError(where, f"must be a finite number (got {value})")
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name

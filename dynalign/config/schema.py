@@ -7,10 +7,11 @@ to code, imported inside ``validate()`` so this module loads without torch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from dynalign.config.checks import choice, in_range, positive, require
+from dynalign.config.checks import ConfigError, choice, finite, in_range, positive, require
 from dynalign.config.generator import GeneratorConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -18,6 +19,9 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 OFFLOAD_DEVICES = ("none", "cpu")
 RESUME_MODES = ("never", "auto")
+# ``model.name_or_path`` values dynalign builds on this machine instead of loading them; the
+# builders live in dynalign.models.EMBEDDED_MODELS (torch), kept in step with this list by a test.
+EMBEDDED_MODEL_NAMES = ("tiny", "gemma3_270m")
 
 
 # --------------------------------------------------------------------------- model
@@ -109,6 +113,41 @@ class AspectConfig:
     weight: float = 1.0  # used when the rubric combines aspects with "weighted"
 
 
+# The judge writes aspect names in its verdict and the parser lower-cases them and turns spaces
+# and hyphens into "_" (dynalign.judge.parse.normalize_name): a name not already in that form
+# would never match, so every score of its aspect would be a parse failure.
+ASPECT_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
+
+
+def aspect_levels(aspect: AspectConfig, scale_min: int, scale_max: int,
+                  key: str) -> tuple[tuple[int, str], ...]:
+    """The ``(score, descriptor)`` anchors of ``aspect``, ascending.
+
+    The one rule for an aspect's name and levels: :meth:`RubricConfig.validate` checks a rubric
+    with it and :class:`dynalign.judge.rubric.Rubric` freezes one with it. A
+    :class:`ConfigError` names the key (``judge.rubric.aspects.0.levels.7``).
+    """
+    require(bool(ASPECT_NAME.match(aspect.name)), f"{key}.name",
+            f"must be a lowercase identifier like 'knowledge': a-z, 0-9 and _ (got {aspect.name!r})")
+    levels: dict[int, str] = {}
+    for raw, text in aspect.levels.items():
+        level = f"{key}.levels.{raw}"
+        score = _score(raw)
+        if score is None or not scale_min <= score <= scale_max:
+            raise ConfigError(level, f"level keys must be integer scores in [{scale_min}, {scale_max}] "
+                                     f"(got {raw!r})")
+        require(score not in levels, level, f"score {score} has two levels")
+        levels[score] = str(text).strip()
+    return tuple(sorted(levels.items()))
+
+
+def _score(raw: Any) -> Optional[int]:
+    try:
+        return int(str(raw).strip())
+    except ValueError:
+        return None
+
+
 @dataclass
 class RubricConfig:
     """A value written down as aspects to score; rubrics are data, add one with a YAML file."""
@@ -121,6 +160,8 @@ class RubricConfig:
     aspects: List[AspectConfig] = field(default_factory=list)
 
     def validate(self, key: str) -> None:
+        """Everything :class:`dynalign.judge.rubric.Rubric` needs, so a bad rubric fails here."""
+        finite(self, key)  # also for a rubric loaded from a file, outside a TrainConfig
         require(self.scale_max > self.scale_min, f"{key}.scale_max",
                  f"must be > scale_min={self.scale_min} (got {self.scale_max})")
         from dynalign.judge.rubric import COMBINE_FUNCTIONS
@@ -130,8 +171,11 @@ class RubricConfig:
         names = [a.name for a in self.aspects]
         require(len(set(names)) == len(names), f"{key}.aspects", f"duplicate aspect names {names}")
         for i, aspect in enumerate(self.aspects):
+            aspect_levels(aspect, self.scale_min, self.scale_max, f"{key}.aspects.{i}")
             require(aspect.weight >= 0, f"{key}.aspects.{i}.weight",
                      f"must be >= 0 (got {aspect.weight})")
+        require(self.combine != "weighted" or sum(a.weight for a in self.aspects) > 0, f"{key}.aspects",
+                "combine=weighted needs at least one weight > 0")
 
 
 @dataclass
@@ -415,7 +459,12 @@ class TrainConfig:
     checkpoint: Optional[str] = None  # dynalign.evaluate: an HF model dir or a run dir (newest iter_<k>/)
 
     def validate(self, world_size: int = 1) -> TrainConfig:
-        """Check every group, then the rules that depend on the launch (``world_size``)."""
+        """Check every group, then the rules that depend on the launch (``world_size``).
+
+        Values only: what needs the filesystem (paths, datasets, rubric files) is checked by
+        :func:`dynalign.config.preflight.preflight`, so configs with made-up paths validate.
+        """
+        finite(self)  # first: a NaN would slip through the range checks below
         for name in ("model", "generator", "judge", "grpo", "rollout", "deepspeed", "logger", "eval"):
             getattr(self, name).validate(name)
         positive(self.iterations, "iterations")

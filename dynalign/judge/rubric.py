@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,9 @@ from typing import Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dynalign.config import CONF_DIR, ConfigError, RubricConfig
+from dynalign.config import CONF_DIR, AspectConfig, ConfigError, RubricConfig, aspect_levels
 
 RUBRIC_DIR = CONF_DIR / "judge"
-# Aspect names are written by the judge in its verdict, so they must be plain identifiers.
-ASPECT_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 
 
 def _mean(scores: Sequence[float], weights: Sequence[float]) -> float:
@@ -87,31 +84,20 @@ class Rubric:
 
     @classmethod
     def from_config(cls, cfg: RubricConfig, key: str = "judge.rubric") -> Rubric:
-        """Validate a :class:`RubricConfig` (errors name ``key``) and freeze it."""
+        """Validate a :class:`RubricConfig` (errors name ``key``) and freeze it.
+
+        :meth:`RubricConfig.validate` holds every rule, so a config that passed validation
+        always freezes.
+        """
         cfg.validate(key)
         aspects = tuple(_aspect(a, cfg, f"{key}.aspects.{i}") for i, a in enumerate(cfg.aspects))
-        if cfg.combine == "weighted" and sum(a.weight for a in aspects) <= 0:
-            raise ConfigError(f"{key}.aspects", "combine=weighted needs at least one weight > 0")
         return cls(name=cfg.name, description=cfg.description.strip(), scale_min=cfg.scale_min,
                    scale_max=cfg.scale_max, combine=cfg.combine, aspects=aspects)
 
 
-def _aspect(cfg, rubric: RubricConfig, key: str) -> Aspect:
-    if not ASPECT_NAME.match(cfg.name):
-        raise ConfigError(f"{key}.name",
-                          f"must be a lowercase identifier like 'knowledge' (got {cfg.name!r})")
-    levels = []
-    for raw, text in cfg.levels.items():
-        try:
-            score = int(str(raw).strip())
-        except ValueError:
-            raise ConfigError(f"{key}.levels", f"level {raw!r} is not an integer score") from None
-        if not rubric.scale_min <= score <= rubric.scale_max:
-            raise ConfigError(f"{key}.levels", f"level {score} is outside the scale "
-                                               f"[{rubric.scale_min}, {rubric.scale_max}]")
-        levels.append((score, str(text).strip()))
-    return Aspect(name=cfg.name, description=cfg.description.strip(), levels=tuple(sorted(levels)),
-                  weight=float(cfg.weight))
+def _aspect(cfg: AspectConfig, rubric: RubricConfig, key: str) -> Aspect:
+    levels = aspect_levels(cfg, rubric.scale_min, rubric.scale_max, key)  # the rule validate() applied
+    return Aspect(name=cfg.name, description=cfg.description.strip(), levels=levels, weight=float(cfg.weight))
 
 
 def shipped_rubrics() -> list[str]:

@@ -1,0 +1,342 @@
+"""Checks that read the disk, run by every entry point before it loads a model.
+
+:meth:`TrainConfig.validate` judges values alone; what a value points at is checked here:
+the model directories and hub ids an entry point will load, the checkpoint to resume, the
+prompt datasets (that they exist and have prompts), the evaluation's rubric and prompt files,
+the generator's taxonomy and templates. Each entry point checks what it will use
+(:data:`ENTRY_CHECKS`), so a failure is a :class:`ConfigError` naming the key, raised within
+seconds instead of after minutes of loading. The module imports nothing heavy: the loaders it
+borrows (datasets, the rubric and data-file readers) are imported inside the checks that use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynalign.config.checks import ConfigError, require
+from dynalign.config.generator import parse_model_spec
+from dynalign.config.schema import EMBEDDED_MODEL_NAMES, RESUME_MODES, ExternalJudgeConfig, TrainConfig
+
+CHECKPOINT_LATEST = "latest"  # a checkpoint root names its newest checkpoint here (engine.checkpoint)
+CHECKPOINT_STATE = "dynalign_state.json"  # what makes a directory one checkpoint (engine.checkpoint)
+MODEL_CONFIG = "config.json"  # what makes a directory a Hugging Face model
+SERVED_JUDGE_BACKENDS = ("openai",)  # their model is a name the endpoint serves, nothing on disk
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model an entry point will load: where the config names it and how the loader reads it."""
+
+    key: str
+    value: str
+    embedded: tuple[str, ...] = EMBEDDED_MODEL_NAMES  # names built on this machine, not loaded
+    run_dirs: bool = False  # a run directory stands for its newest iter_<k>/ (rundir.resolve_model_dir)
+
+    @property
+    def allowed(self) -> str:
+        local = "a Hugging Face model directory or dynalign run directory" if self.run_dirs \
+            else "a local model directory"
+        return f"{local}, a hub id like org/name, or one of: {', '.join(self.embedded)}"
+
+
+def preflight(cfg: TrainConfig, entry: str = "train") -> None:
+    """Check what entry point ``entry`` (train, evaluate, generate, judge_check) will read.
+
+    An unknown entry point gets the training checks, the widest set.
+    """
+    ENTRY_CHECKS.get(entry, _train)(cfg)
+
+
+# ------------------------------------------------------------------ per entry point
+
+
+def _train(cfg: TrainConfig) -> None:
+    evaluates = cfg.eval.every_n_iterations > 0
+    check_models([*policy_refs(cfg), *judge_refs(cfg), *(generator_refs(cfg) if regenerates(cfg) else []),
+                  *(eval_refs(cfg) if evaluates else [])])
+    check_resume(cfg.resume)
+    check_training_prompts(cfg)
+    if regenerates(cfg):
+        check_generator_files(cfg)
+    if evaluates:
+        check_evaluation_files(cfg)
+
+
+def _evaluate(cfg: TrainConfig) -> None:
+    check_models([*policy_refs(cfg), *judge_refs(cfg), *eval_refs(cfg)])
+    check_evaluation_files(cfg)
+
+
+def _generate(cfg: TrainConfig) -> None:
+    check_models(generator_refs(cfg))
+    check_generator_files(cfg)
+
+
+def _judge_check(cfg: TrainConfig) -> None:
+    check_models([*policy_refs(cfg), *judge_refs(cfg)])
+
+
+# The checks of each ``python -m dynalign.<entry>``; the entry is Hydra's job name.
+ENTRY_CHECKS: dict[str, Callable[[TrainConfig], None]] = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "generate": _generate,
+    "judge_check": _judge_check,
+}
+
+
+def regenerates(cfg: TrainConfig) -> bool:
+    """Whether training writes its own prompts (``generator.dataset`` takes precedence)."""
+    return cfg.generator.regenerate_each_iteration and not cfg.generator.dataset
+
+
+# ------------------------------------------------------------------------- models
+
+
+def policy_refs(cfg: TrainConfig) -> list[ModelRef]:
+    return [ModelRef("model.name_or_path", cfg.model.name_or_path)]
+
+
+def judge_refs(cfg: TrainConfig) -> list[ModelRef]:
+    """The external judge's model, when it is loaded here (not served by an endpoint)."""
+    ext = cfg.judge.external
+    return [_judge_ref("judge.external", ext)] if cfg.judge.source == "external" and _local(ext) else []
+
+
+def generator_refs(cfg: TrainConfig) -> list[ModelRef]:
+    """The models of ``generator.models`` loaded here: ``policy`` and ``hf:`` entries."""
+    refs = []
+    for i, spec in enumerate(cfg.generator.models):
+        kind, name = parse_model_spec(spec)
+        if kind == "policy":
+            refs += policy_refs(cfg)
+        elif kind == "hf":
+            refs.append(ModelRef(f"generator.models.{i}", name))
+    return refs
+
+
+def eval_refs(cfg: TrainConfig) -> list[ModelRef]:
+    """The baseline (when not the base model) and the external judge (when loaded here)."""
+    e = cfg.eval
+    refs = [ModelRef("eval.baseline", e.baseline, embedded=("tiny",), run_dirs=True)] if e.baseline else []
+    return refs + ([_judge_ref("eval.judge", e.judge)] if _local(e.judge) else [])
+
+
+def _judge_ref(key: str, ext: ExternalJudgeConfig) -> ModelRef:
+    # dynalign.judge.external.resolve_judge_model: tiny, a model or run directory, or a hub id
+    return ModelRef(f"{key}.model", ext.model, embedded=("tiny",), run_dirs=True)
+
+
+def _local(ext: ExternalJudgeConfig) -> bool:
+    return ext.backend not in SERVED_JUDGE_BACKENDS
+
+
+def check_models(refs: list[ModelRef]) -> None:
+    for ref in refs:
+        check_model(ref)
+
+
+def check_model(ref: ModelRef) -> None:
+    """``ref`` names an embedded model, a model directory, or a hub id (cached, when offline).
+
+    A string that reads as a path (absolute, ``./``, ``~``, two or more ``/``) must exist: as a
+    hub id it would only fail later, with the hub's "Repo id must be in the form" message.
+    """
+    value = ref.value
+    if value in ref.embedded:
+        return
+    path = Path(value).expanduser()
+    if path.exists():
+        _check_model_dir(ref, path)
+    elif _looks_like_path(value):
+        raise ConfigError(ref.key, f"{value} does not exist ({ref.allowed})")
+    else:
+        _check_hub_id(ref)
+
+
+def _check_model_dir(ref: ModelRef, path: Path) -> None:
+    if ref.run_dirs:
+        from dynalign.rundir import resolve_model_dir
+
+        resolve_model_dir(path, ref.key)  # its ConfigError says what the directory lacks
+        return
+    require(path.is_dir(), ref.key, f"{ref.value} is a file ({ref.allowed})")
+    require((path / MODEL_CONFIG).is_file(), ref.key,
+            f"{ref.value} holds no {MODEL_CONFIG}: not a Hugging Face model directory")
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1
+
+
+def _check_hub_id(ref: ModelRef) -> None:
+    """A well-formed hub id; when downloads are off (``HF_HUB_OFFLINE=1``), one in the local cache."""
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(ref.value)
+    except HFValidationError:
+        raise ConfigError(ref.key, f"{ref.value!r} is not a valid name ({ref.allowed})") from None
+    if huggingface_hub.is_offline_mode():
+        cached = huggingface_hub.try_to_load_from_cache(ref.value, MODEL_CONFIG)
+        require(isinstance(cached, str), ref.key,
+                f"{ref.value} is not in the local hub cache and HF_HUB_OFFLINE=1 forbids downloading it "
+                f"({ref.allowed})")
+
+
+# ------------------------------------------------------------------------- resume
+
+
+def check_resume(resume: str) -> None:
+    """``resume=PATH``: a checkpoint root (its ``latest`` names a complete checkpoint) or one
+    ``step_<n>/`` checkpoint, read as the engine reads it (the path as given, no ``~``)."""
+    if resume in RESUME_MODES:
+        return
+    path = Path(resume)
+    expected = (f"expected {' or '.join(RESUME_MODES)}, a checkpoint root holding '{CHECKPOINT_LATEST}' "
+                f"(<run>/checkpoints) or a step_<n> checkpoint holding {CHECKPOINT_STATE}")
+    require(path.exists(), "resume", f"{resume} does not exist ({expected})")
+    latest = path / CHECKPOINT_LATEST
+    if latest.is_file():
+        tag = latest.read_text(encoding="utf-8").strip()
+        require((path / tag / CHECKPOINT_STATE).is_file(), "resume",
+                f"{latest} names {tag!r}, which holds no {CHECKPOINT_STATE}")
+        return
+    if (path / CHECKPOINT_STATE).is_file():
+        return
+    run_checkpoints = path / "checkpoints"  # a run directory given for its checkpoint root
+    hint = f"; did you mean {run_checkpoints}?" if (run_checkpoints / CHECKPOINT_LATEST).is_file() else ""
+    raise ConfigError("resume", f"{resume} is not a checkpoint ({expected}){hint}")
+
+
+# ----------------------------------------------------------------------- datasets
+
+
+def check_training_prompts(cfg: TrainConfig) -> None:
+    """The prompt set of the first iteration has prompts in its train split (an empty one would
+    fail at the first step: nothing to cycle through).
+
+    ``generator.dataset`` when set; else the shipped seed prompts, which are also the fallback of
+    a generation that keeps no prompt.
+    """
+    gen = cfg.generator
+    if gen.dataset:
+        prompts = load_prompts(gen.dataset, gen.prompt_column, "train", "generator.dataset")
+        require(prompts is None or len(prompts) > 0, "generator.dataset",
+                f"{gen.dataset} has no prompts in its train split")
+        return
+    from dynalign.datagen.select import seed_prompt_set
+
+    require(len(seed_prompt_set(gen.eval_fraction).train) > 0, "generator.eval_fraction",
+            f"holds out every shipped seed prompt, so nothing is left to train on (got {gen.eval_fraction})")
+
+
+def check_evaluation_files(cfg: TrainConfig) -> None:
+    """The rubric, prompts and held-out dataset the evaluation reads, before the policy answers."""
+    e = cfg.eval
+    _check_rubric(e.rubric, "eval.rubric")
+    if e.prompts_file:
+        _check_data_file(e.prompts_file, "eval.prompts_file", _curated_prompts)
+    _check_held_out(cfg)
+    if e.lm_eval_include_path:
+        require(Path(e.lm_eval_include_path).expanduser().is_dir(), "eval.lm_eval_include_path",
+                f"{e.lm_eval_include_path} is not a directory of lm-eval task YAMLs")
+
+
+def _check_held_out(cfg: TrainConfig) -> None:
+    """The ``eval`` split the evaluation adds to its curated prompts (may be empty, must be readable)."""
+    e, source = cfg.eval, cfg.eval.dataset or cfg.generator.dataset
+    if not source:
+        return
+    why = "" if e.dataset else "unset, so the evaluation reads the eval split of generator.dataset: "
+    require(not Path(source).is_file(), "eval.dataset",
+            f"{why}{source} is a single data file, which has no eval split; give a saved dataset or a "
+            "generation directory")
+    try:
+        load_prompts(source, cfg.generator.prompt_column, "eval", "eval.dataset")
+    except ConfigError as err:
+        raise ConfigError("eval.dataset", why + err.message) from None
+
+
+def check_generator_files(cfg: TrainConfig) -> None:
+    """The taxonomy and meta-prompt templates a generation reads."""
+    from dynalign.datagen.taxonomy import load_taxonomy, load_templates
+
+    gen = cfg.generator
+    _check_data_file(gen.taxonomy_file, "generator.taxonomy_file", load_taxonomy)
+    _check_data_file(gen.templates_file, "generator.templates_file", load_templates)
+    _check_data_file(gen.templates_file, "generator.template_ids",
+                     lambda path: load_templates(path, gen.template_ids))
+
+
+def _curated_prompts(path: str | None) -> object:
+    from dynalign.eval.prompts import curated_prompts
+
+    return curated_prompts(path)
+
+
+def _check_data_file(path: str | None, key: str, load: Callable[[str | None], object]) -> None:
+    from dynalign.datagen.taxonomy import DataFileError
+
+    try:
+        load(path)
+    except DataFileError as err:  # its message names the file and what is wrong with it
+        raise ConfigError(key, _one_line(err)) from None
+
+
+def _check_rubric(source: str, key: str) -> None:
+    """A shipped rubric name or a YAML path that loads into a valid rubric."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dynalign.judge.rubric import load_rubric
+
+    try:
+        load_rubric(source)
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:  # ValueError: ConfigError
+        raise ConfigError(key, _one_line(err)) from None
+
+
+def load_prompts(source: str, column: str, split: str, key: str) -> list[str] | None:
+    """The prompts of split ``split`` of a local dataset; None for a hub id (read when used).
+
+    A dataset that cannot be read is a :class:`ConfigError` naming ``key``: ``datasets`` fails
+    in many ways (an empty file: a bare ``StopIteration``), so every failure is caught here.
+    """
+    if not Path(source).expanduser().exists():
+        require(not _looks_like_path(source), key, f"{source} does not exist")
+        return None
+    from dynalign.datagen.dataset_io import load_prompt_dataset
+
+    try:
+        with _quiet_datasets():
+            return load_prompt_dataset(source, column, split)
+    except StopIteration:
+        raise ConfigError(key, f"{source} has no prompts in its {split} split (it is empty)") from None
+    except KeyError as err:  # a missing split or column: its message lists what there is
+        raise ConfigError(key, _one_line(err.args[0] if err.args else err)) from None
+    except Exception as err:  # see the docstring
+        raise ConfigError(key, f"{source}: {_one_line(err)}") from None
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars while the checks read a dataset: the only output of a failure is its line."""
+    import datasets
+
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
+def _one_line(err: object) -> str:
+    """An error's text on one line (YAML and datasets messages span several)."""
+    return " ".join(str(err).split())
