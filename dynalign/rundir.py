@@ -173,10 +173,13 @@ class RunDir:
         return found + [d.name for _, d in _iterations(self.path, MODEL_CONFIG)]
 
     def clear_previous_run(self) -> None:
-        """Delete what :meth:`previous_run` finds, with the prompts and evaluations of that run."""
+        """Delete what :meth:`previous_run` finds, with the prompts and evaluations of that run, and
+        forget its W&B run id (the new run gets its own W&B run; ``wandb/`` keeps the old one's
+        unsynced records)."""
         for name in ("checkpoints", "prompts", "eval"):
             shutil.rmtree(self.path / name, ignore_errors=True)
-        for path in (self.metrics, self.samples, self.summary):
+        for path in (self.metrics, self.samples, self.summary, self.path / "wandb_id.txt",
+                     self.path / "wandb_run.json"):
             path.unlink(missing_ok=True)
         for export in self.path.iterdir():
             if export.is_dir() and iteration_of(export) is not None:

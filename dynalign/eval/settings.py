@@ -40,13 +40,14 @@ def resolve_eval(cfg: TrainConfig) -> ResolvedEval:
 
 
 def resolve_baseline(baseline: str | None, model: ModelConfig) -> str:
-    """The baseline to load: ``eval.baseline`` (``tiny``, a directory, a hub id) or the base model."""
-    from dynalign.models import resolve_model_path
+    """The baseline to load: ``eval.baseline`` (an embedded model, a directory, a hub id) or the
+    base model."""
+    from dynalign.models import EMBEDDED_MODELS, resolve_model_path
 
     if not baseline:
         return resolve_model_path(model)
-    if baseline == "tiny":
-        return resolve_model_path(replace(model, name_or_path="tiny"))
+    if baseline in EMBEDDED_MODELS:
+        return resolve_model_path(replace(model, name_or_path=baseline))
     if Path(baseline).expanduser().exists():
         return str(resolve_model_dir(baseline, "eval.baseline"))
     if baseline.startswith((".", "/", "~")):

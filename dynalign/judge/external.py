@@ -40,13 +40,13 @@ class ExternalContext:
 
 
 def resolve_judge_model(judge: ExternalJudgeConfig, model: ModelConfig, key: str = "judge.external") -> str:
-    """What a local judge (``hf``/``vllm``) loads: ``tiny`` (the embedded model), the newest
-    export of a run directory, a model directory, or a hub id."""
-    from dynalign.models import resolve_model_path
+    """What a local judge (``hf``/``vllm``) loads: an embedded model (``tiny``, ``gemma3_270m``),
+    the newest export of a run directory, a model directory, or a hub id."""
+    from dynalign.models import EMBEDDED_MODELS, resolve_model_path
     from dynalign.rundir import resolve_model_dir
 
-    if judge.model == "tiny":
-        return resolve_model_path(replace(model, name_or_path="tiny"))
+    if judge.model in EMBEDDED_MODELS:
+        return resolve_model_path(replace(model, name_or_path=judge.model))
     path = Path(judge.model).expanduser()
     return str(resolve_model_dir(path, f"{key}.model")) if path.exists() else judge.model
 
