@@ -6,9 +6,10 @@ own answers with the rubric, turns the rewards into group-relative advantages an
 GRPO steps on the DeepSpeed engine. At the end of an iteration it exports the policy, moves
 the KL reference to it, checkpoints and runs the evaluation hook; the checkpoint records which
 of these stages are still to run, so an interrupted run finishes them when it resumes. Every
-phase is timed under its name: the step's as ``time/<phase>`` with ``time/step`` their sum, the iteration's
-(``prompts``, ``export``, ``reference``, ``checkpoint``, ``eval``, ``frozen_judge``) with the
-first step logged after them and, for the last iteration, in the run summary.
+phase is timed under its name: the step's as ``time/<phase>`` with ``time/step`` their sum,
+the iteration's (``prompts``, ``export``, ``reference``, ``checkpoint``, ``eval``,
+``frozen_judge``) with the first step logged after them and, for the last iteration, in the
+run summary.
 
 How it departs from plain GRPO: the reward model is the policy itself (or a frozen copy of
 it as the iteration began, or an external judge); unparseable judgements are NaN rewards
@@ -305,7 +306,9 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     if position.global_step:
         sync_sampler(parts)  # a sampler with its own weights loaded the base model, not the checkpoint
     tracker = build_tracker(cfg.logger, info, rank)
-    evaluate_pending(cfg, parts, info, position, tracker, between)
+    if "eval" in position.pending:
+        with between("eval"):
+            evaluate_pending(cfg, parts, info, position, tracker)
     metrics: dict[str, float] = {}
     with Preemption() as preemption, tqdm(total=cfg.iterations * cfg.steps_per_iteration,
                                           initial=position.global_step, desc="dynalign", unit="step",
@@ -358,7 +361,8 @@ def end_of_iteration(cfg: TrainConfig, parts: Parts, info: RunInfo, position: Po
     """Export the policy, move the KL reference to it, checkpoint, evaluate when due; then, under
     ``judge.source=frozen``, load the next iteration's judge (the policy just exported)."""
     close_iteration(cfg, parts.engine, info.run_dir, position, timer)
-    evaluate_pending(cfg, parts, info, position, tracker, timer)
+    with timer("eval"):
+        evaluate_pending(cfg, parts, info, position, tracker)
     if cfg.judge.source == "frozen" and position.iteration < cfg.iterations:
         with timer("frozen_judge"):
             renew_frozen_judge(cfg, parts, info.run_dir, position.iteration)
@@ -386,22 +390,21 @@ def close_iteration(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path, posit
         save_checkpoint(cfg, engine, run_dir, position)
 
 
-def evaluate_pending(cfg: TrainConfig, parts: Parts, info: RunInfo, position: Position, tracker: Tracker,
-                     timer: PhaseTimer) -> None:
+def evaluate_pending(cfg: TrainConfig, parts: Parts, info: RunInfo, position: Position,
+                     tracker: Tracker) -> None:
     """The evaluation of the iteration just ended, if due and not yet done; the checkpoint then
     records it as done, so a resumed run evaluates each iteration once."""
     from dynalign.engine import record_client_state
     from dynalign.eval import evaluate_iteration
 
-    with timer("eval"):
-        if "eval" not in position.pending:
-            return
-        # calibration is the policy judging its own answers: a frozen or external judge is not it
-        self_judge = parts.judge if cfg.judge.source == "self" else None
-        evaluate_iteration(cfg, info.run_dir, position.iteration, tracker=tracker,
-                           policy_sampler=parts.sampler, self_judge=self_judge)
-        position.pending.remove("eval")
-        record_client_state(parts.engine, RunDir(info.run_dir).checkpoints, vars(position))
+    if "eval" not in position.pending:
+        return
+    # calibration is the policy judging its own answers: a frozen or external judge is not it
+    self_judge = parts.judge if cfg.judge.source == "self" else None
+    evaluate_iteration(cfg, info.run_dir, position.iteration, tracker=tracker,
+                       policy_sampler=parts.sampler, self_judge=self_judge)
+    position.pending.remove("eval")
+    record_client_state(parts.engine, RunDir(info.run_dir).checkpoints, vars(position))
 
 
 def preempted(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path, position: Position,
@@ -428,6 +431,9 @@ def resume(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path) -> Position:
         return Position()
     source = auto_checkpoint(RunDir(run_dir).checkpoints) if cfg.resume == "auto" else Path(cfg.resume)
     position = Position(**engine.load(source)) if source is not None else Position()
+    exported = RunDir(run_dir).export(position.iteration) / "config.json"
+    if position.pending == ["eval"] and not exported.exists():
+        position.pending = ["export", "checkpoint", "eval"]  # resume=PATH: the export is another run's
     dropped = cut_logs(run_dir, position)
     if source is None:
         print0(f"dynalign: resume=auto: no checkpoint in {run_dir}, starting from step 0"
