@@ -218,11 +218,14 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
     """Log-probs [B, C] of the completion tokens under a causal LM (and their entropy [B, C] if asked).
 
     ``input_ids``/``attention_mask`` [B, P + C]: left-padded prompts, then right-padded completions
-    (the last ``completion_length`` = C columns). ``model(input_ids=..., attention_mask=...).logits``
-    [B, P + C, V] (position t predicts token t + 1) is sliced to the C predicting positions before
-    any float32 work and divided by the sampling ``temperature``. Padded completion positions get
-    meaningless values: mask them in the loss. Positions are the model's own (0..P+C-1, pads
-    included); rotary embeddings see only relative positions, so left padding changes nothing.
+    (the last ``completion_length`` = C columns). The model is asked for the logits of the last
+    C + 1 positions only (``logits_to_keep``, which every transformers causal LM takes): the
+    hidden states of the prompt never go through the LM head, whose [B, P, V] output nobody
+    reads (on a 262k vocabulary it is most of the forward). Position t predicts token t + 1, so
+    the first C of them are the predicting positions, divided by the sampling ``temperature``.
+    Padded completion positions get meaningless values: mask them in the loss. Positions are the
+    model's own (0..P+C-1, pads included); rotary embeddings see only relative positions, so
+    left padding changes nothing.
     """
     length = input_ids.shape[1]
     if not 0 < completion_length < length:
@@ -230,8 +233,9 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
                          f"(got {completion_length})")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {temperature})")
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, P+C, V]
-    logits = logits[:, length - completion_length - 1:length - 1]  # [B, C, V]
+    kept = model(input_ids=input_ids, attention_mask=attention_mask,
+                 logits_to_keep=completion_length + 1).logits  # [B, C+1, V]
+    logits = kept[:, :completion_length]  # [B, C, V]
     if temperature != 1.0:
         logits = logits / temperature  # [B, C, V]
     labels = input_ids[:, length - completion_length:]  # [B, C]

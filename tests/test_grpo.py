@@ -484,6 +484,15 @@ def test_completion_logprobs_matches_naive_per_token(temperature: float) -> None
     torch.testing.assert_close(only_logp, logp)
 
 
+def test_the_lm_head_sees_only_the_positions_that_predict_the_completion() -> None:
+    model = tiny_llama()
+    heads: list[tuple[int, ...]] = []
+    model.lm_head.register_forward_hook(lambda module, args, out: heads.append(tuple(args[0].shape)))
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    grpo.completion_logprobs(model, input_ids, torch.ones_like(input_ids), 3)
+    assert heads == [(1, 4, 32)]  # C + 1 = 4 positions of the hidden size 32, not all 7
+
+
 def test_left_padding_does_not_change_completion_logprobs() -> None:
     model = tiny_llama()  # rotary embeddings: only relative positions matter
     padded = grpo.completion_logprobs(model, torch.tensor([[0, 0, 12, 13, 14, 15, 16]]),
