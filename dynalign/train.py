@@ -97,7 +97,7 @@ def build_parts(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path, iteration
     sampler = build_sampler(
         cfg.rollout, tokenizer=engine.tokenizer, model=engine.module, model_path=engine.model_path,
         max_prompt_length=None, max_completion_length=cfg.grpo.max_completion_length,
-        seed=cfg.seed, dtype=cfg.model.dtype, gather=zero3_gather(engine.module), shares_weights=True,
+        seed=cfg.seed, dtype=cfg.model.dtype, gather=zero3_gather(engine.ds_engine), shares_weights=True,
         model_config=cfg.model)
     return Parts(engine, sampler, build_loop_judge(cfg, sampler, run_dir, iteration, engine.model_path))
 

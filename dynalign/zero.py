@@ -3,6 +3,11 @@
 Under ZeRO-3 a parameter holds only its rank's shard (DeepSpeed marks it with ``ds_id``);
 :func:`gathered` makes the full tensors visible inside a block. Every helper is a no-op on
 ordinary tensors, so the same code runs on whole models and on stages 0-2.
+
+DeepSpeed also hangs forward hooks on every submodule of a ZeRO-3 engine's model: they fetch
+and release each module's parameters around its call and record the order for prefetching.
+:func:`unhooked` takes them off for a block (generation), with everything gathered once,
+and puts the same hooks back afterwards.
 """
 
 from __future__ import annotations
@@ -40,6 +45,78 @@ def gathered(params: Iterable[Tensor], modifier_rank: int | None = None) -> Iter
 
     with deepspeed.zero.GatheredParameters(zero_params, modifier_rank=modifier_rank):
         yield
+
+
+def zero3_offload(ds_engine: Any) -> Any | None:
+    """The object that owns ``ds_engine``'s ZeRO-3 module hooks (DeepSpeed's
+    ``DeepSpeedZeRoOffload``), or None below stage 3 or for anything that is not an engine.
+
+    The ZeRO-3 optimizer holds it as ``parameter_offload``; an engine built without an
+    optimizer uses the offload object itself as its optimizer.
+    """
+    optimizer = getattr(ds_engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    return offload if hasattr(offload, "forward_hooks") and hasattr(offload, "backward_hooks") else None
+
+
+def zero3_hook_handles(offload: Any) -> list[Any]:
+    """The handles of every hook ``offload`` registered: each submodule's fetch/release and
+    backward-marking hooks, and the root's step reset.
+
+    The root hook must go too: while the coordinator's trace is incomplete, its ``reset_step``
+    checks the recorded module order against rank 0's (broadcasts), collectives that ranks
+    generating different lengths would call different numbers of times.
+    """
+    root = getattr(offload, "fwd_pre_hook", None)
+    return [*offload.forward_hooks, *offload.backward_hooks, *([root] if root is not None else [])]
+
+
+@contextlib.contextmanager
+def detached_hooks(handles: Iterable[Any]) -> Iterator[None]:
+    """The hooks behind ``handles`` (torch ``RemovableHandle``) are off their modules in the block.
+
+    Afterwards the same hook objects return under the same ids, in their original place among
+    the module's other hooks, so the handles stay valid (``remove()`` still works) and hooks
+    run in the same order as before. Hooks others add or remove meanwhile are kept as they are.
+    """
+    handles = list(handles)
+    ids = {h.id for h in handles}
+    tables = {id(t): t for h in handles if (t := h.hooks_dict_ref()) is not None and h.id in t}
+    saved = [(table, list(table.items())) for table in tables.values()]
+    for table, _ in saved:
+        for key in ids & table.keys():
+            del table[key]
+    try:
+        yield
+    finally:
+        for table, items in saved:
+            _restore_hooks(table, items, ids)
+
+
+def _restore_hooks(table: dict[int, Any], items: list[tuple[int, Any]], ids: set[int]) -> None:
+    """``table`` <- ``items`` (the detached ``ids`` and the hooks still present), then hooks added since."""
+    before = {key for key, _ in items}
+    restored = [(k, v) for k, v in items if k in ids or k in table]
+    restored += [(k, v) for k, v in table.items() if k not in before]
+    table.clear()
+    table.update(restored)
+
+
+@contextlib.contextmanager
+def unhooked(ds_engine: Any) -> Iterator[torch.nn.Module]:
+    """``ds_engine``'s module, whole and free of DeepSpeed's ZeRO-3 module hooks, in the block.
+
+    Collective on entry and exit (the gather and the re-partitioning); in between the module
+    runs as a plain one: no parameter fetch, release or trace bookkeeping per module call and
+    no collective, so ranks may run different numbers of forwards. The coordinator is left
+    exactly as the last training pass left it. Inference only: the block must neither change
+    the parameters nor back-propagate (no backward hooks). Below stage 3, yields the module.
+    """
+    module = ds_engine.module
+    offload = zero3_offload(ds_engine)
+    handles = zero3_hook_handles(offload) if offload is not None else []
+    with gathered(module.parameters()), detached_hooks(handles):
+        yield module
 
 
 def cpu_clone(tensor: Tensor) -> Tensor:

@@ -73,10 +73,10 @@ def build_sampler(cfg: RolloutConfig, *, tokenizer: Any, model: Any = None, mode
     """The sampler ``cfg.backend`` names.
 
     ``hf`` samples from ``model`` (pass the training module with ``shares_weights=True`` and,
-    under ZeRO-3, ``gather=zero3_gather(module)``), or loads ``model_path`` with ``model_config``'s
-    settings (default: ``dtype``'s); ``vllm`` starts an engine on
-    ``model_path`` (``resolve_model_path(cfg.model)``) whose ``max_model_len`` defaults to
-    ``max_prompt_length + max_completion_length``.
+    under ZeRO-3, ``gather=zero3_gather(ds_engine)`` of the DeepSpeed engine that trains it),
+    or loads ``model_path`` with ``model_config``'s settings (default: ``dtype``'s); ``vllm``
+    starts an engine on ``model_path`` (``resolve_model_path(cfg.model)``) whose
+    ``max_model_len`` defaults to ``max_prompt_length + max_completion_length``.
     """
     if cfg.backend not in SAMPLERS:
         valid = ", ".join(sorted(SAMPLERS))

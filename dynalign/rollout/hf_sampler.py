@@ -1,9 +1,14 @@
 """The transformers ``generate`` backend: runs anywhere, needs no extra package.
 
 Prompts are batched ``batch_size`` sequences at a time with left padding. Under ZeRO-3,
-pass ``gather``: a factory of a context manager that gathers the partitioned parameters
-(:func:`zero3_gather`). It is entered once per :meth:`HFSampler.sample` call, because a
-ZeRO-3 forward without it all-gathers every layer at every generated token (~100x slower).
+pass ``gather``: a factory of a context manager that readies the partitioned model for
+inference (:func:`zero3_gather`). It is entered once per :meth:`HFSampler.sample` call (and
+once per judge query or :meth:`HFSampler.reuse_prefixes` block), because a ZeRO-3 forward
+without it all-gathers every layer at every generated token (~100x slower). Given the
+DeepSpeed engine, it gathers every parameter once and also takes DeepSpeed's per-module hooks
+off for the block (:func:`~dynalign.zero.unhooked`), so ``generate`` runs at plain-module
+speed and each rank decodes on its own, with no collective, to its own length; the same hooks
+are back before the next training pass.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dynalign.rollout.encoding import (
     prepare_request,
 )
 from dynalign.rollout.prefix_cache import PrefixCache
-from dynalign.zero import gathered, is_partitioned
+from dynalign.zero import gathered, is_partitioned, unhooked, zero3_offload
 
 GatherFactory = Callable[[], AbstractContextManager]
 # Values that switch off the other logits processors a model's generation_config may enable.
@@ -36,9 +41,17 @@ NEUTRAL_SAMPLING: dict[str, Any] = dict(min_p=0.0, typical_p=1.0, epsilon_cutoff
 
 
 def zero3_gather(model: torch.nn.Module) -> GatherFactory | None:
-    """A ``gather`` for :class:`HFSampler` when ``model`` is ZeRO-3 partitioned, else None."""
+    """A ``gather`` for :class:`HFSampler` when ``model`` is ZeRO-3 partitioned, else None.
+
+    Pass the DeepSpeed engine that trains the sampler's module: each block then gathers the
+    parameters once and runs without DeepSpeed's module hooks (:func:`~dynalign.zero.unhooked`).
+    A partitioned module alone offers no hooks to take off: it is only gathered, and the hooks
+    still fetch and release around every module call of every token (several times slower).
+    """
     if not is_partitioned(model):
         return None
+    if zero3_offload(model) is not None:
+        return lambda: unhooked(model)
     params = list(model.parameters())
     return lambda: gathered(params)
 
@@ -210,8 +223,9 @@ class HFSampler:
 
     @contextmanager
     def _inference(self) -> Iterator[None]:
-        """Gathered (ZeRO-3), eval mode, no grad; the model's train/eval flag is restored.
-        Re-entrant: a nested block (a query inside :meth:`reuse_prefixes`) gathers nothing."""
+        """Gathered (and unhooked, given the engine: :func:`zero3_gather`) under ZeRO-3, eval
+        mode, no grad; the model's train/eval flag is restored. Re-entrant: a nested block (a
+        query inside :meth:`reuse_prefixes`) gathers nothing."""
         if self._inside:
             yield
             return
