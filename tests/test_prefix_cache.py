@@ -11,7 +11,13 @@ import random
 import pytest
 import torch
 
-from dynalign.rollout.prefix_cache import PrefixCache, common_prefix_length
+from dynalign.rollout.prefix_cache import (
+    PrefixCache,
+    common_prefix_length,
+    past_index,
+    plan_rows,
+    shared_prefix_length,
+)
 
 TOL = 1e-4  # float32 log-probs through a different order of the same work
 
@@ -39,38 +45,55 @@ def test_common_prefix_length():
     assert common_prefix_length([1, 2], [1, 2, 3]) == 2
     assert common_prefix_length([], [1]) == 0
     assert common_prefix_length([7], [8]) == 0
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert shared_prefix_length([[5], [6]]) == 0
+
+
+def test_plan_keeps_what_the_cache_holds_with_one_width_of_new_tokens():
+    plan = plan_rows([10, 7, 12], [8, 6, 8])  # new tokens needed: 2, 1, 4
+    assert plan.new == 4 and plan.keep == (6, 3, 8)  # the shorter needs re-read cached tokens
+    assert plan_rows([3, 9], [2, 2]).keep == (0, 2)  # a row shorter than the block keeps nothing
+    index, mask = past_index([0, 0], [5], 5, [2, 4])
+    assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]  # kept tokens end at the last column
+    assert index.tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]  # each row's first tokens, in order
+
+
+def assert_reads_match(model, cache, rows, last=1):
+    """Every row's ``last`` read positions against a fresh forward over that row alone."""
+    with torch.no_grad():
+        got = cache.logprobs(rows, last)  # [N, last, V]
+    for i, ids in enumerate(rows):
+        for j in range(last):
+            prefix = ids[:len(ids) - last + 1 + j]
+            assert torch.allclose(got[i, j], full_logprobs(model, prefix), atol=TOL), (i, j)
 
 
 def test_every_kind_of_reuse_matches_a_full_forward_under_a_sliding_window(sliding_model):
     rng = random.Random(0)
-    shared = [rng.randrange(97) for _ in range(30)]  # longer than the window: cut copies cross it
-    queries = [
-        shared + [5, 6, 7],  # fresh
-        shared + [5, 6, 7, 8, 9],  # extends the first in place
-        shared + [11, 12],  # a cut copy of the first (30 shared tokens)
-        shared + [5, 6, 7, 8, 9],  # asked again: answered from the cache
-        shared[:20],  # a strict prefix of a cached sequence
-        [3, 1, 4, 1, 5],  # nothing shared
-    ]
-    cache = PrefixCache(sliding_model, torch.device("cpu"), slots=4)
-    with torch.no_grad():
-        for ids in queries:
-            assert torch.allclose(cache.logprobs(ids), full_logprobs(sliding_model, ids), atol=TOL), ids
-    asked = sum(len(q) for q in queries)
-    # fresh 33, +2 in place, 2 after the cut, 0 (repeat), 1 (prefix), 5 (fresh)
-    assert (cache.tokens_asked, cache.tokens_read) == (asked, 33 + 2 + 2 + 0 + 1 + 5)
+    shared = [rng.randrange(97) for _ in range(30)]  # longer than the window: cut rows cross it
+    answers = [[rng.randrange(97) for _ in range(n)] for n in (3, 9, 1)]  # rows of unequal length
+    rows = [shared + a for a in answers]
+    cache = PrefixCache(sliding_model, torch.device("cpu"))
+    assert_reads_match(sliding_model, cache, rows)  # fresh: the shared prefix once, then 9 x 3
+    assert cache.passes == 2 and cache.tokens_read == 30 + 3 * 9
+    assert_reads_match(sliding_model, cache, [r + [5, 6] for r in rows], last=2)  # extended alike: a crop
+    assert cache.passes == 3 and cache.tokens_read == 30 + 3 * 9 + 3 * 2
+    # unequal growth, a row cut back: rows shifted to end together (2, 1 and 2 new tokens)
+    grown = [rows[0] + [5, 6, 7, 8], rows[1] + [5], rows[2][:-1] + [40, 41]]
+    assert_reads_match(sliding_model, cache, grown)
+    assert cache.tokens_read == 30 + 3 * 9 + 3 * 2 + 3 * 2
+    assert_reads_match(sliding_model, cache, grown)  # asked again: the last token of each re-read
+    assert_reads_match(sliding_model, cache, [r[:20] for r in grown])  # strict prefixes
+    assert_reads_match(sliding_model, cache, [[3, 1, 4, 1, 5], [9, 2], [6]])  # nothing shared
+    assert_reads_match(sliding_model, cache, [shared + [1], shared + [2, 3]])  # another batch size
 
 
-def test_eviction_costs_work_never_correctness(sliding_model):
-    rng = random.Random(1)
-    rows = [[rng.randrange(97) for _ in range(12)] for _ in range(3)]
-    cache = PrefixCache(sliding_model, torch.device("cpu"), slots=1)
-    with torch.no_grad():
-        for ids in rows + rows:  # the one slot is taken by the row before
-            assert torch.allclose(cache.logprobs(ids), full_logprobs(sliding_model, ids), atol=TOL)
-    assert cache.tokens_read == 2 * 3 * 12 and len(cache._slots) == 1
-    with pytest.raises(ValueError, match="at least one token"):
-        cache.logprobs([])
+def test_a_query_needs_its_read_positions(sliding_model):
+    cache = PrefixCache(sliding_model, torch.device("cpu"))
+    with pytest.raises(ValueError, match="at least 1 token"):
+        cache.logprobs([[1, 2], []])
+    with pytest.raises(ValueError, match="at least 2 token"):
+        cache.logprobs([[1]], last=2)
 
 
 class WithoutReuse:
@@ -82,7 +105,7 @@ class WithoutReuse:
         self.needs_weight_sync = sampler.needs_weight_sync
 
     def __getattr__(self, name):
-        if name == "reuse_prefixes":
+        if name in ("reuse_prefixes", "token_logprobs"):  # one text at a time, as a plain sampler
             raise AttributeError(name)
         return getattr(self._sampler, name)
 
@@ -109,14 +132,15 @@ def judged_both_ways(sampler, rubric, n=5, slots=2):
     return plain, reused
 
 
-def test_logprob_judge_scores_equal_with_and_without_reuse_on_the_tiny_model(tiny_model_path):
+@pytest.mark.parametrize("slots", [2, 8])  # 2: three batches of the cache for 5 answers; 8: one
+def test_logprob_judge_scores_equal_with_and_without_reuse_on_the_tiny_model(tiny_model_path, slots):
     from dynalign.config import ModelConfig
     from dynalign.judge import load_rubric
     from dynalign.models import load_hf_sampler
 
     sampler = load_hf_sampler(ModelConfig(name_or_path=str(tiny_model_path)), batch_size=4)
     rubric = load_rubric("ca_rubric")
-    plain, reused = judged_both_ways(sampler, rubric)
+    plain, reused = judged_both_ways(sampler, rubric, slots=slots)  # answers of unequal lengths
     assert torch.allclose(plain.probs, reused.probs, atol=1e-5)
     values = torch.tensor([float(s) for s in rubric.scores])
     assert torch.allclose(plain.probs @ values, reused.probs @ values, atol=TOL)  # expected scores
@@ -151,9 +175,10 @@ def test_logprob_judge_scores_equal_with_and_without_reuse_on_gemma(cache_dir):
     from dynalign.models import load_hf_sampler
 
     sampler = load_hf_sampler(ModelConfig(name_or_path=str(ensure_gemma())), batch_size=4)
-    rubric = load_rubric("ca_compact")
-    plain, reused = judged_both_ways(sampler, rubric, n=3, slots=2)
+    rubric = load_rubric("ca_rubric")  # ~900 tokens: longer than Gemma 3's 512-token sliding window
+    plain, reused = judged_both_ways(sampler, rubric, n=5, slots=3)  # a batch of 3, then of 2
     values = torch.tensor([float(s) for s in rubric.scores])
     assert torch.allclose(plain.probs @ values, reused.probs @ values, atol=TOL)  # expected scores
+    assert torch.allclose(plain.probs, reused.probs, atol=TOL)
     assert torch.allclose(plain.mass, reused.mass, atol=TOL)
     assert not torch.isnan(reused.probs).any()

@@ -91,8 +91,9 @@ class SamplerBackend:
         n = len(conversations)
         probs, mass = nan_distributions(n, rubric)  # [N, A, S], [N, A]
         bases = [self.render(c) for c in conversations]
-        with reusing_prefixes(self.sampler) as group:
-            size = group or max(n, 1)  # prompts read together: their caches must not evict each other
+        # the prompts read together are one batch of the sampler's prefix cache
+        with reusing_prefixes(self.sampler, getattr(self.sampler, "batch_size", 8)) as group:
+            size = group or max(n, 1)
             for start in range(0, n, size):
                 rows = slice(start, start + size)
                 probs[rows], mass[rows] = self._read_slots(bases[rows], nonces[rows], rubric)

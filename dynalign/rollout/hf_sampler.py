@@ -163,35 +163,50 @@ class HFSampler:
 
     def next_token_logprobs(self, texts: Sequence[str], token_ids: Sequence[int]) -> torch.Tensor:
         """[N, K] log-softmax (temperature 1) at the position after each text, for each candidate."""
-        candidates = torch.as_tensor(list(token_ids), dtype=torch.long)  # [K]
+        return self.token_logprobs(self.encode_texts(texts), token_ids)[:, -1]  # [N, K]
+
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """The token ids :meth:`next_token_logprobs` reads for each text."""
         rows = [encode_text(self.tokenizer, t) for t in texts]
         _check_nonempty(rows)
-        out = []
-        if self._prefixes is not None:  # one text at a time, continuing cached prefixes
-            with self._inference():
-                out = [self._prefixes.logprobs(r)[candidates][None] for r in rows]  # N x [1, K]
-            return torch.cat(out) if out else torch.zeros(0, len(candidates))  # [N, K]
+        return rows
+
+    def token_logprobs(self, rows: Sequence[Sequence[int]], token_ids: Sequence[int],
+                       last: int = 1) -> torch.Tensor:
+        """[N, last, K] log-softmax after each of the last ``last`` tokens of each row, for each
+        candidate token: ``[:, -1]`` is the next-token distribution after the whole row.
+
+        Inside :meth:`reuse_prefixes` the N rows are one batch of the prefix cache; otherwise
+        they are read from scratch, ``batch_size`` rows at a time.
+        """
+        candidates = torch.as_tensor(list(token_ids), dtype=torch.long)  # [K]
+        if not rows:
+            return torch.zeros(0, last, len(candidates))
         with self._inference():
+            if self._prefixes is not None:
+                logp = self._prefixes.logprobs(rows, last)  # [N, last, V]
+                return logp[..., candidates.to(logp.device)].cpu()  # [N, last, K]
+            out = []
             for start in range(0, len(rows), self.batch_size):
                 ids, mask = left_pad(rows[start:start + self.batch_size], self.pad_id)  # [B, L]
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    position_ids=positions.to(self.device), logits_to_keep=1).logits
-                logp = torch.log_softmax(logits[:, -1].float(), -1)  # [B, V]
-                out.append(logp[:, candidates.to(logp.device)].cpu())  # [B, K]
-        return torch.cat(out) if out else torch.zeros(0, len(candidates))  # [N, K]
+                                    position_ids=positions.to(self.device), logits_to_keep=last).logits
+                logp = torch.log_softmax(logits.float(), -1)  # [B, last, V]
+                out.append(logp[..., candidates.to(logp.device)].cpu())  # [B, last, K]
+        return torch.cat(out)  # [N, last, K]
 
     @contextmanager
     def reuse_prefixes(self, slots: int = 8) -> Iterator[int]:
-        """Within the block, :meth:`next_token_logprobs` reads each text one at a time, reusing
-        the KV cache of the longest token prefix it shares with one of the last ``slots`` texts
-        (:class:`~dynalign.rollout.prefix_cache.PrefixCache`): a judge's rubric is read once,
-        each aspect slot costs its new tokens only. The parameters stay gathered (ZeRO-3) for
-        the whole block. Yields ``slots``: callers that ask about more texts at once should
-        split them into groups of that many, or the caches of one group evict each other.
+        """Within the block, each call of :meth:`next_token_logprobs` / :meth:`token_logprobs`
+        is one batched forward on a KV cache (:class:`~dynalign.rollout.prefix_cache.PrefixCache`):
+        the prefix all its texts share (a judge's rubric) is encoded once, and texts that extend
+        those of the call before (the next aspect slot) cost their new tokens only. The
+        parameters stay gathered (ZeRO-3) for the whole block. Yields ``slots``: callers ask
+        about at most that many texts at a time (the batch of one forward).
         """
         with self._inference():
-            self._prefixes = PrefixCache(self.model, self.device, slots)
+            self._prefixes = PrefixCache(self.model, self.device)
             try:
                 yield slots
             finally:
