@@ -94,16 +94,16 @@ class BenchModel:
     speedup_strict: bool = False  # "ahead of" (>) rather than "at least" (>=)
     judge_budget_s: float | None = None  # self-judge phase seconds per 16 answers
     judge_within_gen: bool = False  # self-judge phase <= the generation phase of the same step
-    tiny: dict[str, int] = field(default_factory=dict)  # TinyModelConfig fields of a tiny model
+    tiny: dict[str, Any] = field(default_factory=dict)  # TinyModelConfig fields of a tiny model
 
 
 TINY_DEFAULTS = dict(prompts=4, generations=4, new_tokens=32, warmup=2, steps=5, judge_steps=3, rounds=2,
                      threads=1, finetune="full", zero_stages="3,2")
 TINY_OVERRIDES = ("model=tiny", "judge=ca_rubric", "judge.mode=logprob")
 MODELS = {
-    "tiny": BenchModel("tiny", "the embedded tiny Llama (random weights)", TINY_OVERRIDES, TINY_DEFAULTS,
+    "tiny": BenchModel("tiny", "the embedded tiny Llama, random weights", TINY_OVERRIDES, TINY_DEFAULTS,
                        speedup_goal=2.0, judge_budget_s=1.7),
-    "small": BenchModel("tiny", "a wider embedded tiny Llama (random weights)", TINY_OVERRIDES, TINY_DEFAULTS,
+    "small": BenchModel("tiny", "a wider embedded tiny Llama, random weights", TINY_OVERRIDES, TINY_DEFAULTS,
                         speedup_goal=2.0,
                         tiny=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=2)),
@@ -418,9 +418,11 @@ class Row:
 def summarize(steps: list[dict[str, float]], update_flops: float, peak: float,
               rss: float) -> dict[str, float]:
     """Medians of the phases, tokens/s of the whole step, the update's FLOP/s, the peak RSS."""
+    # per step, so that a median of several steps is still one step's remainder
+    steps = [{**s, "other": s["wall"] - sum(s.get(k, 0.0) for k in ("gen", "reward", "adv", "update"))}
+             for s in steps]
     med = median_phases(steps)
     med["tokens_per_s"] = statistics.median(s["completion_tokens"] / s["wall"] for s in steps)
-    med["other"] = med["wall"] - sum(med.get(k, 0.0) for k in ("gen", "reward", "adv", "update"))
     med["update_flops_per_s"] = update_flops / med["update"] if med.get("update") else float("nan")
     med["update_peak_frac"] = med["update_flops_per_s"] / peak
     med["rss_gib"] = rss
@@ -468,7 +470,7 @@ def workload_size(path: str, args: argparse.Namespace) -> tuple[int, int, str]:
     with torch.device("meta"):  # shapes only: no 1 GB of random Gemma weights
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())  # a tied head is counted once
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer: Any = AutoTokenizer.from_pretrained(path)
     chats = chat_prompts(args)
     ours = encode_prompts(tokenizer, chats)
     # TRL's GRPOTrainer._tokenize_prompts on a conversational dataset, verbatim
@@ -585,8 +587,8 @@ def orchestrate(args: argparse.Namespace) -> None:
     params, prompt_tokens, model_type = workload_size(path, args)
     n = args.prompts * args.generations
     tokens = prompt_tokens + n * args.new_tokens
-    print(f"model:   {args.model}: {spec.description} ({model_type}), {params / 1e6:.2f} M parameters, fp32, "
-          f"fine-tuning {args.finetune.replace(',', ' and ')} ({path})")
+    print(f"model:   {args.model}: {spec.description}, model type {model_type}, {params / 1e6:.2f} M "
+          f"parameters, fp32, fine-tuning {args.finetune.replace(',', ' and ')} ({path})")
     print(f"work:    {args.prompts} prompts x {args.generations} generations x {args.new_tokens} new tokens "
           f"= {n * args.new_tokens} completion tokens/step at most; {tokens} prompt+completion tokens in the "
           "update; chat template, same prompt tokens in both; beta 0, loss grpo, 1 optimizer step per batch, "
