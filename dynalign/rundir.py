@@ -70,10 +70,6 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
-    def has_checkpoint(self) -> bool:
-        """Whether ``checkpoints/`` holds a complete checkpoint to resume from."""
-        return (self.checkpoints / LATEST).exists()
-
     def export(self, k: int) -> Path:
         """The Hugging Face directory of the policy after iteration ``k``."""
         return self.path / f"iter_{k}"
