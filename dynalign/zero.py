@@ -5,9 +5,11 @@ Under ZeRO-3 a parameter holds only its rank's shard (DeepSpeed marks it with ``
 ordinary tensors, so the same code runs on whole models and on stages 0-2.
 
 DeepSpeed also hangs forward hooks on every submodule of a ZeRO-3 engine's model: they fetch
-and release each module's parameters around its call and record the order for prefetching.
-:func:`unhooked` takes them off for a block (generation), with everything gathered once,
-and puts the same hooks back afterwards.
+and release each module's parameters around its call and record the order for prefetching;
+the engine adds two on the root that walk every submodule at each call; and ZeRO-3 replaces
+torch's ``F.linear`` process-wide with an autograd function that re-gathers the weight for
+backward. :func:`unhooked` takes all of that off for a block (generation), with everything
+gathered once, and puts the same hooks and the same ``F.linear`` back afterwards.
 """
 
 from __future__ import annotations
@@ -71,6 +73,42 @@ def zero3_hook_handles(offload: Any) -> list[Any]:
     return [*offload.forward_hooks, *offload.backward_hooks, *([root] if root is not None else [])]
 
 
+def engine_hook_handles(ds_engine: Any) -> list[Any]:
+    """The handles of the engine's own hooks on its root module (``_forward_prologue`` and
+    ``_forward_epilogue``): under ZeRO-3 each walks every submodule at every call to flag
+    parameter discovery, which a gathered, hook-free module does not need."""
+    names = ("module_forward_pre_hook", "module_forward_post_hook")
+    return [h for name in names if (h := getattr(ds_engine, name, None)) is not None]
+
+
+@contextlib.contextmanager
+def plain_linear() -> Iterator[None]:
+    """torch's own ``F.linear`` in the block, if DeepSpeed replaced it; the replacement is back after.
+
+    ZeRO-3's ``memory_efficient_linear`` (on by default) swaps ``torch.nn.functional.linear``
+    for an autograd function that saves the parameter, not a view of its gathered data, so
+    training keeps no gathered weight alive until backward. Without gradients it only costs:
+    the function's per-call overhead roughly doubles the time of a small decode step.
+    """
+    import torch.nn.functional as F
+
+    try:
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+    except ImportError:
+        yield
+        return
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    current = F.linear
+    if original is None or current is original:
+        yield
+        return
+    F.linear = original
+    try:
+        yield
+    finally:
+        F.linear = current
+
+
 @contextlib.contextmanager
 def detached_hooks(handles: Iterable[Any]) -> Iterator[None]:
     """The hooks behind ``handles`` (torch ``RemovableHandle``) are off their modules in the block.
@@ -108,14 +146,18 @@ def unhooked(ds_engine: Any) -> Iterator[torch.nn.Module]:
 
     Collective on entry and exit (the gather and the re-partitioning); in between the module
     runs as a plain one: no parameter fetch, release or trace bookkeeping per module call and
-    no collective, so ranks may run different numbers of forwards. The coordinator is left
-    exactly as the last training pass left it. Inference only: the block must neither change
-    the parameters nor back-propagate (no backward hooks). Below stage 3, yields the module.
+    no collective, so ranks may run different numbers of forwards, and torch's own ``F.linear``
+    (:func:`plain_linear`). The coordinator is left exactly as the last training pass left it.
+    Inference only: the block must neither change the parameters nor back-propagate (no
+    backward hooks). Below stage 3, yields the module.
     """
     module = ds_engine.module
     offload = zero3_offload(ds_engine)
-    handles = zero3_hook_handles(offload) if offload is not None else []
-    with gathered(module.parameters()), detached_hooks(handles):
+    if offload is None:
+        yield module
+        return
+    handles = [*zero3_hook_handles(offload), *engine_hook_handles(ds_engine)]
+    with gathered(module.parameters()), detached_hooks(handles), plain_linear():
         yield module
 
 

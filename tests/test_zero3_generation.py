@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from dynalign.config import DeepSpeedConfig, GRPOConfig, LoraConfig, ModelConfig  # noqa: E402
 from dynalign.engine import PolicyEngine, TrainBatch  # noqa: E402
 from dynalign.rollout import HFSampler, Rollouts, SamplingParams, zero3_gather  # noqa: E402
-from dynalign.zero import detached_hooks, zero3_hook_handles, zero3_offload  # noqa: E402
+from dynalign.zero import detached_hooks, engine_hook_handles, zero3_hook_handles, zero3_offload  # noqa: E402
 
 # DeepSpeed calls torch.distributed APIs that torch 2.13 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -247,13 +247,18 @@ def test_hooks_return_and_training_after_equals_the_hooked_path(runs, name):
 def test_no_hook_runs_inside_the_block(runs, name):
     engine = runs(name)["engine"]
     offload = zero3_offload(engine.ds_engine)
-    ours = {handle.id for handle in zero3_hook_handles(offload)}
+    ours = {handle.id for handle in [*zero3_hook_handles(offload), *engine_hook_handles(engine.ds_engine)]}
+    assert len(engine_hook_handles(engine.ds_engine)) == 2  # the engine's prologue and epilogue
     before = hook_table(engine.module)
+    zero_linear = torch.nn.functional.linear
+    assert zero_linear is not torch._C._nn.linear  # ZeRO-3's memory-efficient linear is in place
     gather = zero3_gather(engine.ds_engine)
     assert gather is not None
     with gather():
         inside = hook_table(engine.module)
         assert all(p.ds_status.name == "AVAILABLE" for p in engine.module.parameters())
+        assert torch.nn.functional.linear is torch._C._nn.linear  # torch's own, no autograd function
+    assert torch.nn.functional.linear is zero_linear
     assert not {key for _, _, key, _ in inside} & ours
     assert inside == [row for row in before if row[2] not in ours]  # others' hooks (peft's) stay
     assert all(p.data.numel() == 0 for p in engine.module.parameters())  # partitioned again
