@@ -1,5 +1,7 @@
 """The lm-evaluation-harness bridge: task staging (relative data files made absolute), result
-parsing, deltas, the baseline cache, and the shipped offline task run for real on the tiny model."""
+parsing, deltas, the baseline cache, the prompt format (chat template, few-shot turns, system
+instruction) as the model really receives it, and the shipped offline task run for real on the
+tiny model."""
 
 from __future__ import annotations
 
@@ -9,13 +11,17 @@ import os
 import pytest
 import yaml
 
-from dynalign.config import ConfigError
+from dynalign.config import ConfigError, EvalConfig, TrainConfig, to_train_config
 from dynalign.eval.cache import cache_key, model_fingerprint, read_cache, write_cache
 from dynalign.eval.lm_harness import (
     SHIPPED_TASKS_DIR,
+    PromptFormat,
     hub_offline,
+    is_chat_model,
+    lm_eval_backend,
     lm_eval_cache_key,
     metric_deltas,
+    prompt_format,
     stage_task_dirs,
     task_metrics,
 )
@@ -73,13 +79,25 @@ def test_baseline_cache_key_tracks_weights_tasks_and_limit(tmp_path, monkeypatch
     model.mkdir()
     weights = model / "model.safetensors"
     weights.write_bytes(b"0" * 10)
-    key = lm_eval_cache_key(str(model), ["b", "a"], 10, None)
-    assert key == lm_eval_cache_key(str(model), ["a", "b"], 10, None)  # task order does not matter
-    assert key != lm_eval_cache_key(str(model), ["a"], 10, None)
-    assert key != lm_eval_cache_key(str(model), ["a", "b"], None, None)
-    assert key != lm_eval_cache_key(str(model), ["a", "b"], 10, 5)
+    def cfg(**eval_values):
+        config = TrainConfig()
+        config.eval = EvalConfig(**{"lm_eval_limit": 10, **eval_values})
+        return config
+
+    key = lm_eval_cache_key(str(model), ["b", "a"], cfg())
+    assert key == lm_eval_cache_key(str(model), ["a", "b"], cfg())  # task order does not matter
+    assert key != lm_eval_cache_key(str(model), ["a"], cfg())
+    assert key != lm_eval_cache_key(str(model), ["a", "b"], cfg(lm_eval_limit=None))
+    assert key != lm_eval_cache_key(str(model), ["a", "b"], cfg(lm_eval_num_fewshot=5))
+    # the prompt format and the backend: another format, other numbers
+    assert key != lm_eval_cache_key(str(model), ["a", "b"], cfg(lm_eval_chat_template=True))
+    assert key != lm_eval_cache_key(str(model), ["a", "b"], cfg(lm_eval_system_instruction="Be brief."))
+    assert key != lm_eval_cache_key(str(model), ["a", "b"], cfg(lm_eval_backend="vllm"))
+    instruct = cfg()
+    instruct.model.name_or_path = "org/model-Instruct"
+    assert key != lm_eval_cache_key(str(model), ["a", "b"], instruct)  # auto: the template goes on
     weights.write_bytes(b"1" * 11)  # new weights, same path
-    assert key != lm_eval_cache_key(str(model), ["a", "b"], 10, None)
+    assert key != lm_eval_cache_key(str(model), ["a", "b"], cfg())
     assert model_fingerprint("org/hub-model") == {"id": "org/hub-model"}
     assert read_cache("lm_eval", key) is None
     write_cache("lm_eval", key, {"t": {"acc": 0.5}})
@@ -133,3 +151,123 @@ def test_shipped_task_runs_on_the_tiny_model(tmp_path, tiny_model_path):
     delta = metric_deltas(policy, baseline)["ca_mini_mc"]
     assert delta["acc"] == pytest.approx(acc - baseline["ca_mini_mc"]["acc"])
     assert "acc_stderr" not in delta
+
+
+# ------------------------------------------------------------------ prompt format
+
+
+def test_chat_models_are_told_by_their_name():
+    for name in ("Qwen/Qwen2.5-7B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct", "google/gemma-3-270m-it",
+                 "meta-llama/Llama-2-7b-chat-hf", "/models/mistral_it", "HuggingFaceH4/zephyr-7b-chat"):
+        assert is_chat_model(name), name
+    for name in ("tiny", "gemma3_270m", "Qwen/Qwen2.5-7B", "google/gemma-3-270m", "/data/edit-model",
+                 "org/iterative-lm", "/runs/instruct/iter_2"):  # the rule reads the name, not its folders
+        assert not is_chat_model(name), name
+
+
+def test_prompt_format_rule():
+    auto = EvalConfig()
+    # unset: on for an instruct/chat model whose tokenizer has a template, off for a base model
+    assert prompt_format(auto, "Qwen/Qwen2.5-7B-Instruct", True) == PromptFormat(True, True, None)
+    assert prompt_format(auto, "Qwen/Qwen2.5-7B-Instruct", False) == PromptFormat(False, False, None)
+    assert prompt_format(auto, "tiny", True) == PromptFormat(False, False, None)
+    assert prompt_format(auto, "gemma3_270m", True) == PromptFormat(False, False, None)
+    # set: as set; few-shot turns follow the template unless set apart (lm-eval's CLI default)
+    forced = EvalConfig(lm_eval_chat_template=True, lm_eval_system_instruction="Be brief.")
+    assert prompt_format(forced, "tiny", True) == PromptFormat(True, True, "Be brief.")
+    one_turn = EvalConfig(lm_eval_chat_template=True, lm_eval_fewshot_as_multiturn=False)
+    assert prompt_format(one_turn, "tiny", True) == PromptFormat(True, False, None)
+    plain = EvalConfig(lm_eval_chat_template=False, lm_eval_system_instruction="Be brief.")
+    assert prompt_format(plain, "org/x-Instruct", True) == PromptFormat(False, False, "Be brief.")
+    with pytest.raises(ConfigError) as err:
+        prompt_format(forced, "org/base", has_chat_template=False)
+    assert err.value.key == "eval.lm_eval_chat_template"
+    with pytest.raises(ConfigError) as err:  # turns of a template that a base model does not get
+        prompt_format(EvalConfig(lm_eval_fewshot_as_multiturn=True), "tiny", True)
+    assert err.value.key == "eval.lm_eval_fewshot_as_multiturn"
+
+
+def test_prompt_settings_fail_at_compose_and_preflight(compose_cfg):
+    from dynalign.config.preflight import check_lm_eval_setup
+
+    with pytest.raises(ConfigError) as err:
+        to_train_config(compose_cfg(["eval.lm_eval_chat_template=false",
+                                     "eval.lm_eval_fewshot_as_multiturn=true"]))
+    assert err.value.key == "eval.lm_eval_fewshot_as_multiturn"
+    with pytest.raises(ConfigError) as err:
+        to_train_config(compose_cfg(["eval.lm_eval_backend=sglang"]))
+    assert err.value.key == "eval.lm_eval_backend" and "hf, vllm" in str(err.value)
+    base_model_turns = to_train_config(compose_cfg(["eval.lm_eval_fewshot_as_multiturn=true"]))  # model=tiny
+    with pytest.raises(ConfigError) as err:  # known from the model's name alone: before anything loads
+        check_lm_eval_setup(base_model_turns)
+    assert err.value.key == "eval.lm_eval_fewshot_as_multiturn"
+    check_lm_eval_setup(to_train_config(compose_cfg(["eval.lm_eval_chat_template=true"])))
+
+
+def test_backend_rule(compose_cfg, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from dynalign.config.preflight import check_lm_eval_setup
+
+    assert lm_eval_backend(to_train_config(compose_cfg([]))) == "hf"
+    vllm_rollout = to_train_config(compose_cfg(["rollout=vllm"]))
+    assert lm_eval_backend(vllm_rollout) == "hf"  # on CPU lm-eval keeps Hugging Face
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU cannot exist on this machine
+    assert lm_eval_backend(vllm_rollout) == "vllm"
+    assert lm_eval_backend(to_train_config(compose_cfg([]))) == "hf"
+    forced = to_train_config(compose_cfg(["rollout=vllm", "eval.lm_eval_backend=hf"]))
+    assert lm_eval_backend(forced) == "hf"
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError) as err:
+            check_lm_eval_setup(to_train_config(compose_cfg(["eval.lm_eval_backend=vllm"])))
+        assert err.value.key == "eval.lm_eval_backend" and "not installed" in str(err.value)
+
+
+class Recorder:
+    """The texts of every forward pass the model runs: what lm-eval really sends it."""
+
+    def __init__(self, model, tokenizer):
+        self.texts: list[str] = []
+        def record(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)  # HFLM passes them positionally
+            self.texts.extend(t.replace(tokenizer.pad_token, "") for t in tokenizer.batch_decode(ids))
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def test_the_chat_template_reaches_the_model_only_when_on(tmp_path, tiny_model_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dynalign.eval.lm_harness import lm_eval_model, prepare_tasks
+    from dynalign.rollout import HFSampler
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)  # its template is ChatML
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    sent = Recorder(model, tokenizer)
+    tasks = prepare_tasks(["ca_mini_mc"], tmp_path)
+    question = "Question: Which gas makes up most of the air"  # the task's first row
+
+    def run(model_name: str, *overrides: tuple[str, object]) -> list[str]:
+        cfg = TrainConfig()
+        cfg.model.name_or_path = model_name  # the policy's base model decides the default
+        cfg.eval = EvalConfig(lm_eval_limit=1, lm_eval_num_fewshot=1, bootstrap_samples=0, **dict(overrides))
+        sent.texts.clear()
+        results = lm_eval_model(cfg, tasks, tiny_model_path, loaded=HFSampler(model, tokenizer))
+        assert 0.0 <= results["ca_mini_mc"]["acc"] <= 1.0
+        assert len(sent.texts) == 4 and all(question in t for t in sent.texts)  # one row, four choices
+        return sent.texts
+
+    for text in run("tiny"):  # a base model: plain text, the few-shot example before the question
+        assert "<|im_start|>" not in text and text.startswith("Question: ") and text.count("Question:") == 2
+    for text in run("org/tiny-Instruct", ("lm_eval_system_instruction", "Be brief.")):
+        # a chat model: ChatML, the system instruction first, the few-shot example as its own turns
+        assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQuestion: ")
+        assert text.count("<|im_start|>user\n") == 2 and text.count("<|im_start|>assistant\n") == 2
+        assert "atmosphere?\nAnswer:<|im_end|>\n<|im_start|>assistant\n" in text  # then the choice
+    for text in run("tiny", ("lm_eval_chat_template", True), ("lm_eval_fewshot_as_multiturn", False)):
+        # the template forced on a base model, the few-shot example inside the one user turn
+        assert text.startswith("<|im_start|>user\nQuestion: ") and text.count("<|im_start|>user") == 1
+        assert text.count("Question:") == 2 and "<|im_start|>system" not in text

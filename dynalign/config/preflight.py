@@ -245,6 +245,21 @@ def check_evaluation_files(cfg: TrainConfig) -> None:
     if e.lm_eval_include_path:
         require(Path(e.lm_eval_include_path).expanduser().is_dir(), "eval.lm_eval_include_path",
                 f"{e.lm_eval_include_path} is not a directory of lm-eval task YAMLs")
+    if e.lm_eval_tasks:
+        check_lm_eval_setup(cfg)
+
+
+def check_lm_eval_setup(cfg: TrainConfig) -> None:
+    """What the model's name decides of lm-eval's prompt format, and the backend being installed
+    (whether the tokenizer has a chat template is only known once it is loaded)."""
+    import importlib.util
+
+    from dynalign.eval.lm_harness import lm_eval_backend, prompt_format
+
+    prompt_format(cfg.eval, cfg.model.name_or_path, has_chat_template=True)
+    backend = lm_eval_backend(cfg)
+    require(backend != "vllm" or importlib.util.find_spec("vllm") is not None, "eval.lm_eval_backend",
+            "vllm is not installed (GPU: pip install vllm; CPU: make install-vllm)")
 
 
 def _check_held_out(cfg: TrainConfig) -> None:

@@ -400,6 +400,12 @@ class EvalConfig:
     lm_eval_batch_size: int = 8
     lm_eval_num_fewshot: Optional[int] = None  # None: each task's own default
     lm_eval_include_path: Optional[str] = None  # extra directory of lm-eval task YAMLs
+    # lm-eval prompts through the tokenizer's chat template; None: on for an instruct/chat `model`
+    # (its name says Instruct, chat or -it) whose tokenizer has one, off for base models
+    lm_eval_chat_template: Optional[bool] = None
+    lm_eval_fewshot_as_multiturn: Optional[bool] = None  # few-shot examples as chat turns; None: as above
+    lm_eval_system_instruction: Optional[str] = None  # put before every lm-eval prompt (chat: a system turn)
+    lm_eval_backend: Optional[str] = None  # hf | vllm; None: vllm with rollout=vllm on a GPU, else hf
     baseline: Optional[str] = None  # pairwise + lm-eval baseline: HF dir, run dir or hub id; None: base
     dataset: Optional[str] = None  # held-out prompts: eval split of this dataset; None: generator.dataset
     prompts_file: Optional[str] = None  # curated prompts YAML; None: dynalign/data/ca_eval_prompts.yaml
@@ -430,6 +436,13 @@ class EvalConfig:
         if self.lm_eval_num_fewshot is not None:
             require(self.lm_eval_num_fewshot >= 0, f"{key}.lm_eval_num_fewshot",
                      f"must be >= 0 (got {self.lm_eval_num_fewshot})")
+        require(not (self.lm_eval_fewshot_as_multiturn and self.lm_eval_chat_template is False),
+                f"{key}.lm_eval_fewshot_as_multiturn", "few-shot turns need the chat template: "
+                f"{key}.lm_eval_chat_template is false")
+        if self.lm_eval_backend is not None:
+            from dynalign.eval.lm_harness import LM_EVAL_BACKENDS
+
+            choice(self.lm_eval_backend, LM_EVAL_BACKENDS, f"{key}.lm_eval_backend")
         self.judge.validate(f"{key}.judge")
 
 

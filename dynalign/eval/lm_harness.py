@@ -1,7 +1,22 @@
-"""General capability through lm-evaluation-harness, on a model object already in memory.
+"""General capability through lm-evaluation-harness, run the way its own CLI runs it.
 
-``run_lm_eval`` wraps a consolidated Hugging Face model (never a ZeRO shard) in lm-eval's
-``HFLM`` and runs tasks by name. Task YAMLs are looked up in the tasks shipped here
+``lm_eval_model`` runs tasks by name on a consolidated model (never a ZeRO shard) through one
+of lm-eval's backends (:data:`LM_EVAL_BACKENDS`, ``eval.lm_eval_backend``): ``hf`` wraps a
+Hugging Face model in memory in lm-eval's ``HFLM`` (:func:`run_lm_eval`), ``vllm`` starts
+lm-eval's own vLLM engine on the model's directory. Unset, the backend is ``vllm`` when the
+run samples with vLLM on a GPU (``rollout=vllm``) and ``hf`` otherwise.
+
+Requests are rendered as lm-eval's CLI renders them with ``--apply_chat_template``,
+``--fewshot_as_multiturn`` and ``--system_instruction`` (:class:`PromptFormat`). The rule
+(:func:`prompt_format`): ``eval.lm_eval_chat_template`` when set; unset, the chat template is
+on for an instruct or chat model (``model.name_or_path`` says ``Instruct``, ``chat`` or ends
+in ``-it``, :func:`is_chat_model`) whose tokenizer has a template, and off for base models
+(the embedded tiny model and Gemma 3 270M base included, though dynalign gives both a
+template for sampling). Few-shot examples become chat turns whenever the template is on,
+unless ``eval.lm_eval_fewshot_as_multiturn`` says otherwise (lm-eval's CLI default). The
+policy's ``model`` decides for the baseline too, so both sides see the same prompts.
+
+Task YAMLs are looked up in the tasks shipped here
 (``dynalign/eval/tasks``, e.g. ``ca_mini_mc``), in ``eval.lm_eval_include_path``, and only
 if a task is found in neither, in lm-eval's built-in registry (mmlu, gsm8k, ...; indexing
 it costs a few seconds). The include directories are staged into a work directory with
@@ -10,24 +25,27 @@ from the working directory, not from the YAML's folder), so a task directory can
 data beside its YAML. When every task is local, the Hugging Face hub is switched off
 (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) for the run.
 
-Baseline results are cached on disk by (model fingerprint, tasks, limit, few-shot), so an
-evaluation every N iterations runs the baseline once.
+Baseline results are cached on disk by (model fingerprint, tasks, limit, few-shot, prompt
+format, backend), so an evaluation every N iterations runs the baseline once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import math
 import os
+import re
 import shutil
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dynalign.config import ConfigError
+from dynalign.config import ConfigError, EvalConfig, TrainConfig
 from dynalign.eval.cache import cache_key, model_fingerprint
 
 SHIPPED_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -145,6 +163,42 @@ def hub_offline(enabled: bool = True) -> Iterator[None]:
             setattr(module, name, value)
 
 
+# ------------------------------------------------------------------ prompt format
+
+# An instruct or chat model by its name: Qwen/Qwen2.5-7B-Instruct, meta-llama/Llama-2-7b-chat-hf,
+# google/gemma-3-270m-it. Base models (tiny, gemma3_270m, Qwen/Qwen2.5-7B) do not match.
+CHAT_MODEL_NAME = re.compile(r"instruct|chat|[-_]it(?![a-z0-9])", re.IGNORECASE)
+
+
+def is_chat_model(name_or_path: str) -> bool:
+    """Whether the model's name marks an instruct or chat model (see :data:`CHAT_MODEL_NAME`)."""
+    return bool(CHAT_MODEL_NAME.search(Path(str(name_or_path)).name))
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How lm-eval renders each request; the arguments its CLI passes to ``simple_evaluate``."""
+
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False  # few-shot examples as user/assistant turns (chat template only)
+    system_instruction: str | None = None
+
+
+def prompt_format(e: EvalConfig, model_name: str, has_chat_template: bool) -> PromptFormat:
+    """The format of ``eval.lm_eval_*`` for the run's ``model_name`` and a tokenizer that has (or
+    lacks) a chat template; a setting the tokenizer cannot honour is a :class:`ConfigError`."""
+    chat = e.lm_eval_chat_template
+    if chat is None:
+        chat = is_chat_model(model_name) and has_chat_template
+    elif chat and not has_chat_template:
+        raise ConfigError("eval.lm_eval_chat_template", f"the tokenizer of {model_name} has no chat template")
+    multiturn = chat if e.lm_eval_fewshot_as_multiturn is None else e.lm_eval_fewshot_as_multiturn
+    if multiturn and not chat:
+        raise ConfigError("eval.lm_eval_fewshot_as_multiturn", "few-shot turns need the chat template, which "
+                          f"is off for {model_name} (a base model): set eval.lm_eval_chat_template=true")
+    return PromptFormat(chat, multiturn, e.lm_eval_system_instruction)
+
+
 # ------------------------------------------------------------------ results
 
 
@@ -175,35 +229,135 @@ def metric_deltas(policy: Mapping[str, Mapping[str, float]],
             for task, metrics in policy.items() if task in baseline}
 
 
-def run_lm_eval(model: Any, tokenizer: Any, tasks: PreparedTasks, *, limit: int | None = None,
-                batch_size: int = 8, num_fewshot: int | None = None, bootstrap_iters: int = 0,
-                seed: int = 0) -> dict[str, dict[str, float]]:
-    """Run the tasks on an in-memory model; ``{task: {metric: value}}`` (groups included).
+def evaluate_lm(lm: Any, tasks: PreparedTasks, *, limit: int | None = None, num_fewshot: int | None = None,
+                bootstrap_iters: int = 0, seed: int = 0,
+                prompt: PromptFormat = PromptFormat()) -> dict[str, dict[str, float]]:
+    """``lm_eval.simple_evaluate`` on an lm-eval model object; ``{task: {metric: value}}``.
 
     ``bootstrap_iters`` > 0 adds the ``*_stderr`` metrics (closed form for mean metrics).
     """
-    if not tasks.names:
-        return {}
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
-    was_training = model.training
-    try:
-        with hub_offline(tasks.all_local):
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            output = lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks.names), task_manager=tasks.manager, limit=limit,
-                num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, log_samples=False,
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-    finally:
-        model.train(was_training)  # HFLM leaves the model in eval mode
+    with hub_offline(tasks.all_local):
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks.names), task_manager=tasks.manager, limit=limit,
+            num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, log_samples=False, **asdict(prompt),
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     if output is None:  # non-zero ranks of a distributed lm-eval run
         return {}
     return task_metrics(output["results"])
 
 
-def lm_eval_cache_key(model_path: str, tasks: Sequence[str], limit: int | None,
-                      num_fewshot: int | None) -> str:
-    """Baseline results are reused while the weights, tasks, limit and few-shot are the same."""
-    return cache_key("lm_eval", model=model_fingerprint(model_path), tasks=sorted(tasks), limit=limit,
-                     num_fewshot=num_fewshot)
+def run_lm_eval(model: Any, tokenizer: Any, tasks: PreparedTasks, *, limit: int | None = None,
+                batch_size: int = 8, num_fewshot: int | None = None, bootstrap_iters: int = 0,
+                seed: int = 0, prompt: PromptFormat = PromptFormat()) -> dict[str, dict[str, float]]:
+    """Run the tasks on an in-memory Hugging Face model through lm-eval's ``HFLM``; the model is
+    left in the mode it was in."""
+    if not tasks.names:
+        return {}
+    from lm_eval.models.huggingface import HFLM
+
+    was_training = model.training
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        return evaluate_lm(lm, tasks, limit=limit, num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
+                           seed=seed, prompt=prompt)
+    finally:
+        model.train(was_training)  # HFLM leaves the model in eval mode
+
+
+# ------------------------------------------------------------------ backends
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _settings(cfg: TrainConfig) -> dict[str, Any]:
+    e = cfg.eval
+    return {"limit": e.lm_eval_limit, "num_fewshot": e.lm_eval_num_fewshot,
+            "bootstrap_iters": e.bootstrap_samples, "seed": cfg.seed}
+
+
+def _hf_backend(cfg: TrainConfig, tasks: PreparedTasks, model_path: str, loaded: Any) -> dict:
+    """lm-eval's ``HFLM`` on ``loaded`` (a sampler: ``.model``, ``.tokenizer``), else on a fresh load."""
+    if loaded is None:
+        from dynalign.models import load_hf_sampler
+
+        loaded = load_hf_sampler(cfg.model, path=model_path, batch_size=cfg.rollout.batch_size)
+    prompt = prompt_format(cfg.eval, cfg.model.name_or_path, _has_chat_template(loaded.tokenizer))
+    return run_lm_eval(loaded.model, loaded.tokenizer, tasks, batch_size=cfg.eval.lm_eval_batch_size,
+                       prompt=prompt, **_settings(cfg))
+
+
+def _vllm_backend(cfg: TrainConfig, tasks: PreparedTasks, model_path: str, loaded: Any) -> dict:
+    """lm-eval's own vLLM engine on the model's directory (``loaded`` is not used), shut down after;
+    sized by ``rollout.vllm`` (GPU share, tensor parallelism, context length, CPU KV cache)."""
+    import torch
+
+    from dynalign.rollout._vllm_compat import preserve_process_state
+
+    v = cfg.rollout.vllm
+    if v.tensor_parallel_size == 1:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: no __main__ guard
+    extra: dict[str, Any] = {}
+    if not torch.cuda.is_available():  # vLLM's CPU build: KV cache from this variable, whole prompts,
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(v.kv_cache_space_gib)))
+        extra.update(enable_chunked_prefill=False, enforce_eager=True)  # no minute-long compile warm-up
+    with preserve_process_state():
+        from lm_eval.models.vllm_causallms import VLLM
+
+        lm = VLLM(pretrained=str(model_path), dtype=cfg.model.dtype, batch_size=cfg.eval.lm_eval_batch_size,
+                  seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code, max_model_len=v.max_model_len,
+                  tensor_parallel_size=v.tensor_parallel_size,
+                  gpu_memory_utilization=v.gpu_memory_utilization, **extra)
+        try:
+            prompt = prompt_format(cfg.eval, cfg.model.name_or_path, _has_chat_template(lm.tokenizer))
+            return evaluate_lm(lm, tasks, prompt=prompt, **_settings(cfg))
+        finally:
+            shutdown = getattr(lm.model.llm_engine, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            del lm
+            gc.collect()
+
+
+# eval.lm_eval_backend -> runs ``tasks`` on the model at a path, given what is already loaded.
+LM_EVAL_BACKENDS: dict[str, Callable[[TrainConfig, PreparedTasks, str, Any], dict]] = {
+    "hf": _hf_backend,
+    "vllm": _vllm_backend,
+}
+
+
+def lm_eval_backend(cfg: TrainConfig) -> str:
+    """``eval.lm_eval_backend``; unset, ``vllm`` when the run samples with vLLM on a GPU, else ``hf``."""
+    if cfg.eval.lm_eval_backend is not None:
+        return cfg.eval.lm_eval_backend
+    if cfg.rollout.backend != "vllm":
+        return "hf"
+    import torch
+
+    return "vllm" if torch.cuda.is_available() else "hf"
+
+
+def lm_eval_model(cfg: TrainConfig, tasks: PreparedTasks, model_path: str | Path,
+                  loaded: Any = None) -> dict[str, dict[str, float]]:
+    """The run's lm-eval tasks on the model at ``model_path`` with its ``eval.lm_eval_*`` settings.
+
+    ``loaded`` is that model already in memory as a sampler (``.model``, ``.tokenizer``): the
+    ``hf`` backend uses it instead of loading the model again; ``vllm`` always starts its own engine.
+    """
+    if not tasks.names:
+        return {}
+    return LM_EVAL_BACKENDS[lm_eval_backend(cfg)](cfg, tasks, str(model_path), loaded)
+
+
+def lm_eval_cache_key(model_path: str, tasks: Sequence[str], cfg: TrainConfig) -> str:
+    """Baseline results are reused while the weights, tasks, limit, few-shot, prompt format and
+    backend are the same."""
+    e = cfg.eval
+    prompt = {"chat_template": e.lm_eval_chat_template, "chat_model": is_chat_model(cfg.model.name_or_path),
+              "fewshot_as_multiturn": e.lm_eval_fewshot_as_multiturn, "system": e.lm_eval_system_instruction}
+    return cache_key("lm_eval", model=model_fingerprint(model_path), tasks=sorted(tasks),
+                     limit=e.lm_eval_limit, num_fewshot=e.lm_eval_num_fewshot, prompt=prompt,
+                     backend=lm_eval_backend(cfg))

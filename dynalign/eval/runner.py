@@ -40,10 +40,11 @@ from dynalign.eval.judging import (
 )
 from dynalign.eval.lm_harness import (
     PreparedTasks,
+    lm_eval_backend,
     lm_eval_cache_key,
+    lm_eval_model,
     metric_deltas,
     prepare_tasks,
-    run_lm_eval,
 )
 from dynalign.eval.prompts import EvalPrompt, eval_prompt_set
 from dynalign.eval.settings import ResolvedEval, resolve_eval
@@ -196,10 +197,8 @@ def _policy_phase(cfg: TrainConfig, policy_path: str | Path | None, policy_sampl
         lm_results: dict = {}
         if tasks.names:
             # the loop's sampler may hold ZeRO shards (and must stay in train mode): lm-eval always
-            # runs on the consolidated export
-            lm_sampler: Any = sampler if owned else _load_sampler(cfg, policy_path)
-            lm_results = _lm_eval(lm_sampler, tasks, cfg)
-            del lm_sampler
+            # runs on the consolidated export, loaded again from policy_path
+            lm_results = lm_eval_model(cfg, tasks, str(policy_path), loaded=sampler if owned else None)
     finally:
         del sampler, policy_sampler, self_judge
         free_memory()
@@ -212,19 +211,21 @@ def _baseline_phase(cfg: TrainConfig, baseline: str, texts: list[str], params: S
     only for what is missing)."""
     e = cfg.eval
     answers_key = answers_cache_key(baseline, texts, params)
-    lm_key = lm_eval_cache_key(baseline, tasks.names, e.lm_eval_limit, e.lm_eval_num_fewshot)
+    lm_key = lm_eval_cache_key(baseline, tasks.names, cfg)
     answers = cached_answers(answers_key) if e.pairwise else None
     lm_results = read_cache("lm_eval", lm_key) if tasks.names else {}
     lm_cached = bool(tasks.names) and lm_results is not None
     need_answers = e.pairwise and answers is None
     if need_answers or (tasks.names and lm_results is None):
-        sampler: Any = _load_sampler(cfg, baseline)
+        # lm-eval's vLLM backend starts its own engine: then the model is loaded for the answers only
+        hf = need_answers or lm_eval_backend(cfg) == "hf"
+        sampler: Any = _load_sampler(cfg, baseline) if hf else None
         try:
             if need_answers:
                 answers = generate_answers(sampler, texts, params, chunk=chunk, desc="baseline answers")
                 store_answers(answers_key, answers)
             if tasks.names and lm_results is None:
-                lm_results = _lm_eval(sampler, tasks, cfg)
+                lm_results = lm_eval_model(cfg, tasks, baseline, loaded=sampler)
                 write_cache("lm_eval", lm_key, lm_results)
         finally:
             del sampler
@@ -252,13 +253,6 @@ def _judge_phase(cfg: TrainConfig, resolved: ResolvedEval, texts: list[str], pol
         judge.close()  # an HTTP judge's connection pool
         del judge
         free_memory()
-
-
-def _lm_eval(sampler: Any, tasks: PreparedTasks, cfg: TrainConfig) -> dict:
-    e = cfg.eval
-    return run_lm_eval(sampler.model, sampler.tokenizer, tasks, limit=e.lm_eval_limit,
-                       batch_size=e.lm_eval_batch_size, num_fewshot=e.lm_eval_num_fewshot,
-                       bootstrap_iters=e.bootstrap_samples, seed=cfg.seed)
 
 
 # ------------------------------------------------------------------ statistics
