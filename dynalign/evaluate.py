@@ -11,8 +11,10 @@ the rest::
         eval.judge.model=Qwen/Qwen2.5-72B-Instruct
 
 Results land in Hydra's run directory: ``eval_results.json``, ``eval_samples.jsonl``,
-``eval_summary.md`` (printed at the end) and W&B (``logger``). Exit status 2 with a message
-naming the key for a bad value, ``checkpoint`` included.
+``eval_summary.md`` (printed at the end), and in W&B (``logger``): the policy of a training run
+is evaluated into that run's own W&B run (resumed by the id its directory keeps), so the
+evaluation sits in its summary and history; any other model gets a W&B run of its own.
+Exit status 2 with a message naming the key for a bad value, ``checkpoint`` included.
 """
 
 from __future__ import annotations
@@ -51,15 +53,17 @@ def _warn_on_base_mismatch(policy: Path, config: TrainConfig) -> None:
                       "to compare with the model it started from", stacklevel=2)
 
 
-def _run_info(out_dir: Path, config: TrainConfig):
+def _run_info(out_dir: Path, config: TrainConfig, policy: Path):
+    """The evaluation's own W&B run, or the training run that exported ``policy`` when it has one."""
     from hydra.core.hydra_config import HydraConfig
 
-    from dynalign.tracking import RunInfo
+    from dynalign.tracking import RunInfo, evaluated_run
 
     hc = HydraConfig.get()
     name = "eval-" + (hc.job.override_dirname or "default")
     return RunInfo(run_dir=out_dir, name=name, group=str(hc.run.dir),
-                   config=OmegaConf.to_container(OmegaConf.structured(config), resolve=True))  # type: ignore[arg-type]
+                   config=OmegaConf.to_container(OmegaConf.structured(config), resolve=True),  # type: ignore[arg-type]
+                   resume=evaluated_run(policy))
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -83,7 +87,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
     _warn_on_base_mismatch(policy, config)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    tracker = build_tracker(replace(config.logger, job_type="eval"), _run_info(out_dir, config), rank=0)
+    info = _run_info(out_dir, config, policy)
+    tracker = build_tracker(replace(config.logger, job_type="eval"), info, rank=0)
     try:
         results = evaluate_policy(config, policy, out_dir=out_dir, iteration=iteration_of(policy),
                                   tracker=tracker, history_path=out_dir / "eval_history.jsonl")

@@ -42,7 +42,7 @@ from dynalign.grpo import group_advantages, zero_spread_groups
 from dynalign.io import cut_jsonl
 from dynalign.rundir import RunDir, RunDirError
 from dynalign.runtime import PhaseTimer, Preemption, seed_everything, step_seed
-from dynalign.tracking import RunInfo, Tracker, build_tracker, console_postfix
+from dynalign.tracking import RunInfo, Tracker, build_tracker, console_postfix, prompt_files
 
 if TYPE_CHECKING:  # torch-heavy modules stay lazily imported
     from dynalign.engine import PolicyEngine, TrainBatch
@@ -318,6 +318,8 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
             with between("prompts"):
                 prompts = prompts_for_iteration(cfg, iteration, prompt_writer(cfg, parts, info.run_dir),
                                                 info.run_dir, rank)
+            tracker.log_artifact("prompts", prompt_files(info.run_dir, iteration), iteration + 1,
+                                 {"prompts": len(prompts)})
             rewards: list[float] = []  # of this iteration's steps, for its summary line
             while position.iteration == iteration:
                 mine = step_prompts(prompts, cfg, position.step, rank, world)
@@ -334,6 +336,8 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
                 print0(f"dynalign: iteration {iteration + 1}: reward {rewards[0]:.3f} at its first step, "
                        f"{rewards[-1]:.3f} at its last ({len(rewards)} steps)")
             end_of_iteration(cfg, parts, info, position, tracker, between)
+            if cfg.export_each_iteration:
+                tracker.log_artifact("policy", [RunDir(info.run_dir).export(iteration + 1)], iteration + 1)
     # the last iteration's end has no step after it to carry its times: the summary does
     summary = {"global_step": position.global_step, "final_reward": metrics.get("reward/mean", math.nan),
                "skipped_steps": engine.skipped_steps, **between.pop(total=None)}
@@ -518,7 +522,9 @@ def run_info(cfg: DictConfig) -> RunInfo:
     group = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
-    return RunInfo(run_dir=Path(hc.runtime.output_dir), name=name, group=str(group), config=config)
+    return RunInfo(run_dir=Path(hc.runtime.output_dir), name=name, group=str(group), config=config,
+                   overrides=tuple(hc.overrides.task), swept=tuple(hc.sweeper.get("params") or {}),
+                   job_num=hc.job.num if hc.mode == RunMode.MULTIRUN else None)
 
 
 def claim_run_dir(cfg: TrainConfig, run_dir: Path) -> None:

@@ -83,7 +83,7 @@ def test_default_run_end_to_end(tmp_path, cache_dir, tiny_model_path):
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 * 4 and {"prompt", "completion", "reward", "reason"} <= set(samples[0])
 
-    # W&B offline: a run directory with the composed config and one samples table per step
+    # W&B offline: a run directory with the composed config and one samples table, appended every step
     record = json.loads((run / "wandb_run.json").read_text())
     assert record["mode"] == "offline"
     offline = list((run / "wandb").glob("offline-run-*"))
@@ -92,8 +92,9 @@ def test_default_run_end_to_end(tmp_path, cache_dir, tiny_model_path):
     (records,) = offline[0].glob("run-*.wandb")
     raw = records.read_bytes()
     assert b'"group_size":4' in raw and b"ca_compact" in raw and str(run).encode() in raw
-    tables = sorted(p.name for p in (offline[0] / "files" / "media" / "table" / "samples").glob("*.json"))
-    assert len(tables) == 4 and tables[0].startswith("step_000001")
+    tables = offline[0] / "files" / "media" / "table"
+    increments = sorted(p.name for p in tables.glob("samples_*.table.json"))
+    assert len(increments) == 4 and increments[0].startswith("samples_0_")  # 4 steps appended to one table
 
     # checkpoint and an exported policy whose weights moved away from the base model
     assert (run / "checkpoints" / "latest").exists()

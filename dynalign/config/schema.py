@@ -17,6 +17,7 @@ from dynalign.config.generator import GeneratorConfig
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+ARTIFACT_MODES = ("reference", "upload", "none")
 OFFLOAD_DEVICES = ("none", "cpu")
 RESUME_MODES = ("never", "auto")
 # ``model.name_or_path`` values dynalign builds on this machine instead of loading them; the
@@ -365,18 +366,24 @@ class LoggerConfig:
     project: str = "dynalign"
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
-    mode: str = "auto"  # auto: online with an API key, offline without | online | offline | disabled
+    # auto: online when W&B finds credentials (WANDB_API_KEY, `wandb login`, its settings) for its
+    # host, offline without | online | offline | disabled
+    mode: str = "auto"
     job_type: str = "train"
     group: Optional[str] = None  # None -> the Hydra sweep, so all runs of one -m sweep share a group
     init_timeout_s: float = 60.0  # give up on W&B after this long and train on (JSONL mirror only)
-    log_samples_every: int = 1  # steps between samples tables; 0 disables
-    samples_per_log: int = 8  # rows per samples table
+    log_samples_every: int = 1  # steps between appends to the run's samples table; 0 disables
+    samples_per_log: int = 8  # rows appended per step
+    # W&B artifacts of each iteration's prompts, export and evaluation: reference (file:// links to
+    # the run directory, nothing uploaded) | upload (the files themselves) | none
+    artifacts: str = "reference"
 
     def validate(self, key: str) -> None:
         from dynalign.tracking import TRACKERS
 
         choice(self.backend, TRACKERS, f"{key}.backend")
         choice(self.mode, WANDB_MODES, f"{key}.mode")
+        choice(self.artifacts, ARTIFACT_MODES, f"{key}.artifacts")
         require(self.log_samples_every >= 0, f"{key}.log_samples_every",
                  f"must be >= 0 (got {self.log_samples_every})")
         require(self.samples_per_log >= 0, f"{key}.samples_per_log",

@@ -18,6 +18,7 @@ RESULTS_FILE = "eval_results.json"
 SUMMARY_FILE = "eval_summary.md"
 SAMPLES_FILE = "eval_samples.jsonl"
 HISTORY_FILE = "eval_history.jsonl"
+OUTPUT_FILES = (RESULTS_FILE, SAMPLES_FILE, SUMMARY_FILE)  # what write_outputs writes
 
 
 def jsonable(value: Any) -> Any:
