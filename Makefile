@@ -65,7 +65,7 @@ test-all: install lint typecheck ## Everything on CPU: lint, types, fast and slo
 #   make ablations                          # PRESET=tiny: every axis on the embedded tiny model (CPU)
 #   make ablations AXES="kl_beta loss_type" # some axes only
 #   make ablations PRESET=full EVAL=1       # GPUs through SLURM (experiments/preset_full.yaml)
-#   make report WANDB_PROJECT=me/dynalign   # rebuild the report, adding runs from the W&B API
+#   make report WANDB_PROJECT=me/dynalign   # rebuild the report from the W&B API alone
 #   make bench                              # GRPO step vs TRL on tiny, then on Gemma 270M (full and LoRA)
 #   make bench BENCH_MODELS=tiny            # the tiny rows only (BENCH_STEP_ARGS="--steps 3" for each model)
 #
@@ -87,6 +87,9 @@ export SUBMITIT_PREEMPT_SIGNAL ?= USR1
 
 REPORT_CMD = $(PY) -m dynalign.report $(ABLATIONS_DIR)/$(PRESET) --out $(REPORTS_DIR)/$(PRESET) \
 	--title "Ablations, preset $(PRESET)" $(if $(WANDB_PROJECT),--wandb $(WANDB_PROJECT))
+# `make report WANDB_PROJECT=...`: the runs of the project's ablation-* groups, read from the W&B API alone
+WANDB_REPORT_CMD = $(PY) -m dynalign.report --wandb $(WANDB_PROJECT) --out $(REPORTS_DIR)/$(PRESET) \
+	--title "Ablations, preset $(PRESET), from W&B $(WANDB_PROJECT)"
 
 # An evaluation sweep mirrors the training sweep job for job (same sweeper params, so the same
 # job numbers and override_dirname), writing into <run dir>/eval/iter_<iterations>/.
@@ -111,8 +114,8 @@ ablations: install ## Ablation sweeps then their report (PRESET=tiny|full AXES="
 	$(REPORT_CMD); \
 	if [ -n "$$failed" ]; then echo "ablations with failed runs:$$failed (the report's status column)"; exit 1; fi
 
-report: install ## Report (table + plots) of multirun/ablations/PRESET into reports/ablations/PRESET/
-	$(REPORT_CMD)
+report: install ## Report (table + plots) of multirun/ablations/PRESET (or WANDB_PROJECT) into reports/ablations/PRESET/
+	$(if $(WANDB_PROJECT),$(WANDB_REPORT_CMD),$(REPORT_CMD))
 
 judge-check: install ## Measure a judge on the judge sanity set (ARGS="model=gemma3_270m judge.mode=logprob")
 	$(PY) -m dynalign.judge_check $(ARGS)

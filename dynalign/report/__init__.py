@@ -3,7 +3,9 @@
 Every training run writes its own records (``metrics.jsonl``, ``summary.json``, ``.hydra/``,
 and ``eval/iter_<k>/eval_results.json`` when it was evaluated), so the report needs no server.
 With ``--wandb ENTITY/PROJECT`` it also reads the runs of the ``ablation-*`` groups from the W&B
-API (for runs that live on another machine); that is optional and never required.
+API (for runs that live on another machine; :mod:`dynalign.report.wandb_source` reads each into
+the record its directory would give), or from the W&B API alone when no RUNS directory is given;
+that is optional and never required.
 
 One row per run::
 
@@ -28,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dynalign.report import wandb_source
 from dynalign.report.plots import write_plots
 from dynalign.report.records import (
     RunRecord,
@@ -59,7 +62,7 @@ def build_report(roots: Sequence[Path], out_dir: Path, *, wandb_path: str | None
     """Read the runs, write ``report.md``, ``report.csv`` and ``plots/`` into ``out_dir``."""
     records = local_records(roots)
     if wandb_path:
-        records = merge_records(records, wandb_records(wandb_path))
+        records = merge_records(records, wandb_source.wandb_records(wandb_path))
     records = sort_records(records)
     if not records:
         where = ", ".join(map(str, roots)) + (f" nor in W&B {wandb_path}" if wandb_path else "")
@@ -68,7 +71,7 @@ def build_report(roots: Sequence[Path], out_dir: Path, *, wandb_path: str | None
     write_csv(records, out_dir / "report.csv")
     plots = write_plots(records, out_dir / "plots")
     sources = [str(r) for r in roots] + ([f"wandb:{wandb_path}"] if wandb_path else [])
-    title = title or f"Ablations: {roots[0].name}"
+    title = title or f"Ablations: {roots[0].name if roots else wandb_path}"
     (out_dir / "report.md").write_text(render_markdown(records, plots, title=title, sources=sources) + "\n",
                                        encoding="utf-8")
     return records
@@ -77,8 +80,8 @@ def build_report(roots: Sequence[Path], out_dir: Path, *, wandb_path: str | None
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dynalign.report", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="directories holding run directories "
-                        "(e.g. multirun/ablations/tiny); searched recursively")
+    parser.add_argument("runs", nargs="*", type=Path, help="directories holding run directories "
+                        "(e.g. multirun/ablations/tiny); searched recursively; none: --wandb alone")
     parser.add_argument("--out", type=Path, default=None,
                         help="report directory (default: reports/ablations/<name of the first RUNS>)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None,
@@ -89,7 +92,11 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _arguments(argv)
-    out = args.out or Path("reports") / "ablations" / args.runs[0].resolve().name
+    if not args.runs and not args.wandb:
+        print("dynalign.report: give RUNS directories, --wandb ENTITY/PROJECT, or both", file=sys.stderr)
+        return 2
+    name = args.runs[0].resolve().name if args.runs else args.wandb.rsplit("/", 1)[-1]
+    out = args.out or Path("reports") / "ablations" / name
     try:
         records = build_report(args.runs, out, wandb_path=args.wandb, title=args.title)
     except FileNotFoundError as err:
