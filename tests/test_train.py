@@ -93,8 +93,8 @@ def test_default_run_end_to_end(tmp_path, cache_dir, tiny_model_path):
     raw = records.read_bytes()
     assert b'"group_size":4' in raw and b"ca_compact" in raw and str(run).encode() in raw
     tables = offline[0] / "files" / "media" / "table"
-    increments = sorted(p.name for p in tables.glob("samples_*.table.json"))
-    assert len(increments) == 4 and increments[0].startswith("samples_0_")  # 4 steps appended to one table
+    steps = sorted(int(p.name.split("_")[1]) for p in tables.glob("samples_*.table.json"))  # samples_<step>_
+    assert steps == [1, 2, 3, 4]  # one table, an increment appended at each step
 
     # checkpoint and an exported policy whose weights moved away from the base model
     assert (run / "checkpoints" / "latest").exists()

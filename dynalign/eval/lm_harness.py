@@ -301,9 +301,9 @@ def _vllm_backend(cfg: TrainConfig, tasks: PreparedTasks, model_path: str, loade
     if v.tensor_parallel_size == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: no __main__ guard
     extra: dict[str, Any] = {}
-    if not torch.cuda.is_available():  # vLLM's CPU build: KV cache from this variable, whole prompts,
+    if not torch.cuda.is_available():  # vLLM's CPU build (the vLLM test lane): its KV cache size,
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(v.kv_cache_space_gib)))
-        extra.update(enable_chunked_prefill=False, enforce_eager=True)  # no minute-long compile warm-up
+        extra.update(enable_chunked_prefill=False, enforce_eager=True)  # whole prompts, no compile warm-up
     with preserve_process_state():
         from lm_eval.models.vllm_causallms import VLLM
 
