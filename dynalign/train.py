@@ -202,7 +202,8 @@ def make_batch(rollouts: Rollouts, advantages: torch.Tensor, keep: torch.Tensor)
     inputs = rollouts.model_inputs()
     completion_mask = inputs.completion_mask * keep[:, None].to(inputs.completion_mask.dtype)  # [N, C]
     return TrainBatch(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                      completion_mask=completion_mask, advantages=advantages.float())
+                      completion_mask=completion_mask, advantages=advantages.float(),
+                      sampler_logprobs=rollouts.logprobs)
 
 
 def rewards_to_advantages(rewards: torch.Tensor, rollouts: Rollouts,
@@ -224,6 +225,14 @@ def rewards_to_advantages(rewards: torch.Tensor, rollouts: Rollouts,
     return advantages, keep, stats
 
 
+def wants_sampler_logprobs(cfg: TrainConfig) -> bool:
+    """Whether rollouts bring the sampler's own log-probs: for the IS correction, and from vLLM
+    (they cost it nothing) to log the mismatch. Samplers return them at temperature 1, so they
+    compare with the trainer's only at rollout temperature 1."""
+    r = cfg.rollout
+    return cfg.grpo.sampler_is_correction or (r.backend == "vllm" and r.temperature == 1.0)
+
+
 def grpo_step(cfg: TrainConfig, parts: Parts, prompts: list[str], position: Position, rank: int,
               timer: PhaseTimer) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Roll out, judge, compute advantages, update, sync: one GRPO step on this rank's prompts."""
@@ -232,7 +241,7 @@ def grpo_step(cfg: TrainConfig, parts: Parts, prompts: list[str], position: Posi
     g, engine, sampler = cfg.grpo, parts.engine, parts.sampler
     seed = step_seed(cfg.seed, position.global_step, rank)
     params = sampling_params(cfg.rollout, g.max_completion_length, seed=seed,
-                             max_prompt_length=g.max_prompt_length)
+                             max_prompt_length=g.max_prompt_length, logprobs=wants_sampler_logprobs(cfg))
     with timer("gen"):
         rollouts = sampler.sample([[{"role": "user", "content": p}] for p in prompts], g.group_size, params)
     with timer("judge"):

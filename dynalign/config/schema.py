@@ -253,6 +253,13 @@ class GRPOConfig:
     num_iterations: int = 1  # mu: optimizer passes over each batch of rollouts
     dynamic_sampling: bool = False  # drop groups whose rewards have zero spread (counted)
     mask_truncated: bool = False  # exclude answers that hit max_completion_length from the loss
+    # Off-policy correction of the sampler's drift: weight each token's policy term by
+    # min(exp(trainer logp - sampler logp), sampler_is_cap) (truncated importance sampling).
+    # The sampler's log-probs are then requested with the rollouts; the mismatch
+    # (train/sampler_logp_abs_diff, train/sampler_ratio_max, ...) is logged every step whenever
+    # the sampler returns them (always with rollout=vllm).
+    sampler_is_correction: bool = False
+    sampler_is_cap: float = 2.0  # largest IS weight (>= 1); caps the variance a rare token adds
 
     def validate(self, key: str) -> None:
         from dynalign import grpo  # the registries are the single source of valid names
@@ -278,6 +285,8 @@ class GRPOConfig:
         choice(self.scale_rewards, grpo.ADVANTAGE_SCALES, f"{key}.scale_rewards")
         require(self.num_iterations >= 1, f"{key}.num_iterations",
                  f"must be >= 1 (got {self.num_iterations})")
+        require(self.sampler_is_cap >= 1.0, f"{key}.sampler_is_cap",
+                 f"must be >= 1: a cap below 1 would shrink on-policy tokens (got {self.sampler_is_cap})")
 
     @property
     def sequences_per_step(self) -> int:
@@ -477,6 +486,10 @@ class TrainConfig:
         require(self.judge.source != "frozen" or self.iterations == 1 or self.export_each_iteration,
                 "export_each_iteration", "judge.source=frozen judges iteration k with the policy exported "
                 "when it began (iter_<k>/): set it true")
+        require(not self.grpo.sampler_is_correction or self.rollout.temperature == 1.0, "rollout.temperature",
+                "grpo.sampler_is_correction compares the sampler's log-probs, which every backend returns "
+                f"at temperature 1, with the trainer's at the rollout temperature: set it to 1 "
+                f"(got {self.rollout.temperature})")
         require(self.grpo.prompts_per_step % world_size == 0, "grpo.prompts_per_step",
                 f"must be a multiple of the world size {world_size}: each rank judges whole groups "
                 f"(got {self.grpo.prompts_per_step})")
