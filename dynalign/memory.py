@@ -381,7 +381,6 @@ class Launch:
     """What the plan assumes of the machine a config runs on."""
 
     world_size: int
-    ranks_per_node: int
     device_bytes: int  # the accelerator's memory per rank (vLLM takes its share of it)
     accelerator: bool  # False: a CPU run, where "device" terms live in host RAM too
     judge_prompt_tokens: int  # the rendered judge prompt without the user prompt and the answer

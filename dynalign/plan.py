@@ -219,7 +219,7 @@ def make_plan(cfg: TrainConfig, world_size: int, sizing: Sizing) -> LaunchPlan:
     """The terms of ``cfg`` on ``world_size`` ranks, checked against the machine (pure)."""
     machine, shape = sizing.machine, sizing.shape
     rpn = ranks_per_node(cfg, world_size)
-    launch = Launch(world_size, rpn, machine.device_bytes, machine.accelerator, sizing.judge_tokens)
+    launch = Launch(world_size, machine.device_bytes, machine.accelerator, sizing.judge_tokens)
     terms = launch_terms(cfg, shape, launch, sizing.judge_shape)
     host_share = machine.host_bytes // rpn
     if machine.accelerator:
