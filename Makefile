@@ -16,7 +16,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train cpu-gemma lint typecheck test test-all ablations report judge-check bench install-vllm \
+.PHONY: help install train plan cpu-gemma lint typecheck test test-all ablations report judge-check bench install-vllm \
         test-vllm bench-rollout clean
 
 help: ## List the targets
@@ -33,6 +33,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 
 train: install ## Run the main job: python -m dynalign.train (ARGS="key=value ..." to override)
 	$(PY) -m dynalign.train $(ARGS)
+
+plan: install ## Will a launch fit? Memory per rank before anything loads (ARGS="model=llama3_8b plan.device_memory_gib=80")
+	$(PY) -m dynalign.plan $(ARGS)
 
 # The whole loop on a real pretrained model on CPU (experiments/cpu_gemma.yaml, ~20 min on 2 cores),
 # then the run's report into reports/cpu_gemma/ (reward curves, evaluation against the base model).

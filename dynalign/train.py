@@ -563,7 +563,11 @@ def owned_train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    return owned_train(validated_config(cfg), run_info(cfg))
+    from dynalign.plan import check_launch
+
+    config = validated_config(cfg)
+    check_launch(config)  # a run whose memory plan does not fit stops here, before anything loads
+    return owned_train(config, run_info(cfg))
 
 
 if __name__ == "__main__":

@@ -442,6 +442,28 @@ class EvalConfig:
         self.judge.validate(f"{key}.judge")
 
 
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class PlanConfig:
+    """The launch plan: per-rank memory estimated before anything loads (dynalign.plan)."""
+
+    enforce: bool = True  # refuse a launch whose plan does not fit; false: print it, warn and go on
+    world_size: Optional[int] = None  # ranks to plan for; None: the launcher's (training always uses it)
+    ranks_per_node: Optional[int] = None  # ranks sharing a host's RAM; None: LOCAL_WORLD_SIZE or world_size
+    device_memory_gib: Optional[float] = None  # accelerator memory per rank; None: CUDA's, or host RAM on CPU
+    host_memory_gib: Optional[float] = None  # RAM of one node; None: this machine's
+    margin: float = 0.1  # share added to the device estimate for allocator fragmentation
+
+    def validate(self, key: str) -> None:
+        for name in ("world_size", "ranks_per_node", "device_memory_gib", "host_memory_gib"):
+            value = getattr(self, name)
+            if value is not None:
+                positive(value, f"{key}.{name}")
+        in_range(self.margin, 0.0, 1.0, f"{key}.margin", high_open=True)
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -457,6 +479,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     iterations: int = 2  # Dynamic Alignment iterations
     steps_per_iteration: int = 2  # GRPO optimizer steps per iteration
     seed: int = 0
@@ -474,7 +497,7 @@ class TrainConfig:
         :func:`dynalign.config.preflight.preflight`, so configs with made-up paths validate.
         """
         finite(self)  # first: a NaN would slip through the range checks below
-        for name in ("model", "generator", "judge", "grpo", "rollout", "deepspeed", "logger", "eval"):
+        for name in ("model", "generator", "judge", "grpo", "rollout", "deepspeed", "logger", "eval", "plan"):
             getattr(self, name).validate(name)
         positive(self.iterations, "iterations")
         positive(self.steps_per_iteration, "steps_per_iteration")
