@@ -450,6 +450,10 @@ def sampling_terms(cfg: TrainConfig, shape: ModelShape, launch: Launch, b: int, 
     if not on_vllm:
         terms += generation_terms("rollout", shape, b, rows, g.max_prompt_length, g.max_completion_length,
                                   ROLLOUT)
+        if g.sampler_is_correction:  # generate keeps every step's raw logits for the log-probs
+            terms.append(Term(f"rollout: logits of {g.max_completion_length} steps (sampler log-probs)",
+                              sampling_logits_bytes(shape, b, rows, g.max_completion_length),
+                              phases=(ROLLOUT,)))
     judge_model = {"self": None if on_vllm else shape, "frozen": shape,
                    "external": judge_shape if judge.external.backend == "hf" else None}[judge.source]
     if judge.source in ("frozen", "external") and judge_model is not None:

@@ -177,3 +177,15 @@ def test_quiet_hydra_overrides_go_before_the_users():
     assert quiet_argv(["plan", "a=1", "--cfg", "job"]) == ["plan", *quiet, "a=1", "--cfg", "job"]
     assert quiet_argv(["plan", "--cfg", "job", "a=1"]) == ["plan", "--cfg", "job", *quiet, "a=1"]
     assert quiet_argv(["plan", "--info"]) == ["plan", *quiet, "--info"]
+
+
+def test_sampler_log_probs_from_generate_add_their_logits(compose_cfg):
+    base = [*LLAMA, "model.lora.enabled=true", "rollout.temperature=1.0"]
+    plain, _ = _plan(compose_cfg, base)
+    corrected, _ = _plan(compose_cfg, [*base, "grpo.sampler_is_correction=true"])
+    added = [t for t in corrected.terms if t not in plain.terms]
+    cfg = corrected.cfg
+    rows = min(cfg.rollout.batch_size, cfg.grpo.prompts_per_step * cfg.grpo.group_size)
+    # every step's logits (bf16) and a float32 copy: rows x C x vocab x (2 + 4) bytes
+    expected = rows * cfg.grpo.max_completion_length * corrected.shape.vocab_size * (2 + 4)
+    assert [(t.bytes, t.phases) for t in added] == [(expected, ("rollout",))]
