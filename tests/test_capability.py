@@ -36,9 +36,7 @@ Z = 1.959964  # P(|Z| <= z) = 0.95
     (-0.05, 0.01, -0.05 - Z * 0.01, -0.05 + Z * 0.01, DEGRADED),  # [-0.0696, -0.0304]: below -0.02
     (-0.01, 0.01, -0.01 - Z * 0.01, -0.01 + Z * 0.01, NOT_SHOWN),  # [-0.0296, 0.0096]: straddles -0.02
     (0.30, 0.20, 0.30 - Z * 0.20, 0.30 + Z * 0.20, NOT_SHOWN),  # a big gain, too noisy to rule out a loss
-    (-0.01, 0.0, -0.01, -0.01, PRESERVED),  # zero stderr: the interval is the point
-    (-0.03, 0.0, -0.03, -0.03, DEGRADED),
-    (-0.02, 0.0, -0.02, -0.02, NOT_SHOWN),  # on the margin: neither strictly above nor below
+    (-0.019, 0.001, -0.019 - Z * 0.001, -0.019 + Z * 0.001, NOT_SHOWN),  # [-0.02096, -0.01704]: just across
 ])
 def test_verdict_from_delta_and_stderr(delta, stderr, low, high, verdict):
     got_low, got_high, got = capability_verdict(delta, stderr, 0.02)
@@ -46,15 +44,17 @@ def test_verdict_from_delta_and_stderr(delta, stderr, low, high, verdict):
     assert got == verdict
 
 
-def test_missing_delta_or_stderr_is_not_shown():
-    for delta, stderr in ((0.1, math.nan), (math.nan, 0.01)):
+def test_missing_delta_or_stderr_and_zero_stderr_are_not_shown():
+    # a zero stderr: every item scored alike on both sides (0 of 4 right, say): no interval to claim from
+    for delta, stderr in ((0.1, math.nan), (math.nan, 0.01), (0.0, 0.0), (-0.5, 0.0)):
         low, high, verdict = capability_verdict(delta, stderr, 0.02)
         assert math.isnan(low) and math.isnan(high) and verdict == NOT_SHOWN
 
 
 def test_margin_zero_asks_for_no_loss_at_all():
-    assert capability_verdict(-0.001, 0.0, 0.0)[2] == DEGRADED
-    assert capability_verdict(0.001, 0.0, 0.0)[2] == PRESERVED
+    # +-1.96 * 0.001: [-0.00496, -0.00104] is below 0; [0.00104, 0.00496] above it
+    assert capability_verdict(-0.003, 0.001, 0.0)[2] == DEGRADED
+    assert capability_verdict(0.003, 0.001, 0.0)[2] == PRESERVED
 
 
 def test_task_on_accuracy_with_its_stderrs():
@@ -89,10 +89,12 @@ def test_filtered_metrics_and_the_main_metric():
         "exact_match,flexible-extract"  # the first by name among equals
     assert main_metric({"zeta": 1.0, "alpha": 2.0}) == "alpha"
     assert main_metric({"acc_stderr": 0.1}) is None
-    policy = {"exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.0}
-    baseline = {"exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.0}
+    # 0.5 vs 0.5, stderrs 0.003 and 0.004 -> se 0.005: [-0.0098, 0.0098] above -0.02
+    policy = {"exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.003}
+    baseline = {"exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.004}
     got = task_capability(policy, baseline, margin=0.02)
-    assert got["metric"] == "exact_match,strict-match" and got["delta"] == 0.0 and got["verdict"] == PRESERVED
+    assert got["metric"] == "exact_match,strict-match" and got["stderr"] == pytest.approx(0.005)
+    assert got["delta"] == 0.0 and got["verdict"] == PRESERVED
 
 
 def test_missing_stderr_is_not_shown_and_unshared_metrics_are_skipped():

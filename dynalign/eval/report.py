@@ -182,8 +182,8 @@ def _capability_section(capability: Mapping[str, Any]) -> list[str]:
         lines.append(f"| {task} | {t['metric']}{direction} | {_num(t['policy'])} | {_num(t['baseline'])} | "
                      f"{_num(t['delta'])} [{_num(t['ci_low'])}, {_num(t['ci_high'])}] | {t['verdict']} |")
     rule = (f"A task is preserved when the interval's low end is above -{_num(margin)}, degraded when its "
-            "high end is below it, else not shown (also without a standard error); overall preserved only if "
-            "every task is, degraded if some task is.")
+            "high end is below it, else not shown (also without a standard error, or with a zero one: every "
+            "item scored alike); overall preserved only if every task is, degraded if some task is.")
     return lines + ["", f"Overall: **{capability['verdict']}**. Delta: policy - baseline, positive = better; "
                     f"interval from lm-eval's standard errors. {rule}", ""]
 

@@ -333,10 +333,12 @@ def capability_verdict(delta: float, stderr: float, margin: float, *,
     """``(low, high, verdict)`` of a better-is-positive delta with its standard error.
 
     The interval is delta +- z * stderr; ``preserved`` when low > -margin, ``degraded`` when
-    high < -margin, ``not shown`` otherwise, and when the delta or its stderr is missing (NaN).
-    A stderr of 0 (every item scored alike) makes the interval the point itself.
+    high < -margin, ``not shown`` otherwise, and without an interval: when the delta or its stderr
+    is missing (NaN), or the stderr is 0. lm-eval's stderr is estimated from the items, and 0 means
+    every item scored alike on both sides (e.g. 0 of 4 right): the items cannot tell the spread,
+    which is not the same as there being none.
     """
-    if math.isnan(delta) or math.isnan(stderr):
+    if math.isnan(delta) or math.isnan(stderr) or stderr <= 0:
         return math.nan, math.nan, NOT_SHOWN
     half = normal_critical(level) * stderr
     low, high = delta - half, delta + half
