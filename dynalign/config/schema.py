@@ -409,6 +409,9 @@ class EvalConfig:
     lm_eval_batch_size: int = 8
     lm_eval_num_fewshot: Optional[int] = None  # None: each task's own default
     lm_eval_include_path: Optional[str] = None  # extra directory of lm-eval task YAMLs
+    # non-inferiority margin, in each task's main-metric units (0.02: two accuracy points): a task's
+    # capability is "preserved" when the 95% interval of policy - baseline lies above -margin
+    capability_margin: float = 0.02
     baseline: Optional[str] = None  # pairwise + lm-eval baseline: HF dir, run dir or hub id; None: base
     dataset: Optional[str] = None  # held-out prompts: eval split of this dataset; None: generator.dataset
     prompts_file: Optional[str] = None  # curated prompts YAML; None: dynalign/data/ca_eval_prompts.yaml
@@ -429,6 +432,8 @@ class EvalConfig:
         if self.lm_eval_limit is not None:
             positive(self.lm_eval_limit, f"{key}.lm_eval_limit")
         positive(self.lm_eval_batch_size, f"{key}.lm_eval_batch_size")
+        require(self.capability_margin >= 0, f"{key}.capability_margin",
+                f"must be >= 0 (got {self.capability_margin})")
         if self.judge_mode is not None:
             from dynalign.judge.scoring import SCORING_MODES
 

@@ -49,6 +49,7 @@ from dynalign.eval.prompts import EvalPrompt, eval_prompt_set
 from dynalign.eval.settings import ResolvedEval, resolve_eval
 from dynalign.eval.stats import (
     calibration_stats,
+    capability_summary,
     longer_answer_win_rate,
     nan_mean,
     pairwise_summary,
@@ -159,6 +160,8 @@ def _evaluate(cfg: TrainConfig, policy_path: str | Path | None, out: Path, itera
         "lm_eval": {"tasks": list(tasks.names), "policy": lm_policy, "baseline": lm_baseline,
                     "delta": metric_deltas(lm_policy, lm_baseline), "baseline_cached": lm_cached}
         if tasks.names else {},
+        "capability": capability_summary(lm_policy, lm_baseline, margin=e.capability_margin,
+                                         tasks=tasks.names) if tasks.names else {},
     }
     results["warnings"] = _warnings(results, policy, cfg)
     results["timing"] = {k.removeprefix("time/"): v for k, v in timer.pop().items()}
