@@ -154,22 +154,21 @@ def sync_sampler(parts: Parts) -> None:
 
 
 def prompt_writer(cfg: TrainConfig, parts: Parts, run_dir: Path) -> Sampler | Callable[[], Sampler]:
-    """What writes an iteration's prompts when the policy regenerates them (rank 0 alone).
-
-    One process: the policy sampler itself. Several: sampling from the ZeRO-3 policy would be a
-    collective that the other ranks never join, so rank 0 loads the newest exported policy
-    (``iter_<k>/``, the base model before the first export) whole, only if generation is due.
-    """
-    if parts.engine.world_size == 1:
-        return parts.sampler
-    newest = RunDir(run_dir).newest_export()
-    return lambda: side_sampler(cfg, str(newest) if newest else parts.engine.model_path)
+    """What writes an iteration's prompts when the policy regenerates them: the policy sampler
+    itself, on every rank. Under ZeRO-3 each rank gathers the policy once for the whole
+    generation and samples its own shards (:mod:`dynalign.datagen.pipeline`)."""
+    return parts.sampler
 
 
 def prompts_for_iteration(cfg: TrainConfig, iteration: int, writer: Sampler | Callable[[], Sampler],
                           run_dir: Path, rank: int) -> list[str]:
-    """The training prompts of an iteration, shuffled by (seed, iteration): every rank agrees."""
-    from dynalign.datagen.select import select_training_prompts
+    """The training prompts of an iteration, shuffled by (seed, iteration): every rank agrees.
+
+    Rank 0 selects them and writes them to the run directory, every rank reads them back. A set
+    the policy regenerates is sampled by every rank (a share of the shards each); rank 0
+    filters, deduplicates and writes it.
+    """
+    from dynalign.datagen.select import help_select_training_prompts, select_training_prompts
 
     layout = RunDir(run_dir)
     if rank == 0:
@@ -178,6 +177,9 @@ def prompts_for_iteration(cfg: TrainConfig, iteration: int, writer: Sampler | Ca
         prompts = list(prompt_set.train)
         layout.prompts.mkdir(parents=True, exist_ok=True)
         layout.prompts_file(iteration).write_text(json.dumps(prompts))
+    else:
+        help_select_training_prompts(cfg.generator, writer, model_name=cfg.model.name_or_path,
+                                     iteration=iteration)
     barrier()
     prompts = json.loads(layout.prompts_file(iteration).read_text())
     shuffle = torch.Generator().manual_seed(step_seed(cfg.seed, iteration))

@@ -402,6 +402,7 @@ class EvalConfig:
     every_n_iterations: int = 0  # run evaluation during training every N iterations; 0: never
     num_prompts: int = 50  # CA prompts evaluated (curated set first, then held-out generated ones)
     max_new_tokens: int = 128
+    batch_size: int = 8  # prompts per answer and judge call; ranks share whole batches, each seeded by index
     pairwise: bool = True  # also judge against the base model, both orders
     bootstrap_samples: int = 1000  # resamples for the 95% intervals
     lm_eval_tasks: List[str] = field(default_factory=list)  # lm-evaluation-harness task names
@@ -427,6 +428,7 @@ class EvalConfig:
                  f"must be >= 0 (got {self.every_n_iterations})")
         positive(self.num_prompts, f"{key}.num_prompts")
         positive(self.max_new_tokens, f"{key}.max_new_tokens")
+        positive(self.batch_size, f"{key}.batch_size")
         require(self.bootstrap_samples >= 0, f"{key}.bootstrap_samples",
                  f"must be >= 0 (got {self.bootstrap_samples})")
         if self.lm_eval_limit is not None:

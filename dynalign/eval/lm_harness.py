@@ -10,8 +10,10 @@ from the working directory, not from the YAML's folder), so a task directory can
 data beside its YAML. When every task is local, the Hugging Face hub is switched off
 (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) for the run.
 
-Baseline results are cached on disk by (model fingerprint, tasks, limit, few-shot), so an
-evaluation every N iterations runs the baseline once.
+The runner calls it one task at a time (a task's numbers then do not depend on which tasks
+share its run, nor on which rank runs it: ranks run their shares of the tasks at once, each
+as a process of its own). Baseline results are cached on disk by (model fingerprint, task,
+limit, few-shot), so an evaluation every N iterations runs the baseline once.
 """
 
 from __future__ import annotations
@@ -145,6 +147,25 @@ def hub_offline(enabled: bool = True) -> Iterator[None]:
             setattr(module, name, value)
 
 
+@contextlib.contextmanager
+def as_process_of_its_own() -> Iterator[None]:
+    """``LOCAL_RANK=0`` for the block, then as before.
+
+    lm-eval takes every ``torchrun`` rank for a part of one tensor-parallel model: only where
+    ``LOCAL_RANK`` is 0 does ``simple_evaluate`` return results (and ifeval fetch its word
+    lists). A rank that runs its own tasks on a whole model is a process of its own.
+    """
+    saved = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LOCAL_RANK", None)
+        else:
+            os.environ["LOCAL_RANK"] = saved
+
+
 # ------------------------------------------------------------------ results
 
 
@@ -189,7 +210,7 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: PreparedTasks, *, limit: int 
 
     was_training = model.training
     try:
-        with hub_offline(tasks.all_local):
+        with hub_offline(tasks.all_local), as_process_of_its_own():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             output = lm_eval.simple_evaluate(
                 model=lm, tasks=list(tasks.names), task_manager=tasks.manager, limit=limit,
@@ -197,8 +218,8 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: PreparedTasks, *, limit: int 
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     finally:
         model.train(was_training)  # HFLM leaves the model in eval mode
-    if output is None:  # non-zero ranks of a distributed lm-eval run
-        return {}
+    if output is None:  # lm-eval thought this process one rank of several
+        raise RuntimeError("lm-eval returned no results: it took this process for a rank other than 0")
     return task_metrics(output["results"])
 
 

@@ -212,6 +212,14 @@ class HFSampler:
             finally:
                 self._prefixes = None
 
+    @contextmanager
+    def inference_session(self) -> Iterator[None]:
+        """Within the block the model stays ready for inference: gathered once under ZeRO-3 (a
+        collective, on entry and exit), in eval mode, without grad. Calls inside gather nothing,
+        so ranks that share out work may make different numbers of them."""
+        with self._inference():
+            yield
+
     # ------------------------------------------------------------------- weights
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
