@@ -16,7 +16,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train cpu-gemma lint typecheck test test-all ablations report judge-check bench install-vllm \
+.PHONY: help install train plan cpu-gemma lint typecheck test test-all ablations report judge-check bench install-vllm \
         test-vllm bench-rollout clean
 
 help: ## List the targets
@@ -33,6 +33,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 
 train: install ## Run the main job: python -m dynalign.train (ARGS="key=value ..." to override)
 	$(PY) -m dynalign.train $(ARGS)
+
+plan: install ## Will a launch fit? Memory per rank before anything loads (ARGS="model=llama3_8b plan.device_memory_gib=80")
+	$(PY) -m dynalign.plan $(ARGS)
 
 # The whole loop on a real pretrained model on CPU (experiments/cpu_gemma.yaml, ~20 min on 2 cores),
 # then the run's report into reports/cpu_gemma/ (reward curves, evaluation against the base model).
@@ -64,6 +67,7 @@ test-all: install lint typecheck ## Everything on CPU: lint, types, fast and slo
 #
 #   make ablations                          # PRESET=tiny: every axis on the embedded tiny model (CPU)
 #   make ablations AXES="kl_beta loss_type" # some axes only
+#   make ablations AXES=kl_beta SEEDS=3     # each value with seeds 0, 1, 2: intervals and tests in the report
 #   make ablations PRESET=full EVAL=1       # GPUs through SLURM (experiments/preset_full.yaml)
 #   make report WANDB_PROJECT=me/dynalign   # rebuild the report from the W&B API alone
 #   make bench                              # GRPO step vs TRL on tiny, then on Gemma 270M (full and LoRA)
@@ -71,10 +75,12 @@ test-all: install lint typecheck ## Everything on CPU: lint, types, fast and slo
 #
 # Axis NAME is experiments/ablation_NAME.yaml; each runs as one Hydra sweep (one W&B group,
 # ablation-NAME) into $(ABLATIONS_DIR)/$(PRESET)/ablation-NAME/, replacing that directory.
+# SEEDS=N adds the seed as a sweep dimension (seed=range(0,N)): every value runs with seeds 0..N-1.
 PRESET ?= tiny
 ABLATION_AXES := $(sort $(patsubst experiments/ablation_%.yaml,%,$(wildcard experiments/ablation_*.yaml)))
 AXES ?= $(ABLATION_AXES)
 EVAL ?= $(if $(filter full,$(PRESET)),1,0)
+SEEDS ?= 1
 ABLATIONS_DIR ?= multirun/ablations
 REPORTS_DIR ?= reports/ablations
 ABLATION_ARGS ?=
@@ -85,6 +91,8 @@ BENCH_MODELS ?= tiny gemma3_270m
 # SLURM's early warning before the time limit: dynalign checkpoints and exits on SIGUSR1.
 export SUBMITIT_PREEMPT_SIGNAL ?= USR1
 
+# the seeds, one more sweep dimension; the evaluation sweep repeats it so its jobs match the training's
+SEED_SWEEP = 'seed=range(0,$(SEEDS))'
 REPORT_CMD = $(PY) -m dynalign.report $(ABLATIONS_DIR)/$(PRESET) --out $(REPORTS_DIR)/$(PRESET) \
 	--title "Ablations, preset $(PRESET)" $(if $(WANDB_PROJECT),--wandb $(WANDB_PROJECT))
 # `make report WANDB_PROJECT=...`: the runs of the project's ablation-* groups, read from the W&B API alone
@@ -97,17 +105,18 @@ EVAL_ARGS = 'hydra.sweep.subdir=$${hydra.job.num}_$${hydra.job.override_dirname}
 	'checkpoint=$${hydra:sweep.dir}/$${hydra:job.num}_$${hydra:job.override_dirname}' \
 	'hydra.job.config.override_dirname.exclude_keys=[resume,seed,experiment,checkpoint]'
 
-ablations: install ## Ablation sweeps then their report (PRESET=tiny|full AXES="kl_beta ..." EVAL=0|1)
+ablations: install ## Ablation sweeps then their report (PRESET=tiny|full AXES="kl_beta ..." SEEDS=N EVAL=0|1)
+	@[[ "$(SEEDS)" =~ ^[1-9][0-9]*$$ ]] || { echo "SEEDS must be a whole number >= 1 (got '$(SEEDS)')"; exit 2; }
 	@failed=""; \
 	for axis in $(AXES); do \
 	  test -f experiments/ablation_$$axis.yaml || { echo "unknown axis '$$axis'; axes: $(ABLATION_AXES)"; exit 2; }; \
 	  dir=$(ABLATIONS_DIR)/$(PRESET)/ablation-$$axis; rm -rf "$$dir"; \
 	  echo "== ablation $$axis, preset $(PRESET) -> $$dir"; start=$$(date +%s); \
 	  $(PY) -m dynalign.train -m "+experiment=[preset_$(PRESET),ablation_$$axis]" "hydra.sweep.dir=$$dir" \
-	    $(ABLATION_ARGS) || failed="$$failed $$axis"; \
+	    $(SEED_SWEEP) $(ABLATION_ARGS) || failed="$$failed $$axis"; \
 	  if [ "$(EVAL)" = 1 ]; then \
 	    $(PY) -m dynalign.evaluate -m "+experiment=[preset_$(PRESET),ablation_$$axis]" "hydra.sweep.dir=$$dir" \
-	      $(EVAL_ARGS) $(ABLATION_ARGS) || failed="$$failed $$axis(eval)"; \
+	      $(SEED_SWEEP) $(EVAL_ARGS) $(ABLATION_ARGS) || failed="$$failed $$axis(eval)"; \
 	  fi; \
 	  echo "== ablation $$axis took $$(( $$(date +%s) - start )) s"; \
 	done; \

@@ -141,6 +141,29 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def _several_ranks() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (picklable) on every rank; ``obj`` itself in a world of one."""
+    if not _several_ranks():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank ``dst``; None on the other ranks.
+    ``[obj]`` in a world of one."""
+    if not _several_ranks():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def print0(*args: Any, **kwargs: Any) -> None:
     """``print`` on rank 0 only, on a line of its own above a live progress bar (``tqdm.write``:
     ``file``, ``end``)."""

@@ -19,6 +19,7 @@ Exit status 2 with a message naming the key for a bad value, ``checkpoint`` incl
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from dataclasses import replace
@@ -82,22 +83,26 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         resolve_eval(config)  # a bad eval.baseline fails here, before any model is loaded
     except ConfigError as err:
         _fail(err)
+    from dynalign.distributed import get_rank, init_distributed
     from dynalign.eval.runner import evaluate_policy  # torch, transformers: after the cheap checks
     from dynalign.tracking import build_tracker
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: the ranks share the evaluation
+        init_distributed()
     _warn_on_base_mismatch(policy, config)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     info = _run_info(out_dir, config, policy)
-    tracker = build_tracker(replace(config.logger, job_type="eval"), info, rank=0)
+    tracker = build_tracker(replace(config.logger, job_type="eval"), info, rank=get_rank())
     try:
         results = evaluate_policy(config, policy, out_dir=out_dir, iteration=iteration_of(policy),
                                   tracker=tracker, history_path=out_dir / "eval_history.jsonl")
     except ConfigError as err:  # e.g. an unknown lm-eval task, found while indexing the tasks
         tracker.finish()
         _fail(err)
-    tracker.finish(results["metrics"])
-    print((out_dir / "eval_summary.md").read_text(encoding="utf-8"))
-    print(f"dynalign: evaluation written to {out_dir}")
+    tracker.finish(results.get("metrics"))
+    if results:  # rank 0
+        print((out_dir / "eval_summary.md").read_text(encoding="utf-8"))
+        print(f"dynalign: evaluation written to {out_dir}")
     return results
 
 

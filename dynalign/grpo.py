@@ -20,7 +20,8 @@ Conventions
 Policy losses (``POLICY_LOSSES``; per token ``r = exp(logp - old_logp)``)::
 
     objective = min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)   [dual clip: A < 0 -> max(., c * A)]
-    loss_t    = -objective + beta * KL_t                               [KL_t only with ref_logp, beta > 0]
+    loss_t    = -w_t * objective + beta * KL_t                         [KL_t only with ref_logp, beta > 0]
+    w_t       = min(exp(old_logp - sampler_logp), is_cap)              [1 unless the IS correction is on]
     grpo      mean over sequences with >= 1 token of  sum_t loss_t m_t / sum_t m_t
     bnpo      sum loss_t m_t / sum m_t                  (the micro-batch's tokens)
     dr_grpo   sum loss_t m_t / (B * max_completion_length)
@@ -36,6 +37,7 @@ clamped to [-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP]: k1 = -x, k2 = x^2 / 2, k3 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, overload
@@ -282,6 +284,8 @@ class LossInputs:
     max_completion_length: int | None
     total_tokens: float | Tensor | None
     dual_clip: float | None
+    sampler_logp: Tensor | None = None  # [B, T] the sampler's own log-probs of the tokens
+    is_cap: float | None = None  # truncated IS correction towards the sampler: weights <= is_cap
 
 
 PolicyLossFn = Callable[[LossInputs], tuple[Tensor, dict[str, float]]]
@@ -356,14 +360,48 @@ def _add_kl(loss: Tensor, stats: dict[str, float], inp: LossInputs,
     return loss, stats
 
 
+def sampler_mismatch(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor,
+                     cap: float | None) -> tuple[Tensor, dict[str, float]]:
+    """Truncated importance-sampling weights [B, T] from the sampler to the trainer, and the mismatch.
+
+    The tokens were drawn by the sampler (vLLM, or ``generate``), whose log-probs
+    ``sampler_logp`` differ from the trainer's ``old_logp`` for the same weights (other
+    kernels, precision, a stale sync): the batch is slightly off-policy. Weight of token t:
+    ``w_t = min(exp(old_logp_t - sampler_logp_t), cap)`` (no gradient; all 1 when ``cap`` is
+    None, which only measures). Statistics over the masked tokens: ``sampler_logp_abs_diff``
+    (mean |old - sampler|), ``sampler_ratio_max`` (largest untruncated ratio; a max, not a
+    mean), ``sampler_is_weight_mean`` and ``sampler_is_clipped_frac`` (share of ratios above
+    the cap).
+    """
+    log_ratio = (old_logp - sampler_logp).detach().masked_fill(mask == 0, 0.0)  # [B, T]
+    ratio = log_ratio.exp()  # [B, T]
+    weights = torch.ones_like(ratio) if cap is None else ratio.clamp(max=cap)  # [B, T]
+    seen = ratio.masked_fill(mask == 0, -math.inf)  # [B, T]
+    stats = {"sampler_logp_abs_diff": _masked_mean(log_ratio.abs(), mask),
+             "sampler_ratio_max": float(seen.max()) if bool(mask.any()) else 1.0,
+             "sampler_is_weight_mean": _masked_mean(weights, mask),
+             "sampler_is_clipped_frac": _masked_mean((ratio > cap).to(mask.dtype), mask) if cap else 0.0}
+    return weights, stats
+
+
+def _sampler_weights(inp: LossInputs) -> tuple[Tensor | None, dict[str, float]]:
+    """The IS weights [B, T] when the correction is on (else None) and the mismatch statistics."""
+    if inp.sampler_logp is None:
+        return None, {}
+    weights, stats = sampler_mismatch(inp.old_logp, inp.sampler_logp, inp.mask, inp.is_cap)
+    return (weights if inp.is_cap is not None else None), stats
+
+
 def _token_loss(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
-    """Per-token loss [B, T] (-objective + beta * KL) and token-level statistics."""
+    """Per-token loss [B, T] (-w * objective + beta * KL, w the sampler IS weight) and token-level
+    statistics."""
     ratio = (inp.logp - inp.old_logp).masked_fill(inp.mask == 0, 0.0).exp()  # [B, T]
     objective, active = _clipped_objective(ratio, inp.advantages[:, None], inp)  # [B, T]
-    loss = -objective  # [B, T]
+    weights, sampler_stats = _sampler_weights(inp)
+    loss = -objective if weights is None else -objective * weights  # [B, T]
     stats = {name: _masked_mean(where.to(loss.dtype), inp.mask) for name, where in active.items()}
     stats["ratio_mean"] = _masked_mean(ratio, inp.mask)
-    return _add_kl(loss, stats, inp)
+    return _add_kl(loss, stats | sampler_stats, inp)
 
 
 def _sequence_mean(per_token: Tensor, mask: Tensor) -> Tensor:
@@ -417,18 +455,23 @@ def _gspo(inp: LossInputs) -> tuple[Tensor, dict[str, float]]:
     log_ratio = (inp.logp - inp.old_logp).masked_fill(inp.mask == 0, 0.0)  # [B, T]
     seq_ratio = (log_ratio.sum(-1) / lengths.clamp(min=1)).exp()  # [B]
     objective, active = _clipped_objective(seq_ratio, inp.advantages, inp)  # [B]
+    weights, sampler_stats = _sampler_weights(inp)
+    if weights is not None:  # the sequence's weight: its token weights' geometric mean, like its ratio
+        log_w = (weights.log() * inp.mask).sum(-1) / lengths.clamp(min=1)  # [B]
+        objective = objective * log_w.exp()  # [B]
     has_tokens = (lengths > 0).to(objective.dtype)  # [B]
     loss = -(objective * has_tokens).sum() / has_tokens.sum().clamp(min=1)  # []
     stats = {name: _masked_mean(where.to(objective.dtype), has_tokens) for name, where in active.items()}
     stats["ratio_mean"] = _masked_mean(seq_ratio, has_tokens)
-    return _add_kl(loss, stats, inp, lambda kl: _sequence_mean(kl, inp.mask))
+    return _add_kl(loss, stats | sampler_stats, inp, lambda kl: _sequence_mean(kl, inp.mask))
 
 
 def _check_shapes(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                  ref_logp: Tensor | None) -> None:
+                  ref_logp: Tensor | None, sampler_logp: Tensor | None) -> None:
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
-    others = {"old_logp": old_logp, "mask": mask} | ({} if ref_logp is None else {"ref_logp": ref_logp})
+    optional = {"ref_logp": ref_logp, "sampler_logp": sampler_logp}
+    others = {"old_logp": old_logp, "mask": mask} | {k: v for k, v in optional.items() if v is not None}
     for name, tensor in others.items():
         if tensor.shape != logp.shape:
             raise ValueError(f"{name} shape {tuple(tensor.shape)} != logp shape {tuple(logp.shape)}")
@@ -439,23 +482,30 @@ def _check_shapes(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tens
 def policy_loss(loss_type: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                 clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, ref_logp: Tensor | None = None,
                 beta: float = 0.0, kl_estimator: str = "k3", max_completion_length: int | None = None,
-                total_tokens: float | Tensor | None = None,
-                dual_clip: float | None = None) -> tuple[Tensor, dict[str, float]]:
+                total_tokens: float | Tensor | None = None, dual_clip: float | None = None,
+                sampler_logp: Tensor | None = None,
+                is_cap: float | None = None) -> tuple[Tensor, dict[str, float]]:
     """Scalar policy loss of ``loss_type`` (a name in :data:`POLICY_LOSSES`) and detached stats.
 
-    ``logp``/``old_logp``/``ref_logp``/``mask`` are [B, T], ``advantages`` [B]. Stats: ``clip_frac_low``
-    (share of tokens with r < 1 - eps_low and A < 0), ``clip_frac_high`` (r > 1 + eps_high, A > 0),
-    ``ratio_mean``, ``tokens``, ``kl_mean`` (with ``ref_logp``), ``dual_clip_frac`` (with ``dual_clip``);
-    for "gspo" the clip fractions and ``ratio_mean`` are over sequences, of the sequence ratio.
+    ``logp``/``old_logp``/``ref_logp``/``sampler_logp``/``mask`` are [B, T], ``advantages`` [B].
+    Stats: ``clip_frac_low`` (share of tokens with r < 1 - eps_low and A < 0), ``clip_frac_high``
+    (r > 1 + eps_high, A > 0), ``ratio_mean``, ``tokens``, ``kl_mean`` (with ``ref_logp``),
+    ``dual_clip_frac`` (with ``dual_clip``); for "gspo" the clip fractions and ``ratio_mean`` are
+    over sequences, of the sequence ratio. With ``sampler_logp``, the mismatch statistics of
+    :func:`sampler_mismatch`; with ``is_cap`` too, the policy term of each token is weighted by
+    its truncated IS weight (gspo: each sequence by the geometric mean of its tokens' weights).
     """
     loss = get_policy_loss(loss_type)
     _check_name("KL estimator", kl_estimator, sorted(KL_ESTIMATORS))
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (got {dual_clip})")
-    _check_shapes(logp, old_logp, advantages, mask, ref_logp)
+    if is_cap is not None and (sampler_logp is None or not is_cap >= 1.0):
+        raise ValueError(f"is_cap needs sampler_logp and must be >= 1 (got {is_cap})")
+    _check_shapes(logp, old_logp, advantages, mask, ref_logp, sampler_logp)
     inputs = LossInputs(
         logp=logp, old_logp=old_logp.detach(), advantages=advantages.detach().to(logp.dtype),
         mask=mask.to(logp.dtype), clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
         ref_logp=None if ref_logp is None else ref_logp.detach(), beta=beta, kl_estimator=kl_estimator,
-        max_completion_length=max_completion_length, total_tokens=total_tokens, dual_clip=dual_clip)
+        max_completion_length=max_completion_length, total_tokens=total_tokens, dual_clip=dual_clip,
+        sampler_logp=None if sampler_logp is None else sampler_logp.detach().to(logp.dtype), is_cap=is_cap)
     return loss.fn(inputs)

@@ -154,22 +154,21 @@ def sync_sampler(parts: Parts) -> None:
 
 
 def prompt_writer(cfg: TrainConfig, parts: Parts, run_dir: Path) -> Sampler | Callable[[], Sampler]:
-    """What writes an iteration's prompts when the policy regenerates them (rank 0 alone).
-
-    One process: the policy sampler itself. Several: sampling from the ZeRO-3 policy would be a
-    collective that the other ranks never join, so rank 0 loads the newest exported policy
-    (``iter_<k>/``, the base model before the first export) whole, only if generation is due.
-    """
-    if parts.engine.world_size == 1:
-        return parts.sampler
-    newest = RunDir(run_dir).newest_export()
-    return lambda: side_sampler(cfg, str(newest) if newest else parts.engine.model_path)
+    """What writes an iteration's prompts when the policy regenerates them: the policy sampler
+    itself, on every rank. Under ZeRO-3 each rank gathers the policy once for the whole
+    generation and samples its own shards (:mod:`dynalign.datagen.pipeline`)."""
+    return parts.sampler
 
 
 def prompts_for_iteration(cfg: TrainConfig, iteration: int, writer: Sampler | Callable[[], Sampler],
                           run_dir: Path, rank: int) -> list[str]:
-    """The training prompts of an iteration, shuffled by (seed, iteration): every rank agrees."""
-    from dynalign.datagen.select import select_training_prompts
+    """The training prompts of an iteration, shuffled by (seed, iteration): every rank agrees.
+
+    Rank 0 selects them and writes them to the run directory, every rank reads them back. A set
+    the policy regenerates is sampled by every rank (a share of the shards each); rank 0
+    filters, deduplicates and writes it.
+    """
+    from dynalign.datagen.select import help_select_training_prompts, select_training_prompts
 
     layout = RunDir(run_dir)
     if rank == 0:
@@ -178,6 +177,9 @@ def prompts_for_iteration(cfg: TrainConfig, iteration: int, writer: Sampler | Ca
         prompts = list(prompt_set.train)
         layout.prompts.mkdir(parents=True, exist_ok=True)
         layout.prompts_file(iteration).write_text(json.dumps(prompts))
+    else:
+        help_select_training_prompts(cfg.generator, writer, model_name=cfg.model.name_or_path,
+                                     iteration=iteration)
     barrier()
     prompts = json.loads(layout.prompts_file(iteration).read_text())
     shuffle = torch.Generator().manual_seed(step_seed(cfg.seed, iteration))
@@ -202,7 +204,8 @@ def make_batch(rollouts: Rollouts, advantages: torch.Tensor, keep: torch.Tensor)
     inputs = rollouts.model_inputs()
     completion_mask = inputs.completion_mask * keep[:, None].to(inputs.completion_mask.dtype)  # [N, C]
     return TrainBatch(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                      completion_mask=completion_mask, advantages=advantages.float())
+                      completion_mask=completion_mask, advantages=advantages.float(),
+                      sampler_logprobs=rollouts.logprobs)
 
 
 def rewards_to_advantages(rewards: torch.Tensor, rollouts: Rollouts,
@@ -224,6 +227,14 @@ def rewards_to_advantages(rewards: torch.Tensor, rollouts: Rollouts,
     return advantages, keep, stats
 
 
+def wants_sampler_logprobs(cfg: TrainConfig) -> bool:
+    """Whether rollouts bring the sampler's own log-probs: for the IS correction, and from vLLM
+    (they cost it nothing) to log the mismatch. Samplers return them at temperature 1, so they
+    compare with the trainer's only at rollout temperature 1."""
+    r = cfg.rollout
+    return cfg.grpo.sampler_is_correction or (r.backend == "vllm" and r.temperature == 1.0)
+
+
 def grpo_step(cfg: TrainConfig, parts: Parts, prompts: list[str], position: Position, rank: int,
               timer: PhaseTimer) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Roll out, judge, compute advantages, update, sync: one GRPO step on this rank's prompts."""
@@ -232,7 +243,7 @@ def grpo_step(cfg: TrainConfig, parts: Parts, prompts: list[str], position: Posi
     g, engine, sampler = cfg.grpo, parts.engine, parts.sampler
     seed = step_seed(cfg.seed, position.global_step, rank)
     params = sampling_params(cfg.rollout, g.max_completion_length, seed=seed,
-                             max_prompt_length=g.max_prompt_length)
+                             max_prompt_length=g.max_prompt_length, logprobs=wants_sampler_logprobs(cfg))
     with timer("gen"):
         rollouts = sampler.sample([[{"role": "user", "content": p}] for p in prompts], g.group_size, params)
     with timer("judge"):
@@ -560,7 +571,11 @@ def owned_train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    return owned_train(validated_config(cfg), run_info(cfg))
+    from dynalign.plan import check_launch
+
+    config = validated_config(cfg)
+    check_launch(config)  # a run whose memory plan does not fit stops here, before anything loads
+    return owned_train(config, run_info(cfg))
 
 
 if __name__ == "__main__":

@@ -241,7 +241,7 @@ def test_the_chat_template_reaches_the_model_only_when_on(tmp_path, tiny_model_p
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dynalign.eval.lm_harness import lm_eval_model, prepare_tasks
+    from dynalign.eval.lm_harness import lm_eval_each, prepare_tasks
     from dynalign.rollout import HFSampler
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)  # its template is ChatML
@@ -255,7 +255,7 @@ def test_the_chat_template_reaches_the_model_only_when_on(tmp_path, tiny_model_p
         cfg.model.name_or_path = model_name  # the policy's base model decides the default
         cfg.eval = EvalConfig(lm_eval_limit=1, lm_eval_num_fewshot=1, bootstrap_samples=0, **dict(overrides))
         sent.texts.clear()
-        results = lm_eval_model(cfg, tasks, tiny_model_path, loaded=HFSampler(model, tokenizer))
+        (results,) = lm_eval_each(cfg, tasks, tiny_model_path, loaded=HFSampler(model, tokenizer))
         assert 0.0 <= results["ca_mini_mc"]["acc"] <= 1.0
         assert len(sent.texts) == 4 and all(question in t for t in sent.texts)  # one row, four choices
         return sent.texts

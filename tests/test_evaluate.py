@@ -17,7 +17,8 @@ from conftest import REPO_ROOT
 from dynalign.config import to_train_config
 
 RESULT_KEYS = {"checkpoint", "baseline", "iteration", "step", "timestamp", "prompts", "judge", "settings",
-               "pointwise", "pairwise", "calibration", "lm_eval", "warnings", "timing", "metrics"}
+               "pointwise", "pairwise", "calibration", "lm_eval", "capability", "warnings", "timing",
+               "metrics"}
 # steps_per_iteration: the step an iteration's evaluation is logged at, pinned apart from the default run's
 SMALL = ["eval.num_prompts=2", "eval.max_new_tokens=6", "eval.bootstrap_samples=100", "logger.backend=none",
          "steps_per_iteration=2"]
@@ -66,6 +67,13 @@ def test_cli_on_a_run_directory_counts_judge_failures(tmp_path, cache_dir, tiny_
     lm = results["lm_eval"]
     assert 0.0 <= lm["policy"]["ca_mini_mc"]["acc"] <= 1.0
     assert lm["delta"]["ca_mini_mc"]["acc"] == 0.0  # the checkpoint is a copy of the base model
+    # the same model on 4 items: delta 0, and either an interval far wider than the margin or, when
+    # every item scored alike (stderr 0), none: capability is not shown either way
+    task = results["capability"]["tasks"]["ca_mini_mc"]
+    assert task["metric"] == "acc_norm" and task["delta"] == 0.0 and results["capability"]["margin"] == 0.02
+    assert task["ci_low"] is None or task["ci_low"] < -0.02 < 0.0 < task["ci_high"]
+    assert task["verdict"] == results["capability"]["verdict"] == "not shown"
+    assert results["metrics"]["eval/capability/tasks/ca_mini_mc/delta"] == 0.0
     assert results["metrics"]["eval/pairwise/failed"] == 2.0
     assert any("without a score" in w for w in results["warnings"])
     rows = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]

@@ -142,7 +142,7 @@ def test_tiny_preset_of_one_axis_end_to_end(tmp_path, cache_dir, tiny_model_path
 
     out = tmp_path / "report"
     assert report.main([str(tmp_path / "multirun"), "--out", str(out)]) == 0
-    with (out / "report.csv").open(newline="") as handle:
+    with (out / "runs.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["axis"], r["value"], r["status"]) for r in rows] == [("kl_beta", "0.0", "done"),
                                                                     ("kl_beta", "0.04", "done")]
@@ -158,7 +158,8 @@ def test_tiny_preset_of_one_axis_end_to_end(tmp_path, cache_dir, tiny_model_path
     png = out / "plots" / "reward_kl_beta.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
     text = (out / "report.md").read_text()
-    assert "| kl_beta | `0.04` | done | 2 |" in text and "(plots/reward_kl_beta.png)" in text
+    assert "| kl_beta | `0.04` | 1 | 1 done |" in text and "(plots/reward_kl_beta.png)" in text
+    assert "**One seed per value: no intervals and no tests.**" in text
 
 
 def test_cpu_gemma_preset_composes_the_whole_loop_on_gemma():

@@ -539,3 +539,62 @@ def test_default_chunk_size_follows_the_device() -> None:
     assert grpo.default_chunk_size(10**9, "cpu") == 1
     logits, labels = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
     torch.testing.assert_close(grpo.token_logprobs(logits, labels), naive_logprobs(logits, labels))
+
+
+# ------------------------------------------------------------- sampler IS correction
+
+# The sampler's log-probs put the untruncated ratios exp(old - sampler) at
+#   row 0: 1.5, 3.0, (9.0 padded)      row 1: 0.5, 1.0, 2.5
+# so with cap 2 the weights are 1.5, 2.0 | 0.5, 1.0, 2.0 and the token losses of the fixture
+# (-1.1, -1.2 | 1.6, 2.0, 2.6) become -1.65, -2.4 | 0.8, 2.0, 5.2: row sums -4.05 and 8.0.
+SAMPLER_RATIOS = [[1.5, 3.0, 9.0], [0.5, 1.0, 2.5]]
+SAMPLER_LOGP = OLD_LOGP - torch.tensor(SAMPLER_RATIOS).log()
+
+
+def test_truncated_is_weights_and_mismatch_by_hand() -> None:
+    weights, stats = grpo.sampler_mismatch(OLD_LOGP, SAMPLER_LOGP, MASK.float(), cap=2.0)
+    close(weights * MASK, [[1.5, 2.0, 0.0], [0.5, 1.0, 2.0]], atol=1e-6)
+    logs = [math.log(1.5), math.log(3.0), math.log(0.5), 0.0, math.log(2.5)]
+    assert stats["sampler_logp_abs_diff"] == pytest.approx(sum(abs(x) for x in logs) / 5, abs=1e-6)
+    assert stats["sampler_ratio_max"] == pytest.approx(3.0, abs=1e-5)  # 9.0 is padding
+    assert stats["sampler_is_weight_mean"] == pytest.approx((1.5 + 2 + 0.5 + 1 + 2) / 5, abs=1e-6)
+    assert stats["sampler_is_clipped_frac"] == pytest.approx(2 / 5)  # 3.0 and 2.5 are above the cap
+
+
+def test_is_correction_weights_each_tokens_policy_term() -> None:
+    close(loss_of("grpo", sampler_logp=SAMPLER_LOGP, is_cap=2.0)[0], (-4.05 / 2 + 8.0 / 3) / 2, atol=1e-5)
+    close(loss_of("bnpo", sampler_logp=SAMPLER_LOGP, is_cap=2.0)[0], (-4.05 + 8.0) / 5, atol=1e-5)
+
+
+def test_sampler_logprobs_without_a_cap_only_measure() -> None:
+    plain, _ = loss_of("grpo")
+    measured, stats = loss_of("grpo", sampler_logp=SAMPLER_LOGP)
+    assert torch.equal(plain, measured)
+    assert stats["sampler_ratio_max"] == pytest.approx(3.0, abs=1e-5)
+    assert stats["sampler_is_weight_mean"] == 1.0 and stats["sampler_is_clipped_frac"] == 0.0
+
+
+def test_is_correction_leaves_the_kl_term_unweighted() -> None:
+    ref = OLD_LOGP + 0.3  # KL_t > 0 on every token
+    kl_alone = loss_of("bnpo", ref_logp=ref, beta=0.5)[0] - loss_of("bnpo")[0]
+    with_is = loss_of("bnpo", ref_logp=ref, beta=0.5, sampler_logp=SAMPLER_LOGP, is_cap=2.0)[0]
+    close(with_is - loss_of("bnpo", sampler_logp=SAMPLER_LOGP, is_cap=2.0)[0], float(kl_alone), atol=1e-6)
+
+
+def test_gspo_weights_a_sequence_by_its_tokens_geometric_mean() -> None:
+    # row 0: objective 1.2 (clipped), weight sqrt(1.5 * 2.0) = sqrt(3); row 1: -2 s1, weight
+    # (0.5 * 1.0 * 2.0) ** (1/3) = 1
+    s1 = 0.65 ** (1 / 3)
+    loss, _ = loss_of("gspo", sampler_logp=SAMPLER_LOGP, is_cap=2.0)
+    close(loss, -(1.2 * math.sqrt(3.0) - 2 * s1) / 2, atol=1e-5)
+
+
+def test_is_cap_needs_sampler_logprobs_and_is_at_least_one() -> None:
+    with pytest.raises(ValueError, match="is_cap"):
+        loss_of("grpo", is_cap=2.0)
+    with pytest.raises(ValueError, match="is_cap"):
+        loss_of("grpo", sampler_logp=SAMPLER_LOGP, is_cap=0.5)
+    with pytest.raises(ValueError, match="sampler_logp shape"):
+        loss_of("grpo", sampler_logp=SAMPLER_LOGP[:, :2])
+    with pytest.raises(ConfigError, match="sampler_is_cap"):
+        GRPOConfig(sampler_is_cap=0.9).validate("grpo")

@@ -373,3 +373,33 @@ def test_one_grpo_step_changes_every_trainable_parameter(train_cfg, tiny_model_p
     assert trainable and trainable <= before.keys()
     unchanged = sorted(name for name in trainable if torch.equal(before[name], after[name]))
     assert not unchanged, f"parameters the step did not move: {unchanged}"
+
+
+def test_the_sampler_log_probs_travel_to_the_loss_and_the_mismatch_is_logged(train_cfg, tiny_model_path,
+                                                                               tmp_path):
+    """HF ``generate`` and the training forward compute the same distribution: with the IS
+    correction on, every weight is ~1 and the logged mismatch is float32 noise."""
+    from dynalign.engine import PolicyEngine
+    from dynalign.train import build_parts
+
+    cfg = train_cfg(f"model.name_or_path={tiny_model_path}", "grpo.group_size=2", "grpo.prompts_per_step=2",
+                    "grpo.micro_batch_size=2", "grpo.max_completion_length=8", "rollout.temperature=1.0",
+                    "grpo.sampler_is_correction=true", "grpo.sampler_is_cap=1.5")
+    engine = PolicyEngine.from_config(cfg)
+    try:
+        parts = build_parts(cfg, engine, tmp_path, iteration=0)
+        parts.judge = AlternatingJudge()
+        prompts = ["What is kindness?", "Plan a garden."]
+        metrics, _ = grpo_step(cfg, parts, prompts, Position(), 0, PhaseTimer())
+    finally:
+        engine.close()
+    assert metrics["train/tokens"] == 2 * 2 * 8  # a random model runs to the limit
+    assert metrics["train/sampler_logp_abs_diff"] < 1e-4  # a random 1024-token model: ~7 if they differed
+    assert metrics["train/sampler_ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["train/sampler_is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["train/sampler_is_clipped_frac"] == 0.0
+
+
+def test_is_correction_needs_rollouts_at_temperature_one(train_cfg):
+    with pytest.raises(ConfigError, match="rollout.temperature"):
+        train_cfg("grpo.sampler_is_correction=true", "rollout.temperature=0.7")

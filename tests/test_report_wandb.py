@@ -134,6 +134,6 @@ def test_make_report_from_wandb_alone(tmp_path, monkeypatch, capsys):
     out = tmp_path / "report"
     assert report.main(["--wandb", "me/proj", "--out", str(out)]) == 0
     assert "kl_beta" in capsys.readouterr().out
-    assert "me/proj/abc123" in (out / "report.csv").read_text() and (out / "report.md").exists()
+    assert "me/proj/abc123" in (out / "runs.csv").read_text() and (out / "report.md").exists()
     assert report.main([]) == 2  # neither run directories nor W&B
     assert "give RUNS directories" in capsys.readouterr().err

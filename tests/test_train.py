@@ -218,9 +218,9 @@ def test_two_processes_under_torchrun(tmp_path, cache_dir):
     run = tmp_path / "run"
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m")
-    # both ranks find an empty model cache and build the tiny model at once; then rank 0
-    # regenerates the prompts from a whole copy of the policy while rank 1 waits; after the
-    # iteration rank 0 evaluates the export beside the ZeRO-3 engine while rank 1 waits
+    # both ranks find an empty model cache and build the tiny model at once; then both sample
+    # shards of the regenerated prompts from the ZeRO-3 policy and rank 0 writes them; after the
+    # iteration each rank evaluates its share of the prompts and rank 0 writes the results
     _train(run, "logger=none", "iterations=1", "generator.regenerate_each_iteration=true",
            "generator.num_prompts=4", "generator.max_new_tokens=16", "eval.every_n_iterations=1",
            "eval.num_prompts=2", "eval.max_new_tokens=8", "eval.lm_eval_limit=4", "eval.bootstrap_samples=50",

@@ -34,17 +34,17 @@ def vllm_distribution(monkeypatch):
 @pytest.mark.slow  # an eager vLLM engine and lm-eval on 2 cores: ~30-60 s
 def test_vllm_backend_scores_like_the_hf_backend(tmp_path, tiny_model_path, vllm_distribution):
     from dynalign.config import EvalConfig, TrainConfig
-    from dynalign.eval.lm_harness import lm_eval_model, prepare_tasks
+    from dynalign.eval.lm_harness import lm_eval_each, prepare_tasks
 
     tasks = prepare_tasks(["ca_mini_mc"], tmp_path)
     results = {}
     for backend in ("hf", "vllm"):
         cfg = TrainConfig()
         cfg.eval = EvalConfig(lm_eval_backend=backend, lm_eval_limit=8, bootstrap_samples=0)
-        results[backend] = lm_eval_model(cfg, tasks, tiny_model_path)
+        results[backend] = lm_eval_each(cfg, tasks, tiny_model_path)
     # the same fp32 weights: log-likelihoods agree to ~1e-5, so every 4-way choice is the same
     assert results["vllm"] == results["hf"]
-    assert set(results["vllm"]["ca_mini_mc"]) == {"acc", "acc_norm"}
+    assert set(results["vllm"][0]["ca_mini_mc"]) == {"acc", "acc_norm"}
 
 
 def test_preflight_refuses_a_vllm_build_lm_eval_cannot_find(compose_cfg):

@@ -254,6 +254,13 @@ class GRPOConfig:
     num_iterations: int = 1  # mu: optimizer passes over each batch of rollouts
     dynamic_sampling: bool = False  # drop groups whose rewards have zero spread (counted)
     mask_truncated: bool = False  # exclude answers that hit max_completion_length from the loss
+    # Off-policy correction of the sampler's drift: weight each token's policy term by
+    # min(exp(trainer logp - sampler logp), sampler_is_cap) (truncated importance sampling).
+    # The sampler's log-probs are then requested with the rollouts; the mismatch
+    # (train/sampler_logp_abs_diff, train/sampler_ratio_max, ...) is logged every step whenever
+    # the sampler returns them (always with rollout=vllm).
+    sampler_is_correction: bool = False
+    sampler_is_cap: float = 2.0  # largest IS weight (>= 1); caps the variance a rare token adds
 
     def validate(self, key: str) -> None:
         from dynalign import grpo  # the registries are the single source of valid names
@@ -279,6 +286,8 @@ class GRPOConfig:
         choice(self.scale_rewards, grpo.ADVANTAGE_SCALES, f"{key}.scale_rewards")
         require(self.num_iterations >= 1, f"{key}.num_iterations",
                  f"must be >= 1 (got {self.num_iterations})")
+        require(self.sampler_is_cap >= 1.0, f"{key}.sampler_is_cap",
+                 f"must be >= 1: a cap below 1 would shrink on-policy tokens (got {self.sampler_is_cap})")
 
     @property
     def sequences_per_step(self) -> int:
@@ -400,6 +409,7 @@ class EvalConfig:
     every_n_iterations: int = 0  # run evaluation during training every N iterations; 0: never
     num_prompts: int = 50  # CA prompts evaluated (curated set first, then held-out generated ones)
     max_new_tokens: int = 128
+    batch_size: int = 8  # prompts per answer and judge call; ranks share whole batches, each seeded by index
     pairwise: bool = True  # also judge against the base model, both orders
     bootstrap_samples: int = 1000  # resamples for the 95% intervals
     lm_eval_tasks: List[str] = field(default_factory=list)  # lm-evaluation-harness task names
@@ -413,6 +423,9 @@ class EvalConfig:
     lm_eval_fewshot_as_multiturn: Optional[bool] = None  # few-shot examples as chat turns; None: as above
     lm_eval_system_instruction: Optional[str] = None  # put before every lm-eval prompt (chat: a system turn)
     lm_eval_backend: Optional[str] = None  # hf | vllm; None: vllm with rollout=vllm on a GPU, else hf
+    # non-inferiority margin, in each task's main-metric units (0.02: two accuracy points): a task's
+    # capability is "preserved" when the 95% interval of policy - baseline lies above -margin
+    capability_margin: float = 0.02
     baseline: Optional[str] = None  # pairwise + lm-eval baseline: HF dir, run dir or hub id; None: base
     dataset: Optional[str] = None  # held-out prompts: eval split of this dataset; None: generator.dataset
     prompts_file: Optional[str] = None  # curated prompts YAML; None: dynalign/data/ca_eval_prompts.yaml
@@ -428,11 +441,14 @@ class EvalConfig:
                  f"must be >= 0 (got {self.every_n_iterations})")
         positive(self.num_prompts, f"{key}.num_prompts")
         positive(self.max_new_tokens, f"{key}.max_new_tokens")
+        positive(self.batch_size, f"{key}.batch_size")
         require(self.bootstrap_samples >= 0, f"{key}.bootstrap_samples",
                  f"must be >= 0 (got {self.bootstrap_samples})")
         if self.lm_eval_limit is not None:
             positive(self.lm_eval_limit, f"{key}.lm_eval_limit")
         positive(self.lm_eval_batch_size, f"{key}.lm_eval_batch_size")
+        require(self.capability_margin >= 0, f"{key}.capability_margin",
+                f"must be >= 0 (got {self.capability_margin})")
         if self.judge_mode is not None:
             from dynalign.judge.scoring import SCORING_MODES
 
@@ -453,6 +469,28 @@ class EvalConfig:
         self.judge.validate(f"{key}.judge")
 
 
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class PlanConfig:
+    """The launch plan: per-rank memory estimated before anything loads (dynalign.plan)."""
+
+    enforce: bool = True  # refuse a launch whose plan does not fit; false: print it, warn and go on
+    world_size: Optional[int] = None  # ranks to plan for; None: the launcher's (training always uses it)
+    ranks_per_node: Optional[int] = None  # ranks sharing a host's RAM; None: LOCAL_WORLD_SIZE or world_size
+    device_memory_gib: Optional[float] = None  # accelerator memory per rank; None: CUDA's, or host RAM on CPU
+    host_memory_gib: Optional[float] = None  # RAM of one node; None: this machine's
+    margin: float = 0.1  # share added to the device estimate for allocator fragmentation
+
+    def validate(self, key: str) -> None:
+        for name in ("world_size", "ranks_per_node", "device_memory_gib", "host_memory_gib"):
+            value = getattr(self, name)
+            if value is not None:
+                positive(value, f"{key}.{name}")
+        in_range(self.margin, 0.0, 1.0, f"{key}.margin", high_open=True)
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -468,6 +506,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     iterations: int = 2  # Dynamic Alignment iterations
     steps_per_iteration: int = 2  # GRPO optimizer steps per iteration
     seed: int = 0
@@ -485,7 +524,7 @@ class TrainConfig:
         :func:`dynalign.config.preflight.preflight`, so configs with made-up paths validate.
         """
         finite(self)  # first: a NaN would slip through the range checks below
-        for name in ("model", "generator", "judge", "grpo", "rollout", "deepspeed", "logger", "eval"):
+        for name in ("model", "generator", "judge", "grpo", "rollout", "deepspeed", "logger", "eval", "plan"):
             getattr(self, name).validate(name)
         positive(self.iterations, "iterations")
         positive(self.steps_per_iteration, "steps_per_iteration")
@@ -497,6 +536,10 @@ class TrainConfig:
         require(self.judge.source != "frozen" or self.iterations == 1 or self.export_each_iteration,
                 "export_each_iteration", "judge.source=frozen judges iteration k with the policy exported "
                 "when it began (iter_<k>/): set it true")
+        require(not self.grpo.sampler_is_correction or self.rollout.temperature == 1.0, "rollout.temperature",
+                "grpo.sampler_is_correction compares the sampler's log-probs, which every backend returns "
+                f"at temperature 1, with the trainer's at the rollout temperature: set it to 1 "
+                f"(got {self.rollout.temperature})")
         require(self.grpo.prompts_per_step % world_size == 0, "grpo.prompts_per_step",
                 f"must be a multiple of the world size {world_size}: each rank judges whole groups "
                 f"(got {self.grpo.prompts_per_step})")

@@ -10,6 +10,13 @@ for shard ``s``), and the shard file is written atomically with the calls, their
 completions, the rows kept and the counts. Shards stop once ``num_prompts`` prompts are
 kept or ``max_calls`` calls were made; the dataset is then assembled from the shards.
 
+Several ranks (the training loop under torchrun): rank 0 runs :func:`generate_prompts` and
+the other ranks :func:`sample_shards_for_rank0`. Shards are then sampled in rounds of one
+shard per rank (rank ``r`` samples shard ``start + r``); rank 0 gathers the round's
+completions and parses, filters, deduplicates and writes the shards in order, exactly as
+one rank would, stopping at the same shard (the rest of that round is dropped unread). A
+shard's completions depend only on its calls, so the files are those of a single rank.
+
 Resuming: the same command finds the shards, re-indexes their prompts for deduplication
 and continues at the next shard, so a killed run loses at most the shard in flight and
 never writes a prompt twice.
@@ -17,6 +24,7 @@ never writes a prompt twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -26,7 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from dynalign.datagen import store as run_files
 from dynalign.datagen.backends import PromptGenerator, build_generators
@@ -49,7 +57,8 @@ from dynalign.datagen.taxonomy import (
     seed_prompts,
     template_for_call,
 )
-from dynalign.rollout.base import Prompt, Sampler, SamplingParams
+from dynalign.distributed import broadcast_object, gather_object, get_rank
+from dynalign.rollout.base import Prompt, Sampler, SamplingParams, inference_session
 from dynalign.runtime import step_seed
 
 SEED_SCHEDULE = "sampling seed of call k = dynalign.runtime.step_seed(generator.seed, iteration, k)"
@@ -125,17 +134,34 @@ def run_fingerprint(gen_cfg: Any, planner: Planner, policy_name: str) -> dict[st
 # ------------------------------------------------------------------------ one shard
 
 
-def run_shard(shard_index: int, planner: Planner, generator: PromptGenerator, index: DuplicateIndex,
-              gen_cfg: Any) -> dict:
-    """Sample, parse, filter and deduplicate the calls of one shard; ``index`` learns the kept prompts.
+class SampledShard(NamedTuple):
+    """The completions of one shard's calls, before anything is parsed."""
 
-    Calls go to the generator in one batch per template sending mode (format and stop
-    strings); a shard whose templates all send alike (the shipped sets) is one batch.
-    """
+    texts: list[str]  # one completion per call, in call order
+    seeds: list[int]  # the seed each was sampled with
+
+
+def shard_calls(shard_index: int, planner: Planner, gen_cfg: Any) -> list[CallPlan]:
     per_shard = gen_cfg.calls_per_shard
-    calls = [planner.call(k) for k in range(shard_index * per_shard, (shard_index + 1) * per_shard)]
+    return [planner.call(k) for k in range(shard_index * per_shard, (shard_index + 1) * per_shard)]
+
+
+def sample_shard(shard_index: int, planner: Planner, generator: PromptGenerator,
+                 gen_cfg: Any) -> SampledShard:
+    """The completions of one shard's calls: one batch per template sending mode (format and
+    stop strings); a shard whose templates all send alike (the shipped sets) is one batch."""
     templates = {t.id: t for t in planner.templates}
-    texts, used_seeds = _sample_calls(calls, templates, generator, sampling_params(gen_cfg))
+    texts, seeds = _sample_calls(shard_calls(shard_index, planner, gen_cfg), templates, generator,
+                                 sampling_params(gen_cfg))
+    return SampledShard(texts, seeds)
+
+
+def process_shard(shard_index: int, planner: Planner, generator_model: str, sampled: SampledShard,
+                  index: DuplicateIndex, gen_cfg: Any) -> dict:
+    """Parse, filter and deduplicate one sampled shard; ``index`` learns the kept prompts."""
+    calls = shard_calls(shard_index, planner, gen_cfg)
+    templates = {t.id: t for t in planner.templates}
+    texts, used_seeds = sampled
     timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     stats: Counter[str] = Counter()
     rows, call_records = [], []
@@ -153,14 +179,14 @@ def run_shard(shard_index: int, planner: Planner, generator: PromptGenerator, in
                 stats[reason] += 1
                 continue
             stats["kept"] += 1
-            rows.append(_row(candidate, call, generator.name, used_seed, shard_index, planner.iteration,
+            rows.append(_row(candidate, call, generator_model, used_seed, shard_index, planner.iteration,
                              timestamp))
         call_records.append({"call_index": call.call_index, "template_id": call.template_id,
                              "domain": call.cell.domain, "task_type": call.cell.task_type,
                              "aspects": list(call.cell.aspects), "sampling_seed": used_seed,
                              "meta_prompt": call.meta_prompt, "completion": text,
                              "parsed": len(candidates), "batch_position": j})
-    return {"shard": shard_index, "iteration": planner.iteration, "generator_model": generator.name,
+    return {"shard": shard_index, "iteration": planner.iteration, "generator_model": generator_model,
             "timestamp": timestamp, "calls": call_records, "rows": rows, "stats": dict(stats)}
 
 
@@ -242,6 +268,80 @@ def _resolve_sampler(sampler: SamplerOrFactory) -> Sampler | None:
     return sampler  # type: ignore[return-value]
 
 
+def _policy_session(gen_cfg: Any, sampler: SamplerOrFactory) -> contextlib.AbstractContextManager:
+    """The policy sampler ready for the whole generation: a ZeRO-3 policy is gathered once on
+    each rank (every rank enters this once), not at each call (ranks sample different shards)."""
+    if _uses_policy(gen_cfg) and sampler is not None and hasattr(sampler, "sample"):
+        return inference_session(sampler)  # type: ignore[arg-type]
+    return contextlib.nullcontext()
+
+
+class _ShardSource:
+    """Samples shard ``s`` with the generator whose turn it is (``s mod #models``); the
+    generators are built when the first shard needs them."""
+
+    def __init__(self, gen_cfg: Any, planner: Planner, sampler: SamplerOrFactory, model_name: str,
+                 batch_size: int, generators: Sequence[PromptGenerator] | None = None) -> None:
+        self.gen_cfg, self.planner, self.sampler = gen_cfg, planner, sampler
+        self.model_name, self.batch_size = model_name, batch_size
+        self.built: list[PromptGenerator] | None = list(generators) if generators is not None else None
+
+    def generator(self, s: int) -> PromptGenerator:
+        if self.built is None:
+            policy = _resolve_sampler(self.sampler) if _uses_policy(self.gen_cfg) else None
+            self.built = build_generators(self.gen_cfg, policy=policy, policy_name=self.model_name,
+                                          batch_size=self.batch_size)
+        return self.built[s % len(self.built)]
+
+    def sample(self, s: int) -> SampledShard:
+        return sample_shard(s, self.planner, self.generator(s), self.gen_cfg)
+
+    def close(self) -> None:
+        _close(self.built or ())
+
+
+class _Rounds:
+    """Rank 0's sampled shards, in order: each round samples one shard per rank (rank ``r``:
+    the round's first shard + ``r``), and a round starts when rank 0 needs a shard it has not
+    got. Shards of a round that rank 0 never asks for (the target was met) are dropped."""
+
+    def __init__(self, sample: Callable[[int], SampledShard]) -> None:
+        self.sample = sample
+        self.ready: dict[int, SampledShard] = {}
+
+    def get(self, s: int) -> SampledShard:
+        if s not in self.ready:
+            broadcast_object(s)  # the round's first shard, to every rank
+            gathered = gather_object(self.sample(s))
+            assert gathered is not None  # rank 0
+            self.ready = {s + r: got for r, got in enumerate(gathered) if got is not None}
+        return self.ready.pop(s)
+
+    def close(self) -> None:
+        broadcast_object(None)  # no more rounds
+
+
+def sample_shards_for_rank0(gen_cfg: Any, sampler: SamplerOrFactory = None, *, iteration: int = 0,
+                            model_name: str = "policy", batch_size: int = 64) -> int:
+    """Every rank but 0, while rank 0 runs :func:`generate_prompts` with the same ``gen_cfg``,
+    ``iteration`` and models: samples this rank's shard of each round rank 0 starts, until it
+    says the generation is over. Writes nothing; returns how many shards this rank sampled."""
+    validate_generator(gen_cfg)  # a bad config fails on every rank alike
+    planner = Planner.from_config(gen_cfg, iteration)
+    max_shards = math.ceil(max_calls(gen_cfg) / gen_cfg.calls_per_shard)
+    source = _ShardSource(gen_cfg, planner, sampler, model_name, batch_size)
+    rank, sampled = get_rank(), 0
+    try:
+        with _policy_session(gen_cfg, sampler):
+            while (start := broadcast_object(None)) is not None:
+                s = start + rank
+                gather_object(source.sample(s) if s < max_shards else None)
+                sampled += s < max_shards
+    finally:
+        source.close()
+    return sampled
+
+
 def generate_prompts(gen_cfg: Any, sampler: SamplerOrFactory = None, *, model_name: str = "policy",
                      iteration: int = 0, output_dir: str | Path | None = None,
                      seen_prompts: Iterable[str] = (), progress: bool = True,
@@ -254,7 +354,8 @@ def generate_prompts(gen_cfg: Any, sampler: SamplerOrFactory = None, *, model_na
     ``batch_size``, OpenAI-compatible endpoints), unless ``generators`` gives them all.
     ``seen_prompts`` (e.g. earlier iterations' prompts) count as already generated for
     deduplication. Writes ``output_dir`` (default ``gen_cfg.output_dir``) as described in
-    :mod:`dynalign.datagen.store`; call it on one process (rank 0) only.
+    :mod:`dynalign.datagen.store`. Call it on rank 0 only; with several ranks, the others call
+    :func:`sample_shards_for_rank0` meanwhile and sample a share of the shards.
     """
     from tqdm.auto import tqdm
 
@@ -268,32 +369,31 @@ def generate_prompts(gen_cfg: Any, sampler: SamplerOrFactory = None, *, model_na
     shards = files.open(fingerprint, per_shard)
     resumed_from = len(shards) or None
     index, totals = _resumed_state(shards, seen_prompts, gen_cfg.dedup_threshold)
-    limit = max_calls(gen_cfg)
-    max_shards = math.ceil(limit / per_shard)
+    max_shards = math.ceil(max_calls(gen_cfg) / per_shard)
     bar = tqdm(total=gen_cfg.num_prompts, initial=min(totals["kept"], gen_cfg.num_prompts), unit="prompt",
                desc=f"datagen iter {iteration}", disable=not progress, dynamic_ncols=True)
-    built: list[PromptGenerator] | None = list(generators) if generators is not None else None
+    source = _ShardSource(gen_cfg, planner, sampler, model_name, batch_size, generators)
+    rounds = _Rounds(source.sample)
     try:
-        while totals["kept"] < gen_cfg.num_prompts and len(shards) < max_shards:
-            if built is None:
-                policy = _resolve_sampler(sampler) if _uses_policy(gen_cfg) else None
-                built = build_generators(gen_cfg, policy=policy, policy_name=model_name,
-                                         batch_size=batch_size)
-            s = len(shards)
-            shard = run_shard(s, planner, built[s % len(built)], index, gen_cfg)
-            files.write_shard(shard)
-            kept = totals["kept"] + len(shard["rows"])
-            files.write_state(fingerprint, next_shard=s + 1, calls_per_shard=per_shard,
-                              extra={"seed_schedule": SEED_SCHEDULE, "kept": kept})
-            shards.append(shard)
-            totals.update(shard["stats"])
-            bar.update(max(0, min(totals["kept"], gen_cfg.num_prompts) - bar.n))
-            filtered = totals["candidates"] - totals["kept"]
-            bar.set_postfix(kept=totals["kept"], generated=totals["candidates"], filtered=filtered,
-                            calls=(s + 1) * per_shard, refresh=False)
+        with _policy_session(gen_cfg, sampler):
+            while totals["kept"] < gen_cfg.num_prompts and len(shards) < max_shards:
+                s = len(shards)
+                sampled = rounds.get(s)
+                shard = process_shard(s, planner, source.generator(s).name, sampled, index, gen_cfg)
+                files.write_shard(shard)
+                kept = totals["kept"] + len(shard["rows"])
+                files.write_state(fingerprint, next_shard=s + 1, calls_per_shard=per_shard,
+                                  extra={"seed_schedule": SEED_SCHEDULE, "kept": kept})
+                shards.append(shard)
+                totals.update(shard["stats"])
+                bar.update(max(0, min(totals["kept"], gen_cfg.num_prompts) - bar.n))
+                filtered = totals["candidates"] - totals["kept"]
+                bar.set_postfix(kept=totals["kept"], generated=totals["candidates"], filtered=filtered,
+                                calls=(s + 1) * per_shard, refresh=False)
+            rounds.close()
     finally:
         bar.close()
-        _close(built or ())
+        source.close()
     return finalize(gen_cfg, shards, planner, out, resumed_from_shard=resumed_from,
                     elapsed_s=time.perf_counter() - started, progress=progress)
 

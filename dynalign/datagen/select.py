@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dynalign.datagen.dataset_io import load_prompt_dataset, split_of
-from dynalign.datagen.pipeline import SamplerOrFactory, generate_prompts
+from dynalign.datagen.pipeline import SamplerOrFactory, generate_prompts, sample_shards_for_rank0
 from dynalign.datagen.taxonomy import seed_prompts
 from dynalign.rundir import RunDir
 
@@ -65,9 +65,10 @@ def select_training_prompts(gen_cfg: Any, sampler: SamplerOrFactory = None, *, m
                             progress: bool = True) -> PromptSet:
     """The prompts iteration ``iteration`` trains on (see the module docstring for the rule).
 
-    Call on rank 0 (generation writes files); other ranks can read the result back with
-    ``load_prompt_dataset(PromptSet.path)`` after a barrier. A killed generation resumes
-    when called again with the same arguments.
+    Call on rank 0 (generation writes files) while the other ranks call
+    :func:`help_select_training_prompts` (they sample a share of a regenerated set); they can
+    read the result back with ``load_prompt_dataset(PromptSet.path)`` after a barrier. A killed
+    generation resumes when called again with the same arguments.
     """
     if gen_cfg.dataset:
         train = load_prompt_dataset(gen_cfg.dataset, gen_cfg.prompt_column, "train")
@@ -76,7 +77,7 @@ def select_training_prompts(gen_cfg: Any, sampler: SamplerOrFactory = None, *, m
             with contextlib.suppress(KeyError, ValueError):
                 held_out = load_prompt_dataset(gen_cfg.dataset, gen_cfg.prompt_column, "eval")
         return PromptSet(train=train, eval=held_out, source="dataset", path=Path(gen_cfg.dataset))
-    if not gen_cfg.regenerate_each_iteration:
+    if not regenerates(gen_cfg):
         return seed_prompt_set(gen_cfg.eval_fraction)
     out = RunDir(Path(run_dir)).generated_prompts(iteration)
     data = generate_prompts(gen_cfg, sampler, model_name=model_name, iteration=iteration, output_dir=out,
@@ -90,3 +91,19 @@ def select_training_prompts(gen_cfg: Any, sampler: SamplerOrFactory = None, *, m
         return fallback
     return PromptSet(train=list(data["train"]["prompt"]), eval=list(data["eval"]["prompt"]),
                      source="generated", path=out, summary=summary)
+
+
+def regenerates(gen_cfg: Any) -> bool:
+    """Whether :func:`select_training_prompts` has the policy write the set (rule 2 above)."""
+    return not gen_cfg.dataset and bool(gen_cfg.regenerate_each_iteration)
+
+
+def help_select_training_prompts(gen_cfg: Any, sampler: SamplerOrFactory = None, *,
+                                 model_name: str = "policy", iteration: int = 0) -> int:
+    """Every rank but 0, while rank 0 runs :func:`select_training_prompts` with the same
+    arguments: samples this rank's share of the shards of a regenerated set
+    (:func:`~dynalign.datagen.pipeline.sample_shards_for_rank0`); nothing for the other rules.
+    Returns how many shards this rank sampled."""
+    if not regenerates(gen_cfg):
+        return 0
+    return sample_shards_for_rank0(gen_cfg, sampler, iteration=iteration, model_name=model_name)

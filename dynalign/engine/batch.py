@@ -23,6 +23,7 @@ class TrainBatch:
     advantages: Tensor  # [N]
     old_logprobs: Tensor | None = None  # [N, C] sampling policy; None -> current policy (ratio 1)
     ref_logprobs: Tensor | None = None  # [N, C] reference model; needed when grpo.beta > 0
+    sampler_logprobs: Tensor | None = None  # [N, C] the sampler's own (vLLM's): mismatch, IS correction
 
     def __post_init__(self) -> None:
         n, length = self.input_ids.shape
@@ -34,7 +35,7 @@ class TrainBatch:
                              f"got {tuple(self.completion_mask.shape)}")
         if self.advantages.shape != (n,):
             raise ValueError(f"advantages must be [N={n}], got {tuple(self.advantages.shape)}")
-        for name in ("old_logprobs", "ref_logprobs"):
+        for name in ("old_logprobs", "ref_logprobs", "sampler_logprobs"):
             value = getattr(self, name)
             if value is not None and value.shape != (n, c):
                 raise ValueError(f"{name} must be [N={n}, C={c}], got {tuple(value.shape)}")

@@ -129,6 +129,10 @@ def make_optimizer(model: torch.nn.Module, ds: DeepSpeedConfig, grpo: GRPOConfig
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    # torch's fused kernel (CPU and CUDA) reads and writes each state once per step; the
+    # per-operation path makes seven passes over the ZeRO partition (memory-bound: on Gemma
+    # 270M it was half of the update's time on a 2-core CPU)
+    kwargs["fused"] = True
     if _guarded_optimizer(ds, dtype):
         return _GuardedAdamW(params, max_grad_norm=grpo.max_grad_norm, **kwargs)
     return torch.optim.AdamW(params, **kwargs)

@@ -173,9 +173,11 @@ class PolicyEngine:
 
         Keys: loss (of the whole batch), grad_norm (before clipping; inf when skipped), lr (of
         this step), clip_frac_low, clip_frac_high, ratio_mean, entropy, kl_mean (with
-        ref_logprobs), dual_clip_frac (with grpo.dual_clip), tokens (completion tokens of the
-        whole batch) and skipped (1.0 when the step was discarded as non-finite). Token-level
-        statistics are token-weighted means over the whole batch.
+        ref_logprobs), dual_clip_frac (with grpo.dual_clip), the sampler mismatch (with
+        sampler_logprobs: sampler_logp_abs_diff, sampler_ratio_max, sampler_is_weight_mean,
+        sampler_is_clipped_frac), tokens (completion tokens of the whole batch) and skipped
+        (1.0 when the step was discarded as non-finite). Token-level statistics are
+        token-weighted means over the whole batch; ``*_max`` ones are maxima over it.
         """
         if self.grpo.beta > 0 and batch.ref_logprobs is None:
             raise ValueError("grpo.beta > 0: fill batch.ref_logprobs with engine.reference_logprobs(batch)")
@@ -184,6 +186,7 @@ class PolicyEngine:
         lr = float(self.ds_engine.get_lr()[0])
         self.ds_engine.train()
         sums: dict[str, float] = {}  # token-weighted sums of the statistics
+        maxima: dict[str, float] = {}  # statistics that are maxima (``*_max``)
         tokens = loss = nonfinite = 0.0
         for index, (rows, real) in enumerate(plan):
             self.ds_engine.set_gradient_accumulation_boundary(index == len(plan) - 1)
@@ -194,9 +197,22 @@ class PolicyEngine:
                 loss += micro_loss * shares[index]
                 tokens += stats["tokens"]
                 for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value * stats["tokens"]
+                    if key.endswith("_max"):
+                        maxima[key] = max(maxima.get(key, -math.inf), value)
+                    else:
+                        sums[key] = sums.get(key, 0.0) + value * stats["tokens"]
         sums.pop("tokens")
-        return self._finish_step(sums, tokens, loss, nonfinite, total_tokens, lr)
+        stats = self._finish_step(sums, tokens, loss, nonfinite, total_tokens, lr)
+        return stats | self._max_over_ranks(maxima)
+
+    @staticmethod
+    def _max_over_ranks(maxima: dict[str, float]) -> dict[str, float]:
+        """Each ``*_max`` statistic's largest value over the micro-batches of every rank."""
+        if not maxima:  # the same keys on every rank: they follow from the config and batch fields
+            return {}
+        keys = sorted(maxima)
+        reduced = all_reduce(torch.tensor([maxima[k] for k in keys], dtype=torch.float64), op="max")
+        return dict(zip(keys, reduced.tolist(), strict=True))
 
     def _loss_shares(self, batch: TrainBatch, plan: list[tuple[slice, bool]]) -> tuple[list[float], float]:
         """Each micro-batch's share of the whole batch's loss normaliser, and the batch's tokens.
@@ -226,7 +242,9 @@ class PolicyEngine:
             g.loss_type, logp, old, micro.advantages, mask, clip_eps_low=g.clip_eps_low,
             clip_eps_high=g.clip_eps_high, ref_logp=micro.ref_logprobs, beta=g.beta,
             kl_estimator=g.kl_estimator, max_completion_length=g.max_completion_length,
-            total_tokens=total_tokens if self.loss.uses_total_tokens else None, dual_clip=g.dual_clip)
+            total_tokens=total_tokens if self.loss.uses_total_tokens else None, dual_clip=g.dual_clip,
+            sampler_logp=micro.sampler_logprobs,
+            is_cap=g.sampler_is_cap if g.sampler_is_correction else None)
         value = float(loss.detach())
         # DeepSpeed divides by GAS and averages over ranks; GAS * W * share undoes that. A
         # non-finite loss poisons the whole gradient (NaN * anything = NaN) instead, so that

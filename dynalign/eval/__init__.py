@@ -4,7 +4,8 @@ What the training loop and ``python -m dynalign.evaluate`` call:
 
 * :func:`evaluate_iteration` -- the training loop's hook (one line after each iteration's
   export): runs :func:`evaluate_policy` every ``eval.every_n_iterations`` iterations;
-* :func:`evaluate_policy` -- one evaluation of a policy: answers to the CA eval prompts,
+* :func:`evaluate_policy` -- one evaluation of a policy, shared among the ranks
+  (:mod:`dynalign.eval.shards`): answers to the CA eval prompts,
   pointwise CA scores by an external judge (mean and bootstrap 95% interval per aspect),
   pairwise comparison with the baseline in both orders, self-judge calibration against the
   external judge, lm-evaluation-harness tasks with deltas to the baseline; writes
@@ -22,6 +23,7 @@ from dynalign._lazy import lazy_exports
 _MODULES = {
     "runner": ("evaluate_iteration", "evaluate_policy", "evaluation_due", "calibration"),
     "settings": ("ResolvedEval", "resolve_eval"),
+    "shards": ("Share", "share_of"),
     "prompts": ("EvalPrompt", "curated_prompts", "eval_prompt_set"),
     "stats": ("bootstrap_ci", "calibration_stats", "mean_with_ci", "pairwise_summary", "spearman",
               "win_rate"),

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from dynalign.config import TrainConfig
+from dynalign.distributed import get_rank
 from dynalign.eval.settings import ResolvedEval
 from dynalign.eval.stats import mean_with_ci
 from dynalign.judge import (
@@ -70,7 +71,9 @@ def free_memory() -> None:
 
 
 def concat_results(parts: Sequence[JudgeResult]) -> JudgeResult:
-    """One :class:`JudgeResult` from the results of consecutive chunks."""
+    """One :class:`JudgeResult` from the results of consecutive chunks (or ranks' shares); empty
+    parts are left out, so their missing ``score_mass`` does not drop the others'."""
+    parts = [p for p in parts if len(p)] or list(parts[:1])
     first = parts[0]
     masses = [p.score_mass for p in parts if p.score_mass is not None]
     return JudgeResult(
@@ -83,13 +86,15 @@ def concat_results(parts: Sequence[JudgeResult]) -> JudgeResult:
 
 
 def score_in_chunks(judge: Judge, prompts: Sequence[Prompt], answers: Sequence[str], *, chunk: int,
-                    desc: str) -> JudgeResult:
-    """``judge.score`` over chunks, with a progress bar."""
+                    desc: str, seeds: Sequence[int] | None = None) -> JudgeResult:
+    """``judge.score`` over chunks, with a progress bar (rank 0); ``seeds``: each chunk's seed
+    (nonces and judge sampling), None for fresh nonces and the judge's own sampling seed."""
     from tqdm.auto import tqdm
 
     starts = range(0, len(answers), chunk)
-    parts = [judge.score(prompts[s:s + chunk], answers[s:s + chunk])
-             for s in tqdm(starts, desc=desc, unit="chunk", leave=False)]
+    bar = tqdm(starts, desc=desc, unit="chunk", leave=False, disable=get_rank() != 0)
+    parts = [judge.score(prompts[s:s + chunk], answers[s:s + chunk], seed=None if seeds is None else seeds[j])
+             for j, s in enumerate(bar)]
     return concat_results(parts) if parts else judge.score([], [])
 
 
@@ -120,11 +125,15 @@ def pointwise_summary(result: JudgeResult, *, samples: int, seed: int) -> dict[s
 
 
 def judge_pairs_in_chunks(judge: Judge, prompts: Sequence[Prompt], policy: Sequence[str],
-                          baseline: Sequence[str], *, chunk: int) -> list[PairJudgement]:
-    """:func:`~dynalign.judge.pairwise.judge_pairs` (the policy as side ``a``) with a progress bar."""
+                          baseline: Sequence[str], *, chunk: int,
+                          seeds: Sequence[int] | None = None) -> list[PairJudgement]:
+    """:func:`~dynalign.judge.pairwise.judge_pairs` (the policy as side ``a``) with a progress bar
+    (rank 0); ``seeds`` as for :func:`score_in_chunks`."""
     from tqdm.auto import tqdm
 
     pairs: list[PairJudgement] = []
-    for s in tqdm(range(0, len(prompts), chunk), desc="pairwise", unit="chunk", leave=False):
-        pairs += judge_pairs(judge, prompts[s:s + chunk], policy[s:s + chunk], baseline[s:s + chunk])
+    starts = range(0, len(prompts), chunk)
+    for j, s in enumerate(tqdm(starts, desc="pairwise", unit="chunk", leave=False, disable=get_rank() != 0)):
+        pairs += judge_pairs(judge, prompts[s:s + chunk], policy[s:s + chunk], baseline[s:s + chunk],
+                             seed=None if seeds is None else seeds[j])
     return pairs

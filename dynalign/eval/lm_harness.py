@@ -1,6 +1,6 @@
 """General capability through lm-evaluation-harness, run the way its own CLI runs it.
 
-``lm_eval_model`` runs tasks by name on a consolidated model (never a ZeRO shard) through one
+:func:`lm_eval_each` runs tasks by name on a consolidated model (never a ZeRO shard) through one
 of lm-eval's backends (:data:`LM_EVAL_BACKENDS`, ``eval.lm_eval_backend``): ``hf`` wraps a
 Hugging Face model in memory in lm-eval's ``HFLM`` (:func:`run_lm_eval`), ``vllm`` starts
 lm-eval's own vLLM engine on the model's directory. Unset, the backend is ``vllm`` when the
@@ -25,21 +25,23 @@ from the working directory, not from the YAML's folder), so a task directory can
 data beside its YAML. When every task is local, the Hugging Face hub is switched off
 (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) for the run.
 
-Baseline results are cached on disk by (model fingerprint, tasks, limit, few-shot, prompt
-format, backend), so an evaluation every N iterations runs the baseline once.
+The runner calls it one task at a time (:func:`lm_eval_each`: a task's numbers then do not
+depend on which tasks share its run, nor on which rank runs it: ranks run their shares of the
+tasks at once, each as a process of its own), on one load of the model. Baseline results are
+cached on disk by (model fingerprint, task, limit, few-shot, prompt format, backend), so an
+evaluation every N iterations runs the baseline once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import os
 import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,25 @@ def hub_offline(enabled: bool = True) -> Iterator[None]:
             setattr(module, name, value)
 
 
+@contextlib.contextmanager
+def as_process_of_its_own() -> Iterator[None]:
+    """``LOCAL_RANK=0`` for the block, then as before.
+
+    lm-eval takes every ``torchrun`` rank for a part of one tensor-parallel model: only where
+    ``LOCAL_RANK`` is 0 does ``simple_evaluate`` return results (and ifeval fetch its word
+    lists). A rank that runs its own tasks on a whole model is a process of its own.
+    """
+    saved = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LOCAL_RANK", None)
+        else:
+            os.environ["LOCAL_RANK"] = saved
+
+
 # ------------------------------------------------------------------ prompt format
 
 # An instruct or chat model by its name: Qwen/Qwen2.5-7B-Instruct, meta-llama/Llama-2-7b-chat-hf,
@@ -238,13 +259,13 @@ def evaluate_lm(lm: Any, tasks: PreparedTasks, *, limit: int | None = None, num_
     """
     import lm_eval
 
-    with hub_offline(tasks.all_local):
+    with hub_offline(tasks.all_local), as_process_of_its_own():
         output = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks.names), task_manager=tasks.manager, limit=limit,
             num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, log_samples=False, **asdict(prompt),
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-    if output is None:  # non-zero ranks of a distributed lm-eval run
-        return {}
+    if output is None:  # lm-eval thought this process one rank of several
+        raise RuntimeError("lm-eval returned no results: it took this process for a rank other than 0")
     return task_metrics(output["results"])
 
 
@@ -259,7 +280,8 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: PreparedTasks, *, limit: int 
 
     was_training = model.training
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        with as_process_of_its_own():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         return evaluate_lm(lm, tasks, limit=limit, num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
                            seed=seed, prompt=prompt)
     finally:
@@ -279,18 +301,23 @@ def _settings(cfg: TrainConfig) -> dict[str, Any]:
             "bootstrap_iters": e.bootstrap_samples, "seed": cfg.seed}
 
 
-def _hf_backend(cfg: TrainConfig, tasks: PreparedTasks, model_path: str, loaded: Any) -> dict:
+RunTasks = Callable[[PreparedTasks], dict]  # runs tasks on a model a backend holds
+
+
+@contextlib.contextmanager
+def _hf_backend(cfg: TrainConfig, model_path: str, loaded: Any) -> Iterator[RunTasks]:
     """lm-eval's ``HFLM`` on ``loaded`` (a sampler: ``.model``, ``.tokenizer``), else on a fresh load."""
     if loaded is None:
         from dynalign.models import load_hf_sampler
 
         loaded = load_hf_sampler(cfg.model, path=model_path, batch_size=cfg.rollout.batch_size)
     prompt = prompt_format(cfg.eval, cfg.model.name_or_path, _has_chat_template(loaded.tokenizer))
-    return run_lm_eval(loaded.model, loaded.tokenizer, tasks, batch_size=cfg.eval.lm_eval_batch_size,
-                       prompt=prompt, **_settings(cfg))
+    yield lambda tasks: run_lm_eval(loaded.model, loaded.tokenizer, tasks, prompt=prompt,
+                                    batch_size=cfg.eval.lm_eval_batch_size, **_settings(cfg))
 
 
-def _vllm_backend(cfg: TrainConfig, tasks: PreparedTasks, model_path: str, loaded: Any) -> dict:
+@contextlib.contextmanager
+def _vllm_backend(cfg: TrainConfig, model_path: str, loaded: Any) -> Iterator[RunTasks]:
     """lm-eval's own vLLM engine on the model's directory (``loaded`` is not used), shut down after;
     sized by ``rollout.vllm`` (GPU share, tensor parallelism, context length, CPU KV cache)."""
     import torch
@@ -307,23 +334,24 @@ def _vllm_backend(cfg: TrainConfig, tasks: PreparedTasks, model_path: str, loade
     with preserve_process_state():
         from lm_eval.models.vllm_causallms import VLLM
 
-        lm = VLLM(pretrained=str(model_path), dtype=cfg.model.dtype, batch_size=cfg.eval.lm_eval_batch_size,
-                  seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code, max_model_len=v.max_model_len,
-                  tensor_parallel_size=v.tensor_parallel_size,
-                  gpu_memory_utilization=v.gpu_memory_utilization, **extra)
+        with as_process_of_its_own():
+            lm = VLLM(pretrained=str(model_path), dtype=cfg.model.dtype, seed=cfg.seed,
+                      batch_size=cfg.eval.lm_eval_batch_size, trust_remote_code=cfg.model.trust_remote_code,
+                      max_model_len=v.max_model_len, tensor_parallel_size=v.tensor_parallel_size,
+                      gpu_memory_utilization=v.gpu_memory_utilization, **extra)
         try:
             prompt = prompt_format(cfg.eval, cfg.model.name_or_path, _has_chat_template(lm.tokenizer))
-            return evaluate_lm(lm, tasks, prompt=prompt, **_settings(cfg))
+            yield lambda tasks: evaluate_lm(lm, tasks, prompt=prompt, **_settings(cfg))
         finally:
             shutdown = getattr(lm.model.llm_engine, "shutdown", None)
             if shutdown is not None:
-                shutdown()
-            del lm
-            gc.collect()
+                shutdown()  # its memory: the caller frees what is left
 
 
-# eval.lm_eval_backend -> runs ``tasks`` on the model at a path, given what is already loaded.
-LM_EVAL_BACKENDS: dict[str, Callable[[TrainConfig, PreparedTasks, str, Any], dict]] = {
+# eval.lm_eval_backend -> a context that loads the model at a path (or takes the one already
+# loaded) and yields what runs tasks on it.
+Backend = Callable[[TrainConfig, str, Any], contextlib.AbstractContextManager[RunTasks]]
+LM_EVAL_BACKENDS: dict[str, Backend] = {
     "hf": _hf_backend,
     "vllm": _vllm_backend,
 }
@@ -340,16 +368,18 @@ def lm_eval_backend(cfg: TrainConfig) -> str:
     return "vllm" if torch.cuda.is_available() else "hf"
 
 
-def lm_eval_model(cfg: TrainConfig, tasks: PreparedTasks, model_path: str | Path,
-                  loaded: Any = None) -> dict[str, dict[str, float]]:
-    """The run's lm-eval tasks on the model at ``model_path`` with its ``eval.lm_eval_*`` settings.
+def lm_eval_each(cfg: TrainConfig, tasks: PreparedTasks, model_path: str | Path,
+                 loaded: Any = None) -> list[dict[str, dict[str, float]]]:
+    """The results of each task, run on its own, on the model at ``model_path`` with the run's
+    ``eval.lm_eval_*`` settings; the model is loaded once for them all.
 
     ``loaded`` is that model already in memory as a sampler (``.model``, ``.tokenizer``): the
     ``hf`` backend uses it instead of loading the model again; ``vllm`` always starts its own engine.
     """
     if not tasks.names:
-        return {}
-    return LM_EVAL_BACKENDS[lm_eval_backend(cfg)](cfg, tasks, str(model_path), loaded)
+        return []
+    with LM_EVAL_BACKENDS[lm_eval_backend(cfg)](cfg, str(model_path), loaded) as run:
+        return [run(replace(tasks, names=(task,))) for task in tasks.names]
 
 
 def lm_eval_cache_key(model_path: str, tasks: Sequence[str], cfg: TrainConfig) -> str:

@@ -50,10 +50,12 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     ``eval/pairwise/win_rate`` (``ci_low``, ``ci_high``, ``wins``, ``ties``, ``losses``, ``failed``,
     ``order_agreement``, ``policy_length_tokens``...); ``eval/calibration/spearman`` (``mad``,
     ``bias``, ``aspects/<name>/...``); ``eval/lm_eval/policy/<task>/<metric>``, ``.../baseline/...``,
-    ``.../delta/...``; ``eval/time/<phase>``.
+    ``.../delta/...``; ``eval/capability/verdict_code`` (1 preserved, 0 not shown, -1 degraded),
+    ``eval/capability/margin``, ``eval/capability/tasks/<task>/delta`` (``ci_low``, ``ci_high``,
+    ``stderr``, ``verdict_code``...); ``eval/time/<phase>``.
     """
     out: dict[str, float] = {}
-    for section in ("pairwise", "calibration", "lm_eval", "timing"):
+    for section in ("pairwise", "calibration", "lm_eval", "capability", "timing"):
         if results.get(section):
             _flatten(f"eval/{'time' if section == 'timing' else section}", results[section], out)
     for side, summary in (results.get("pointwise") or {}).items():
@@ -170,6 +172,23 @@ def _lm_eval_section(lm_eval: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _capability_section(capability: Mapping[str, Any]) -> list[str]:
+    if not capability or not capability.get("tasks"):
+        return []
+    margin, level = capability["margin"], capability["level"]
+    lines = [f"## Capability preserved? (non-inferiority margin {_num(margin)}, {level:.0%} intervals)", "",
+             "| task | metric | policy | baseline | delta [CI] | verdict |", "|---|---|---|---|---|---|"]
+    for task, t in capability["tasks"].items():
+        direction = "" if t["higher_is_better"] else " (lower is better: sign flipped)"
+        lines.append(f"| {task} | {t['metric']}{direction} | {_num(t['policy'])} | {_num(t['baseline'])} | "
+                     f"{_num(t['delta'])} [{_num(t['ci_low'])}, {_num(t['ci_high'])}] | {t['verdict']} |")
+    rule = (f"A task is preserved when the interval's low end is above -{_num(margin)}, degraded when its "
+            "high end is below it, else not shown (also without a standard error, or with a zero one: every "
+            "item scored alike); overall preserved only if every task is, degraded if some task is.")
+    return lines + ["", f"Overall: **{capability['verdict']}**. Delta: policy - baseline, positive = better; "
+                    f"interval from lm-eval's standard errors. {rule}", ""]
+
+
 def render_summary(results: Mapping[str, Any]) -> str:
     """The markdown summary of one evaluation (``eval_summary.md``)."""
     prompts, judge = results["prompts"], results["judge"]
@@ -184,6 +203,7 @@ def render_summary(results: Mapping[str, Any]) -> str:
     lines += _pairwise_section(results.get("pairwise") or {})
     lines += _calibration_section(results.get("calibration") or {})
     lines += _lm_eval_section(results.get("lm_eval") or {})
+    lines += _capability_section(results.get("capability") or {})
     if results.get("warnings"):
         lines += ["## Warnings", ""] + [f"- {w}" for w in results["warnings"]] + [""]
     return "\n".join(lines)
@@ -216,6 +236,8 @@ def history_record(results: Mapping[str, Any]) -> dict[str, Any]:
         record["calibration"] = {k: results["calibration"][k] for k in keys}
     if (results.get("lm_eval") or {}).get("policy"):
         record["lm_eval"] = results["lm_eval"]["policy"]
+    if (results.get("capability") or {}).get("tasks"):
+        record["capability"] = results["capability"]["verdict"]
     return record
 
 

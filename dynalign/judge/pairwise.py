@@ -14,6 +14,7 @@ to read without a verdict).
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -117,9 +118,11 @@ def _votes_by_logprob(backend: SamplerBackend, rendered: Sequence[tuple[list, st
     return [[PAIRWISE_CHOICES[i]] for i in logprobs.argmax(-1).tolist()]
 
 
-def _votes_by_generation(judge: Judge, rendered: Sequence[tuple[list, str]]):
+def _votes_by_generation(judge: Judge, rendered: Sequence[tuple[list, str]], seed: int | None = None):
     """Letters, reasons and texts [2N][k] of ``judge.num_samples`` sampled verdicts per order."""
     params = judge.params if judge.mode == "generate" else replace(judge.params, temperature=0.0)
+    if seed is not None:
+        params = replace(params, seed=seed)
     outputs = judge.backend.generate([m for m, _ in rendered], judge.num_samples, params)  # [2N][k]
     letters, reasons, texts = [], [], []
     for (_, nonce), outs in zip(rendered, outputs, strict=True):
@@ -130,19 +133,23 @@ def _votes_by_generation(judge: Judge, rendered: Sequence[tuple[list, str]]):
     return letters, reasons, texts
 
 
-def judge_pairs(judge: Judge, prompts: Sequence[Prompt], a: Sequence[str],
-                b: Sequence[str]) -> list[PairJudgement]:
+def judge_pairs(judge: Judge, prompts: Sequence[Prompt], a: Sequence[str], b: Sequence[str], *,
+                seed: int | None = None) -> list[PairJudgement]:
     """Judge every pair ``(a[i], b[i])`` as answers to ``prompts[i]``, in both orders, with
-    ``judge``'s backend, rubric, scoring mode and samples per order (one batched call)."""
+    ``judge``'s backend, rubric, scoring mode and samples per order (one batched call).
+
+    ``seed`` makes the call reproducible (nonces and judge sampling), as for ``Judge.score``.
+    """
+    rng = None if seed is None else random.Random(seed)
     rendered = []
     for prompt, first, second in zip(prompts, a, b, strict=True):
-        rendered.append(render_pairwise_prompt(judge.rubric, prompt, first, second))  # a is A
-        rendered.append(render_pairwise_prompt(judge.rubric, prompt, second, first))  # b is A
+        rendered.append(render_pairwise_prompt(judge.rubric, prompt, first, second, rng=rng))  # a is A
+        rendered.append(render_pairwise_prompt(judge.rubric, prompt, second, first, rng=rng))  # b is A
     if judge.mode == "logprob" and isinstance(judge.backend, SamplerBackend):
         letters = _votes_by_logprob(judge.backend, rendered)  # [2N][1]
         reasons, texts = [[OK] for _ in rendered], [[""] for _ in rendered]
     else:
-        letters, reasons, texts = _votes_by_generation(judge, rendered)
+        letters, reasons, texts = _votes_by_generation(judge, rendered, seed)
     pairs = []
     for i in range(len(prompts)):
         votes = [[None if w is None else ORDER_LABELS[o][w] for w in letters[2 * i + o]] for o in (0, 1)]

@@ -133,11 +133,13 @@ def pairwise_template(nonce: str) -> str:
 
 
 def render_pairwise_prompt(rubric: RubricLike, prompt: Prompt, first: str, second: str, *,
-                           nonce: str | None = None) -> tuple[list[Message], str]:
-    """Chat messages asking which of two answers serves the rubric's value better (A = ``first``)."""
+                           nonce: str | None = None,
+                           rng: random.Random | None = None) -> tuple[list[Message], str]:
+    """Chat messages asking which of two answers serves the rubric's value better (A = ``first``);
+    ``rng`` draws the nonce reproducibly instead of from the OS."""
     rubric = load_rubric(rubric)
     user = prompt_text(prompt)
-    nonce = _pick_nonce(nonce, [user, first, second])
+    nonce = _pick_nonce(nonce, [user, first, second], rng)
     body = "\n".join([
         render_rubric(rubric), "",
         "# The user prompt", _delimited("prompt", nonce, user), "",

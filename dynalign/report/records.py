@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from dynalign.config import EXPERIMENTS_DIR
-from dynalign.eval.report import RESULTS_FILE
+from dynalign.config import EXPERIMENTS_DIR, EvalConfig
+from dynalign.eval.report import RESULTS_FILE, SAMPLES_FILE
+from dynalign.eval.stats import NOT_SHOWN, OUTCOME_POINTS, VERDICT_CODES, capability_summary
 from dynalign.rundir import RunDir
 
 GROUP_PREFIX = "ablation-"
@@ -23,8 +24,8 @@ ABLATION_FILE_PREFIX = "ablation_"  # experiments/ablation_<axis>.yaml defines a
 REWARD_KEYS = ("reward/mean", "judge/reward_mean")  # first one present wins
 FAILURE_KEY = "judge/parse_failure_rate"
 STEP_TIME_KEY = "time/step"
-# lm-eval metrics in order of preference for a task's one "capability" number.
-MAIN_METRICS = ("acc_norm", "acc", "exact_match", "f1", "mc2", "mc1", "prompt_level_strict_acc")
+SEED_KEY = "seed"  # the training seed: runs of one value with different seeds are its replicates
+VERDICTS = {code: name for name, code in VERDICT_CODES.items()}
 
 
 @dataclass
@@ -37,12 +38,19 @@ class RunRecord:
     source: str = "local"  # local | wandb
     status: str = "done"  # done | preempted | incomplete (no summary) | failed (no metrics)
     order: int = 0  # the job number in its sweep: rows of an axis keep the sweep's order
+    seed: int | None = None  # the run's training seed (None: unknown)
     steps: list[int] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)  # [steps] mean reward per step
-    final_reward: float = math.nan
+    final_reward: float = math.nan  # summary.json's (the last step's mean reward)
     ca_score: float = math.nan
     win_rate: float = math.nan
-    capability_delta: float = math.nan
+    # per eval prompt id: the external judge's CA score of the policy's answer, and the pairwise
+    # outcome as points (win 1, tie 0.5, loss 0); empty when the samples file is not there
+    ca_by_prompt: dict[str, float] = field(default_factory=dict)
+    win_by_prompt: dict[str, float] = field(default_factory=dict)
+    capability: str | None = None  # preserved | not shown | degraded (None: no lm-eval)
+    capability_min_delta: float = math.nan  # the worst task's delta (positive = better)
+    capability_margin: float = math.nan
     judge_failure_rate: float = math.nan
     time_per_step_s: float = math.nan
     eval_iteration: int | None = None
@@ -127,8 +135,10 @@ def axis_of(group: str | None, sweep_dir: Path | None = None) -> str:
 
 def value_keys(overrides: Mapping[str, str], swept: Sequence[str]) -> list[str]:
     """The keys a run's value is made of: the swept ones it overrides, else (a run started by
-    hand) its command-line overrides minus the experiment."""
-    return [k for k in swept if k in overrides] or [k for k in overrides if k != "experiment"]
+    hand) its command-line overrides minus the experiment. Never the seed: runs that differ
+    only in their seed are replicates of one value."""
+    keys = [k for k in swept if k in overrides] or [k for k in overrides if k != "experiment"]
+    return [k for k in keys if k != SEED_KEY]
 
 
 def value_of(overrides: Mapping[str, str], swept: Sequence[str]) -> str:
@@ -142,31 +152,55 @@ def value_of(overrides: Mapping[str, str], swept: Sequence[str]) -> str:
 # ------------------------------------------------------------------ evaluation results
 
 
-def capability_delta(delta: Mapping[str, Mapping[str, Any]] | None) -> float:
-    """Mean over tasks of each task's main metric delta (policy - baseline; see MAIN_METRICS)."""
-    per_task = []
-    for metrics in (delta or {}).values():
-        by_name = {str(name).split(",")[0]: as_number(v) for name, v in metrics.items()
-                   if "_stderr" not in str(name)}
-        main = next((m for m in MAIN_METRICS if m in by_name), None) or next(iter(sorted(by_name)), None)
-        if main is not None:
-            per_task.append(by_name[main])
-    return _mean(per_task)
+def capability_of(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The capability test of one ``eval_results.json``: its own ``capability`` section, else
+    (results written before it existed) the test of its lm-eval numbers at the default margin."""
+    section = results.get("capability")
+    if section:
+        return dict(section)
+    lm_eval = results.get("lm_eval") or {}
+    if not lm_eval.get("policy") or not lm_eval.get("baseline"):
+        return {}
+    return capability_summary(lm_eval["policy"], lm_eval["baseline"], tasks=lm_eval.get("tasks"),
+                              margin=EvalConfig().capability_margin)
 
 
-def eval_numbers(results: Mapping[str, Any]) -> dict[str, float]:
-    """CA score, win rate and capability delta of one ``eval_results.json``."""
+def eval_numbers(results: Mapping[str, Any]) -> dict[str, Any]:
+    """CA score, win rate and the capability test's verdict, worst delta and margin of one
+    ``eval_results.json``."""
+    capability = capability_of(results)
+    deltas = [as_number(t.get("delta")) for t in (capability.get("tasks") or {}).values()]
     return {"ca_score": as_number(dig(results, "pointwise", "policy", "overall", "mean")),
             "win_rate": as_number(dig(results, "pairwise", "win_rate")),
-            "capability_delta": capability_delta(dig(results, "lm_eval", "delta"))}
+            "capability": capability.get("verdict") if capability.get("tasks") else None,
+            "capability_min_delta": min(finite(deltas), default=math.nan),
+            "capability_margin": as_number(capability.get("margin"))}
+
+
+def prompt_scores(samples: Sequence[Mapping[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per prompt of ``eval_samples.jsonl``: the policy's external CA score and the pairwise
+    outcome's points (a failed pair, or a judgement without a score, is NaN)."""
+    ca, win = {}, {}
+    for i, row in enumerate(samples):
+        key = str(row.get("id", i))
+        ca[key] = as_number(row.get("external_score"))
+        if "pairwise" in row:
+            win[key] = OUTCOME_POINTS.get(str(row["pairwise"]), math.nan)
+    return ca, win
+
+
+def latest_eval_dir(run_dir: Path) -> tuple[int, Path] | None:
+    """``(k, eval/iter_<k>/)`` of the newest evaluation of a run that wrote its results, if any."""
+    found = RunDir(run_dir).evaluations(RESULTS_FILE)
+    return found[-1] if found else None
 
 
 def latest_eval(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
     """``(k, results)`` of the newest ``eval/iter_<k>/eval_results.json`` of a run, if any."""
-    found = RunDir(run_dir).evaluations(RESULTS_FILE)
-    if not found:
+    found = latest_eval_dir(run_dir)
+    if found is None:
         return None
-    k, path = found[-1]
+    k, path = found
     return k, json.loads((path / RESULTS_FILE).read_text(encoding="utf-8"))
 
 
@@ -217,14 +251,28 @@ def read_local_run(run_dir: Path) -> RunRecord:
     record = RunRecord(axis=axis_of(dig(config, "logger", "group"), run_dir.parent),
                        value=value_of(overrides, swept), run=str(run_dir),
                        status=run_status(metrics, summary), order=_job_number(run_dir, hydra),
+                       seed=_seed(config.get(SEED_KEY), overrides.get(SEED_KEY)),
                        keys=tuple(value_keys(overrides, swept)))
     fill_from_metrics(record, metrics, summary or {})
-    evaluated = latest_eval(run_dir)
+    evaluated = latest_eval_dir(run_dir)
     if evaluated is not None:
-        record.eval_iteration = evaluated[0]
-        for name, value in eval_numbers(evaluated[1]).items():
+        k, path = evaluated
+        record.eval_iteration = k
+        results = json.loads((path / RESULTS_FILE).read_text(encoding="utf-8"))
+        for name, value in eval_numbers(results).items():
             setattr(record, name, value)
+        record.ca_by_prompt, record.win_by_prompt = prompt_scores(read_jsonl(path / SAMPLES_FILE))
     return record
+
+
+def _seed(*candidates: Any) -> int | None:
+    """The first candidate that is a whole number (the config's ``seed``, then the override)."""
+    for value in candidates:
+        try:
+            return int(str(value))
+        except ValueError:
+            continue
+    return None
 
 
 def fill_from_metrics(record: RunRecord, metrics: Sequence[Mapping[str, Any]],
@@ -258,21 +306,26 @@ def wandb_record(run: Any) -> RunRecord:
     swept value; the history gives the curves, the summary the final and eval numbers.
     """
     overrides = parse_overrides(str(run.name).split(","))
-    value = next(iter(overrides.values())) if len(overrides) == 1 else str(run.name)
+    seed = _seed(dict(getattr(run, "config", None) or {}).get(SEED_KEY), overrides.pop(SEED_KEY, None))
+    value = next(iter(overrides.values())) if len(overrides) == 1 else \
+        ",".join(f"{k}={v}" for k, v in overrides.items()) or str(run.name)
     record = RunRecord(axis=axis_of(run.group), value=value, run="/".join(map(str, run.path)),
-                       source="wandb", status=WANDB_STATES.get(run.state, run.state), keys=tuple(overrides))
+                       source="wandb", status=WANDB_STATES.get(run.state, run.state), seed=seed,
+                       keys=tuple(overrides))
     summary = dict(run.summary)
     # the tracker logs with step=global_step, so W&B's _step is the run's step
     history = [{**row, "step": row["_step"]} for row in run.scan_history() if "_step" in row]
     fill_from_metrics(record, history, summary)
-    delta: dict[str, dict[str, Any]] = {}
-    for key, value in summary.items():
-        parts = str(key).split("/")
-        if parts[:3] == ["eval", "lm_eval", "delta"] and len(parts) == 5:
-            delta.setdefault(parts[3], {})[parts[4]] = value
     record.ca_score = as_number(summary.get("eval/ca/policy/overall/mean"))
     record.win_rate = as_number(summary.get("eval/pairwise/win_rate"))
-    record.capability_delta = capability_delta(delta)
+    code = summary.get("eval/capability/verdict_code")
+    record.capability = None
+    if isinstance(code, (int, float)) and not isinstance(code, bool) and math.isfinite(code):
+        record.capability = VERDICTS.get(int(code), NOT_SHOWN)
+    deltas = [as_number(v) for k, v in summary.items()
+              if str(k).startswith("eval/capability/tasks/") and str(k).endswith("/delta")]
+    record.capability_min_delta = min(finite(deltas), default=math.nan)
+    record.capability_margin = as_number(summary.get("eval/capability/margin"))
     return record
 
 
@@ -293,9 +346,9 @@ def wandb_records(path: str, api: Any = None) -> list[RunRecord]:
 
 
 def merge_records(local: Sequence[RunRecord], remote: Sequence[RunRecord]) -> list[RunRecord]:
-    """Local runs, plus the W&B runs whose (axis, value) no local run has."""
-    seen = {(r.axis, r.value) for r in local}
-    return list(local) + [r for r in remote if (r.axis, r.value) not in seen]
+    """Local runs, plus the W&B runs whose (axis, value, seed) no local run has."""
+    seen = {(r.axis, r.value, r.seed) for r in local}
+    return list(local) + [r for r in remote if (r.axis, r.value, r.seed) not in seen]
 
 
 def ablation_axes(experiments_dir: Path = EXPERIMENTS_DIR) -> list[str]:
@@ -308,8 +361,8 @@ def sort_records(records: Iterable[RunRecord]) -> list[RunRecord]:
     """The suite's axes first (by name), then any other sweep; within an axis, the sweep's order."""
     axes = ablation_axes()
 
-    def key(r: RunRecord) -> tuple[bool, str, int, str]:
-        return r.axis not in axes, r.axis, r.order, r.value
+    def key(r: RunRecord) -> tuple[bool, str, int, str, int]:
+        return r.axis not in axes, r.axis, r.order, r.value, -1 if r.seed is None else r.seed
 
     return sorted(records, key=key)
 

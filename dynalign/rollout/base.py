@@ -170,3 +170,20 @@ def reusing_prefixes(sampler: Sampler, slots: int = 8) -> Iterator[int | None]:
         return
     with reuse(slots) as group:
         yield group
+
+
+@contextmanager
+def inference_session(sampler: Sampler) -> Iterator[None]:
+    """A block in which every call of ``sampler`` runs without a collective of its own.
+
+    A sampler on a ZeRO-3 module gathers its parameters at each call (a collective: every rank
+    must call it equally often); one that offers ``inference_session()`` (the HF sampler)
+    gathers them once for the whole block instead. Other samplers (a whole model, vLLM per
+    rank) need nothing. Every rank enters the block once.
+    """
+    session = getattr(sampler, "inference_session", None)
+    if session is None:
+        yield
+        return
+    with session():
+        yield

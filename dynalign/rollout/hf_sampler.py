@@ -129,8 +129,8 @@ class HFSampler:
             generation_config=self._generation_config(params),
             stopping_criteria=stopping,
             # Lock-step decoding across ranks is only needed for a partitioned model that was not
-            # gathered; left to transformers, any model in a ZeRO-3 process would get it and a
-            # rank sampling alone (prompt writing on rank 0) would wait forever for the others.
+            # gathered; left to transformers, any model in a ZeRO-3 process would get it and a rank
+            # sampling alone (a whole side model: a baseline, a judge) would wait for the others.
             synced_gpus=self.gather is None and is_partitioned(self.model),
         )
         new_tokens = out.sequences[:, input_ids.shape[1]:]  # [B, C]
@@ -211,6 +211,14 @@ class HFSampler:
                 yield slots
             finally:
                 self._prefixes = None
+
+    @contextmanager
+    def inference_session(self) -> Iterator[None]:
+        """Within the block the model stays ready for inference: gathered once under ZeRO-3 (a
+        collective, on entry and exit), in eval mode, without grad. Calls inside gather nothing,
+        so ranks that share out work may make different numbers of them."""
+        with self._inference():
+            yield
 
     # ------------------------------------------------------------------- weights
 
