@@ -168,6 +168,7 @@ STEP_METRIC = "global_step"  # the x-axis of every chart: the training loop's st
 ARTIFACT_TYPES = {"prompts": "dataset", "policy": "model", "eval": "evaluation"}
 SAMPLES_TABLE = "samples"  # rows without a ``table`` field; an evaluation's go to "eval/samples"
 SUMMARY_KEY = "eval_results"  # in the W&B summary: the newest evaluation's eval_results.json
+PROMPTS_KEY = "eval_prompts"  # ... and its per-prompt scores and outcomes (eval_samples.jsonl without texts)
 
 
 def wandb_credentials() -> bool:

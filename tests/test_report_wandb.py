@@ -38,8 +38,14 @@ HISTORY = [
     # the evaluation, added later by `python -m dynalign.evaluate` resuming the run: the next W&B step
     {"_step": 3, "global_step": 2, "eval/pairwise/win_rate": 0.625, "eval/ca/policy/overall/mean": 3.0},
 ]
+# per prompt, as the evaluation's rows are summarised (eval_samples.jsonl without its texts)
+PROMPTS = [{"id": "ca-eval-001", "source": "curated", "policy_tokens": 6, "external_score": 3.5,
+            "pairwise": "win"},
+           {"id": "ca-eval-002", "source": "curated", "policy_tokens": 6, "external_score": 2.5,
+            "pairwise": "tie"}]
 SUMMARY = {"_step": 3, "_wandb": {"runtime": 9}, "global_step": 2, "final_reward": 0.7, "skipped_steps": 0,
-           "reward/mean": 0.7, "eval/pairwise/win_rate": 0.625, "samples": TABLE, "eval_results": RESULTS}
+           "reward/mean": 0.7, "eval/pairwise/win_rate": 0.625, "samples": TABLE, "eval_results": RESULTS,
+           "eval_prompts": PROMPTS}
 
 
 class FakeRun:
@@ -82,6 +88,8 @@ def local_twin(root: Path) -> Path:
     (run / "summary.json").write_text(json.dumps({"global_step": 2, "final_reward": 0.7, "skipped_steps": 0}))
     (run / "eval" / "iter_1").mkdir(parents=True)
     (run / "eval" / "iter_1" / "eval_results.json").write_text(json.dumps(RESULTS))
+    rows = [{**row, "prompt": "...", "policy_answer": "...", "external_reason": "ok"} for row in PROMPTS]
+    (run / "eval" / "iter_1" / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
 
 
@@ -103,6 +111,9 @@ def test_a_wandb_run_reads_as_its_run_directory(tmp_path):
     assert remote.steps == [1, 2] and remote.rewards == [0.5, 0.7] and remote.final_reward == 0.7
     assert remote.time_per_step_s == 3.0 and remote.judge_failure_rate == pytest.approx(0.2)
     assert (remote.ca_score, remote.win_rate, remote.eval_iteration) == (3.0, 0.625, 1)
+    # per prompt: the external score and the pairwise outcome's points (win 1, tie 0.5)
+    assert remote.ca_by_prompt == {"ca-eval-001": 3.5, "ca-eval-002": 2.5}
+    assert remote.win_by_prompt == {"ca-eval-001": 1.0, "ca-eval-002": 0.5}
 
 
 def test_states_of_runs_that_did_not_finish(tmp_path):
@@ -137,3 +148,14 @@ def test_make_report_from_wandb_alone(tmp_path, monkeypatch, capsys):
     assert "me/proj/abc123" in (out / "runs.csv").read_text() and (out / "report.md").exists()
     assert report.main([]) == 2  # neither run directories nor W&B
     assert "give RUNS directories" in capsys.readouterr().err
+
+
+def test_prompt_outcomes_keep_scores_and_outcomes_not_texts():
+    from dynalign.eval.report import prompt_outcomes
+
+    row = {"table": "eval", "id": "ca-eval-001", "source": "curated", "prompt": "How do I...?",
+           "policy_answer": "Start by...", "policy_tokens": 6, "external_score": 3.5,
+           "external_knowledge": 4.0, "external_reason": "ok", "pairwise": "win",
+           "votes_policy_first": "policy,policy"}
+    assert prompt_outcomes([row]) == [{"id": "ca-eval-001", "source": "curated", "policy_tokens": 6,
+                                       "external_score": 3.5, "external_knowledge": 4.0, "pairwise": "win"}]

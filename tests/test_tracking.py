@@ -122,7 +122,7 @@ def test_offline_run_has_one_samples_table_artifacts_and_the_evaluation(tmp_path
         tracker.log_samples(rows, step)
     tracker.log_artifact("policy", [run / "iter_1"], 1)
     tracker.log({"eval/pairwise/win_rate": 0.75}, 3)
-    tracker.log_samples([{"table": "eval", "id": "ca-01", "pairwise": "a"}], 3)
+    tracker.log_samples([{"table": "eval", "id": "ca-01", "pairwise": "win"}], 3)
     results = {"iteration": 1, "pairwise": {"win_rate": 0.75, "ci_low": float("nan")}}
     tracker.log_summary({SUMMARY_KEY: results})
     tracker.finish({"final_reward": 0.3})
@@ -144,7 +144,7 @@ def test_offline_run_has_one_samples_table_artifacts_and_the_evaluation(tmp_path
     assert [r[:3] for r in rows] == [[1, 0, "p1"], [1, 0, "q1"], [2, 0, "p2"], [2, 0, "q2"], [3, 0, "p3"],
                                      [3, 0, "q3"]]
     assert rows[1][3] is None and rows[4][4] == 3  # NaN reward -> empty cell; scores/knowledge column
-    assert _table_rows(offline.path, "eval/samples") == [[3, "ca-01", "a"]]
+    assert _table_rows(offline.path, "eval/samples") == [[3, "ca-01", "win"]]
     # artifacts point at the run directory's files, nothing uploaded
     (prompts,) = offline.artifact(f"prompts-{offline.id}")
     assert prompts.type == "dataset" and "iter_1" in prompts.aliases

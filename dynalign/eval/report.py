@@ -64,6 +64,7 @@ def flat_metrics(results: Mapping[str, Any]) -> dict[str, float]:
 
 
 SIDE_NAMES = {"a": "policy", "b": "baseline", "tie": "tie"}  # the policy is the pairs' side a
+OUTCOME_COLUMNS = ("id", "source", "pairwise")  # the text cells of a row that are not free text
 
 
 def _votes(votes: Sequence[str | None]) -> str:
@@ -99,6 +100,12 @@ def per_prompt_rows(prompts: Sequence[Any], policy: Any, baseline: Any | None, e
             row["votes_baseline_first"] = _votes(pairs[i].b_first)
         rows.append(row)
     return rows
+
+
+def prompt_outcomes(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The rows without their texts (prompt, answers, reasons): per prompt its id, every score and
+    length, and the pairwise outcome; small enough for a run's W&B summary."""
+    return [{k: v for k, v in row.items() if k in OUTCOME_COLUMNS or not isinstance(v, str)} for row in rows]
 
 
 # ------------------------------------------------------------------ markdown

@@ -70,7 +70,7 @@ from dynalign.models import load_hf_sampler
 from dynalign.rollout.base import Sampler, SamplingParams, inference_session
 from dynalign.rundir import RunDir
 from dynalign.runtime import PhaseTimer
-from dynalign.tracking import SUMMARY_KEY, Tracker
+from dynalign.tracking import PROMPTS_KEY, SUMMARY_KEY, Tracker
 
 
 def evaluate_policy(cfg: TrainConfig, policy_path: str | Path | None, *, out_dir: str | Path,
@@ -286,7 +286,8 @@ def _write_results(cfg: TrainConfig, policy_path: str | Path | None, out: Path, 
     if tracker is not None:
         tracker.log(results["metrics"], results["step"])
         tracker.log_samples(rows, results["step"])
-        tracker.log_summary({SUMMARY_KEY: {k: v for k, v in results.items() if k != "metrics"}})
+        tracker.log_summary({SUMMARY_KEY: {k: v for k, v in results.items() if k != "metrics"},
+                             PROMPTS_KEY: report.prompt_outcomes(rows)})
         tracker.log_artifact("eval", [out / name for name in report.OUTPUT_FILES], iteration)
     return results
 

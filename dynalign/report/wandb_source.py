@@ -10,10 +10,11 @@ writes those back as the files :func:`~dynalign.report.records.read_local_run` r
     metrics.jsonl                                     the history, one line per row, at its global_step
     summary.json                                      the summary of a run that ended
     eval/iter_<k>/eval_results.json                   the newest evaluation
+    eval/iter_<k>/eval_samples.jsonl                  its rows without their texts (scores, outcomes)
 
 so a W&B run becomes the same :class:`~dynalign.report.records.RunRecord` as its directory
-would, through the same reader. Only the per-prompt evaluation rows (``eval_samples.jsonl``)
-stay behind: they are in W&B as a table, not in the summary.
+would, through the same reader. The rows' texts (prompts, answers, reasons) are in W&B's
+``eval/samples`` table, not in the summary: a report does not read them.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from typing import Any
 
 import yaml
 
-from dynalign.eval.report import RESULTS_FILE
+from dynalign.eval.report import RESULTS_FILE, SAMPLES_FILE
 from dynalign.report.records import GROUP_PREFIX, WANDB_STATES, RunRecord, read_local_run
 from dynalign.rundir import RunDir
-from dynalign.tracking import STEP_METRIC, SUMMARY_KEY
+from dynalign.tracking import PROMPTS_KEY, STEP_METRIC, SUMMARY_KEY
 
 LAUNCH_KEY = "hydra"  # the config section the tracker adds: overrides, swept keys, job number
 ENDED_STATES = ("finished",)  # a run in another state wrote no summary.json (crashed, killed, running)
@@ -79,14 +80,17 @@ def mirror_run(run: Any, root: Path) -> Path:
     lines = history_lines(run.scan_history())
     files.metrics.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     if run.state in ENDED_STATES or summary.get("preempted"):
-        ended = {k: v for k, v in summary.items() if not k.startswith("_") and k != SUMMARY_KEY
-                 and not isinstance(v, Mapping)}
+        # its scalars: table cells, eval_results and eval_prompts have files of their own
+        ended = {k: v for k, v in summary.items()
+                 if not k.startswith("_") and not isinstance(v, (Mapping, list))}
         files.summary.write_text(json.dumps(ended, indent=2), encoding="utf-8")
     results = summary.get(SUMMARY_KEY)
     if isinstance(results, Mapping):
         out = files.eval_dir(int(results.get("iteration") or 0))
         out.mkdir(parents=True, exist_ok=True)
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
+        rows = summary.get(PROMPTS_KEY) or []
+        (out / SAMPLES_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return run_dir
 
 
