@@ -152,5 +152,6 @@ def test_documented_sweep_runs_as_written(tmp_path, cache_dir, tiny_model_path):
     for job, lr in zip(jobs, (1e-6, 3e-6), strict=True):
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         assert config["grpo"]["lr"] == lr and config["judge"]["rubric"]["name"] == "ca_rubric"
+        assert config["generator"]["num_prompts"] == 2000  # the llama3_8b preset, shrunk only where told
         (metrics,) = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
         assert metrics["train/lr"] == pytest.approx(lr)
