@@ -116,6 +116,7 @@ def _run(module: str, *args: str, cache, timeout: int = 300) -> subprocess.Compl
      ("limit: 3", "name: hhh_rubric")),
     ("dynalign.train", ("model=llama3_8b", "--cfg", "job", "grpo.lr=3e-6"),
      ("lr: 3.0e-06", "name_or_path: meta-llama/Meta-Llama-3-8B-Instruct")),
+    ("dynalign.plan", ("plan.world_size=8", "--cfg", "job"), ("world_size: 8",)),
 ])
 def test_entry_point_takes_cfg_after_an_override(module, args, printed, tmp_path):
     proc = _run(module, *args, cache=tmp_path)
