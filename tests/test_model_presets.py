@@ -78,6 +78,21 @@ def test_preset_is_a_run_on_gpus_not_the_tiny_models(name):
     assert train_split >= cfg.steps_per_iteration * cfg.grpo.prompts_per_step
 
 
+@pytest.mark.parametrize(("name", "overrides", "ranks", "fits"), [
+    ("llama3_8b", (), 8, True), ("llama3_8b", (), 4, True), ("llama3_8b", (), 2, False),
+    ("llama3_8b", ("model.lora.enabled=true", "grpo.lr=2e-5"), 1, True),
+    ("qwen2_5_7b", (), 4, True), ("qwen2_5_7b", (), 2, False), ("gemma3_270m", (), 1, True),
+])
+def test_launch_plan_on_80_gib_gpus(name, overrides, ranks, fits):
+    """Full fine-tuning of a 7-8B preset needs 4 GPUs of 80 GB (its comments say so); LoRA one."""
+    from dynalign.plan import make_plan, size_launch
+
+    machine = ("plan.device_memory_gib=80", f"plan.ranks_per_node={ranks}", "plan.host_memory_gib=1000")
+    cfg = _preset(name, *overrides, *machine)
+    plan = make_plan(cfg, ranks, size_launch(cfg))
+    assert plan.fits == fits, [(c.where, c.need / 2**30) for c in plan.checks]
+
+
 def _verdict_chars(rubric_name: str) -> int:
     """Characters of a whole verdict block: at least as many as its tokens in any BPE vocabulary."""
     rubric = load_rubric(rubric_name)
@@ -122,7 +137,8 @@ def test_the_command_line_still_picks_groups_and_values_over_a_preset():
 
 # ------------------------------------------------------------------ the README's commands
 
-ENTRY = re.compile(r"(?:-m|--module)\s+dynalign\.(train|generate|evaluate|judge_check)\b")
+ENTRY = re.compile(r"(?:-m|--module)\s+dynalign\.(train|generate|evaluate|judge_check|plan)\b")
+PLACEHOLDERS = ("N", "...", "…")  # "torchrun --nproc_per_node N -m dynalign.evaluate ...": a pattern
 
 
 FENCED = re.compile(r"```\w*\n(.*?)```", flags=re.S)
@@ -149,6 +165,10 @@ def _world_size(prefix: list[str]) -> int:
     return value("--nproc_per_node", "--num_gpus") * value("--nnodes", "--num_nodes")
 
 
+def _is_pattern(words: list[str]) -> bool:
+    return any(word in PLACEHOLDERS for word in words)
+
+
 def readme_commands() -> list[tuple[str, str, list[str], int]]:
     """(line, entry point, its arguments, world size) of every dynalign command in the README
     but the ones shown failing (the next line is their error)."""
@@ -158,6 +178,8 @@ def readme_commands() -> list[tuple[str, str, list[str], int]]:
         if match is None or f"{line.strip()}\ndynalign: invalid config" in README.replace("$ ", ""):
             continue
         words = shlex.split(line)
+        if _is_pattern(words):
+            continue
         cut = next(i for i, w in enumerate(words)
                    if w in ("-m", "--module") and words[i + 1].startswith("dynalign."))
         command = (match.group(1), words[cut + 2:], _world_size(words[:cut]))
@@ -183,7 +205,7 @@ def _sweep_points(overrides: list[str]) -> list[list[str]]:
 def test_readme_commands_are_found():
     found = {(entry, world) for _, entry, _, world in readme_commands()}
     assert {("train", 1), ("train", 8), ("train", 16), ("generate", 1), ("evaluate", 1),
-            ("judge_check", 1)} <= found
+            ("judge_check", 1), ("plan", 1)} <= found
 
 
 @pytest.mark.parametrize(("line", "entry", "args", "world_size"), readme_commands(),
@@ -193,6 +215,9 @@ def test_readme_command_composes_and_validates(line, entry, args, world_size):
 
     parsed = get_args_parser().parse_args(hydra_argv(args))
     points = _sweep_points(parsed.overrides) if parsed.multirun else [parsed.overrides]
+    if entry == "plan":  # it plans for plan.world_size ranks
+        planned = [int(o.split("=")[1]) for o in parsed.overrides if o.startswith("plan.world_size=")]
+        world_size = planned[-1] if planned else world_size
     for overrides in points:
         if entry == "judge_check":  # its own schema adds the judge_check node to the training one
             register_schema()
