@@ -820,7 +820,8 @@ def format_table(results: Sequence[Result]) -> str:
     lines = [f"{'check':<{width}}  result  {'time':>7}  detail", f"{'-' * width}  ------  -------  ------"]
     lines += [f"{r.name:<{width}}  {r.status:<6}  {r.seconds:>5.1f} s  {r.detail}" for r in results]
     counts = {s: sum(r.status == s for r in results) for s in (PASS, FAIL, SKIP)}
-    lines.append(f"{len(results)} checks: {counts[PASS]} PASS, {counts[FAIL]} FAIL, {counts[SKIP]} SKIP")
+    checks = f"{len(results)} check{'s' if len(results) != 1 else ''}"
+    lines.append(f"{checks}: {counts[PASS]} PASS, {counts[FAIL]} FAIL, {counts[SKIP]} SKIP")
     return "\n".join(lines)
 
 

@@ -36,7 +36,8 @@ def table_rows(stdout: str) -> dict[str, str]:
     lines = stdout.splitlines()
     header = max(i for i, line in enumerate(lines) if line.split()[:2] == ["check", "result"])
     rows = [line.split() for line in lines[header + 2:]]
-    return {row[0]: row[1] for row in rows[:next(i for i, row in enumerate(rows) if row[1] == "checks:")]}
+    end = next(i for i, row in enumerate(rows) if row[1] in ("check:", "checks:"))  # the summary line
+    return {row[0]: row[1] for row in rows[:end]}
 
 
 def results(out: Path) -> dict[str, dict]:
@@ -82,6 +83,7 @@ def test_table_lists_every_row_and_counts():
     assert lines[2].split() == ["bf16_a", "PASS", "1.2", "s", "fine"]
     assert lines[3].split() == ["b", "FAIL", "10.0", "s", "bad"]
     assert lines[-1] == "3 checks: 1 PASS, 1 FAIL, 1 SKIP"
+    assert gpu_check.format_table([Result("a", SKIP, "why")]).endswith("\n1 check: 0 PASS, 0 FAIL, 1 SKIP")
 
 
 def test_select_checks_by_name_or_pattern_in_running_order():
@@ -174,15 +176,17 @@ def test_without_cuda_it_says_so_and_exits_0():
 
 
 def test_a_failed_check_shows_in_the_table_and_the_exit_status(tmp_path, cache_dir):
+    """One check passes, one is failed on purpose after it ran, one skips (a GPU-only loop)."""
     out = tmp_path / "out"
-    proc = run_script("--cpu", "--only", "bf16_qwen2_5_0_5b,bf16_llama3_8b", "--fail-check", "bf16_llama3_8b",
-                      "--out", str(out))
+    proc = run_script("--cpu", "--only", "bf16_qwen2_5_0_5b,bf16_llama3_8b,loop_tiny",
+                      "--fail-check", "bf16_llama3_8b", "--out", str(out))
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert table_rows(proc.stdout) == {"bf16_llama3_8b": FAIL, "bf16_qwen2_5_0_5b": PASS}
-    assert "2 checks: 1 PASS, 1 FAIL, 0 SKIP" in proc.stdout
+    assert table_rows(proc.stdout) == {"bf16_llama3_8b": FAIL, "bf16_qwen2_5_0_5b": PASS, "loop_tiny": SKIP}
+    assert "3 checks: 1 PASS, 1 FAIL, 1 SKIP" in proc.stdout
     found = results(out)
     assert found["bf16_llama3_8b"]["detail"].startswith("CheckFailed: failed on purpose (--fail-check")
     assert "loss" in found["bf16_qwen2_5_0_5b"]["detail"]
+    assert found["loop_tiny"]["detail"] == "with --cpu the loop check runs the tiny model"
     log = (out / "gpu_check.log").read_text()
     assert "---- bf16_llama3_8b: traceback\nTraceback (most recent call last)" in log
     assert "raise CheckFailed(f\"failed on purpose" in log
