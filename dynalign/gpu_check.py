@@ -589,8 +589,11 @@ def run_loop(w: Worker, model: str) -> str:
     start = time.perf_counter()
     with open(log, "w") as out:
         rc = subprocess.run(loop_command(w, model, run_dir), stdout=out, stderr=subprocess.STDOUT,
-                            env=os.environ | {"HYDRA_FULL_ERROR": "1"}, check=False).returncode
+                            cwd=REPO_ROOT, env=os.environ | {"HYDRA_FULL_ERROR": "1"}, check=False).returncode
     seconds = time.perf_counter() - start
+    if rc != 0:  # its traceback, into gpu_check.log with the rest of this process's output
+        tail = log.read_text(errors="replace").splitlines()[-80:]
+        print(f"---- the last {len(tail)} lines of {log}:", *tail, sep="\n", file=sys.stderr)
     require(rc == 0, f"python -m dynalign.train exited with {rc}: {last_error_line(log)} (output: {log})")
     steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "reward/mean" in r]
     require(len(steps) == LOOP_STEPS, f"{len(steps)} steps in metrics.jsonl, expected {LOOP_STEPS}")
@@ -631,9 +634,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def last_error_line(log: Path) -> str:
-    """The last line of ``log`` that names an error, else its last line."""
+    """The last line of ``log`` that names an error (an exception, or dynalign's one-line
+    refusals: ``dynalign: invalid config: ...``, ``dynalign: <path>: ...``), else its last line."""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line or "error:" in line]
+    refusals = ("dynalign: invalid", "dynalign: /")
+    errors = [line for line in lines if "Error" in line or line.startswith(refusals)]
     return (errors or lines or ["no output"])[-1][:300]
 
 
@@ -994,7 +999,11 @@ def run_all(checks: Sequence[Check], opts: Options) -> int:
     for index, c in enumerate(checks, 1):
         report.say(f"[{index}/{len(checks)}] {c.name}: {c.about}")
         remaining = None if opts.budget_s is None else opts.budget_s - (time.perf_counter() - start)
-        report.add(run_check(c, opts, remaining), c)
+        try:
+            result = run_check(c, opts, remaining)
+        except Exception as err:  # starting or reading the check failed: the other checks still run
+            result = Result(c.name, FAIL, one_line(err), tracebacks=[traceback.format_exc()])
+        report.add(result, c)
     report.say("\n" + format_table(report.results))
     report.say(f"{time.perf_counter() - start:.0f} s in all")
     return 1 if any(r.status == FAIL for r in report.results) else 0

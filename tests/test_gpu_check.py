@@ -166,6 +166,14 @@ def test_bf16_steps_fail_when_the_loss_does_not_fall(tmp_path):
         gpu_check.train_and_report(w, model(), ids, lr=1e-3, first_loss=(0.0, 1.0), expectation="test")
 
 
+def test_a_failing_loop_reports_the_entry_points_own_error(tmp_path, monkeypatch):
+    """The row of a loop that did not run names why (here a refused config, before any model)."""
+    monkeypatch.setattr(gpu_check, "loop_overrides", lambda w, model: ["model=tiny", "grpo.loss_type=ppo"])
+    refused = "exited with 2: dynalign: invalid config: grpo.loss_type: unknown value 'ppo'"
+    with pytest.raises(CheckFailed, match=refused):
+        gpu_check.run_loop(Worker(cpu=True, out=tmp_path), "tiny")
+
+
 # ----------------------------------------------------------------- the script itself
 
 
