@@ -67,6 +67,7 @@ ENGINE_ROWS_PER_RANK = 8  # synthetic rollouts of the engine checks: 2 prompts x
 PROMPT_TOKENS, COMPLETION_TOKENS = 12, 12
 LOGPROB_TOLERANCE = {"bfloat16": 0.02, "float32": 1e-3}  # vLLM vs trainer: mean |log p difference|
 GIB = 1 << 30
+ENGINE_PACKAGES = ("deepspeed", "hydra", "omegaconf")  # dynalign.config needs hydra and omegaconf
 
 
 class Skip(Exception):
@@ -151,9 +152,8 @@ def check(name: str, about: str, **options: Any) -> Callable[[CheckFunction], Ch
 
 # --------------------------------------------------------------- bf16 steps, torch only
 
-ENGINE_PACKAGES = ("deepspeed", "hydra", "omegaconf")  # dynalign.config needs hydra and omegaconf
-
-# Published shapes (config.json of the hub models); only the layer count of Llama is cut to 2.
+# The published shapes (config.json of the hub models; RoPE bases left at their defaults): only
+# Llama's layer count is cut, to 2.
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama3_8b": ("llama", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 2,
                             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
