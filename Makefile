@@ -17,7 +17,7 @@ export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
 .PHONY: help install train plan cpu-gemma lint typecheck test test-all ablations report judge-check bench install-vllm \
-        test-vllm bench-rollout clean
+        test-vllm bench-rollout gpu-check gpu-wheels clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -168,6 +168,37 @@ test-vllm: install-vllm ## vLLM sampler tests: a real engine on the tiny model a
 
 bench-rollout: install-vllm ## Rollout throughput: HF generate vs vLLM on one workload (tokens/s)
 	$(VLLM_PY) benchmarks/bench_rollout.py $(BENCH_ARGS)
+
+# ------------------------------------------------------------------ GPU check
+# dynalign/gpu_check.py on every CUDA device of this machine: a PASS/FAIL/SKIP table, exit status
+# 1 when a check failed (README: GPU check). It needs no `make install`: .venv's python when there
+# is one, else python3 with torch and transformers (GPU_CHECK_PYTHON=...). `make gpu-wheels`, on a
+# machine with network, collects the few pure packages a torch-only GPU machine lacks.
+#
+#   make gpu-check                                   # every check, every device, ~8 minutes at most
+#   make gpu-check GPU_CHECK_ARGS="--only bf16_*,zero3 --nproc 2"
+#   make gpu-check GPU_CHECK_ARGS=--cpu              # the same code on the CPU (what the tests run)
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+GPU_WHEELS ?= outputs/gpu_wheels
+GPU_WHEEL_PYTHONS ?= 3.10 3.11 3.12 3.13
+# deepspeed's and hydra's own requirements beyond torch/transformers (sdists are built here;
+# packages with compiled parts are downloaded for each Python of GPU_WHEEL_PYTHONS)
+GPU_WHEELS_BUILT := deepspeed==0.19.8 hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
+        hjson py-cpuinfo einops
+GPU_WHEELS_BINARY := msgpack ninja psutil pydantic PyYAML
+GPU_WHEEL_PLATFORMS := $(foreach p,manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64,--platform $(p))
+
+gpu-check: ## Check the GPU path on every CUDA device: PASS/FAIL/SKIP table (GPU_CHECK_ARGS="--only ...")
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_CHECK_PYTHON) -m dynalign.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-wheels: ## Wheels for gpu-check on a GPU machine that has only torch + transformers (into GPU_WHEELS)
+	$(PYTHON) -m pip wheel --disable-pip-version-check -q --no-deps -w $(GPU_WHEELS) $(GPU_WHEELS_BUILT)
+	for version in $(GPU_WHEEL_PYTHONS); do \
+	  $(PYTHON) -m pip download --disable-pip-version-check -q --only-binary=:all: $(GPU_WHEEL_PLATFORMS) \
+	    --python-version $$version -d $(GPU_WHEELS) $(GPU_WHEELS_BINARY) || exit 1; \
+	done
+	@du -sh $(GPU_WHEELS)
 
 clean: ## Remove caches and build outputs (keeps .venv, outputs/ and data/)
 	rm -rf .pytest_cache .ruff_cache .mypy_cache build *.egg-info

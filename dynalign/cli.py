@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -37,3 +40,81 @@ def entry_point() -> str:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().job.name if HydraConfig.initialized() else "train"
+
+
+# Hydra's command-line flags (hydra/_internal/utils.py, get_args_parser; a test compares) and
+# what each takes: "none", "one" value, or "optional": one of INFO_CHOICES when one follows.
+_NO_VALUE = "--help -h --hydra-help --version --resolve --run -r --multirun -m --shell-completion -sc"
+_ONE_VALUE = "--cfg -c --package -p --config-path -cp --config-name -cn --config-dir -cd --experimental-rerun"
+HYDRA_FLAGS: dict[str, str] = {
+    **dict.fromkeys(_NO_VALUE.split(), "none"),
+    **dict.fromkeys(_ONE_VALUE.split(), "one"),
+    **dict.fromkeys(("--info", "-i"), "optional"),
+}
+INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+_NEGATIVE_NUMBER = re.compile(r"-\d+$|-\d*\.\d+$")  # a value to argparse, not a flag
+
+
+def _is_flag(arg: str) -> bool:
+    return arg.startswith("-") and arg not in ("-", "--") and not _NEGATIVE_NUMBER.match(arg)
+
+
+def _flag_takes(arg: str) -> str:
+    """What follows flag ``arg``: "none", "one" value or an "optional" one (see HYDRA_FLAGS)."""
+    if "=" in arg:  # --cfg=job: the value is attached
+        return "none"
+    if arg in HYDRA_FLAGS:
+        return HYDRA_FLAGS[arg]
+    if arg.startswith("--"):  # argparse accepts a unique prefix of a long flag (--multi)
+        takes = {HYDRA_FLAGS[flag] for flag in HYDRA_FLAGS if flag.startswith(arg)}
+        if len(takes) == 1:
+            return takes.pop()
+    return "none"  # an attached short value (-cjob), or a flag argparse will refuse by itself
+
+
+def hydra_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` (without the program name) with Hydra's flags and their values first, then the
+    overrides, each part in its original order.
+
+    Hydra's parser reads the overrides as one positional list, so a flag after an override
+    (``model=llama3_8b -m grpo.lr=1e-6,3e-6``) would be refused as an unrecognized argument.
+    A flag keeps the value it takes (``--cfg job``, ``-cp DIR``, even one with ``=`` in it);
+    ``--info`` takes the next word only when it is one of its choices. Everything after ``--``
+    is an override; a ``--`` is put back before the overrides when the original had one, or
+    when the last flag goes without the value it may take (a bare ``--info``; a ``--package``
+    missing its value, which Hydra then refuses) and would otherwise take the first override.
+    """
+    flags: list[str] = []
+    overrides: list[str] = []
+    separated = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            separated = True
+            overrides += argv[i:]
+            break
+        if not _is_flag(arg):
+            overrides.append(arg)
+            continue
+        flags.append(arg)
+        takes = _flag_takes(arg)
+        value = argv[i] if i < len(argv) else None
+        if value is not None and (
+            (takes == "one" and not _is_flag(value) and value != "--")
+            or (takes == "optional" and value in INFO_CHOICES)
+        ):
+            flags.append(value)
+            i += 1
+    valueless = bool(flags) and _is_flag(flags[-1]) and _flag_takes(flags[-1]) != "none"
+    if overrides and (separated or valueless):
+        return [*flags, "--", *overrides]
+    return [*flags, *overrides]
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` entry point with Hydra's flags allowed anywhere among the overrides
+    (the ``__main__`` path of every ``python -m dynalign.*`` command)."""
+    sys.argv[1:] = hydra_argv(sys.argv[1:])
+    main()

@@ -29,7 +29,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dynalign.cli import validated_config
+from dynalign.cli import run_main, validated_config
 from dynalign.config import ConfigError, TrainConfig, register_configs
 from dynalign.eval.settings import CHECKPOINT_KEY
 from dynalign.rundir import iteration_of, resolve_model_dir
@@ -107,4 +107,4 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

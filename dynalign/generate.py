@@ -19,7 +19,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from dynalign.cli import validated_config
+from dynalign.cli import run_main, validated_config
 from dynalign.config import ConfigError, TrainConfig, register_configs
 from dynalign.datagen.settings import validate_generator
 
@@ -61,4 +61,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

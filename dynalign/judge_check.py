@@ -33,7 +33,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dynalign.cli import validated_config
+from dynalign.cli import run_main, validated_config
 from dynalign.config import ConfigError, TrainConfig, register_configs
 from dynalign.datagen.taxonomy import DATA_DIR
 from dynalign.eval.stats import bootstrap_ci, nan_mean, pairwise_summary
@@ -313,4 +313,4 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 if __name__ == "__main__":
     register_schema()
-    main()
+    run_main(main)

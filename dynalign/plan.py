@@ -31,6 +31,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from dynalign.cli import run_main
 from dynalign.config import ConfigError, ModelConfig, TrainConfig, register_configs, to_train_config
 from dynalign.memory import (
     CHARS_PER_TOKEN,
@@ -520,4 +521,4 @@ def quiet_argv(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = quiet_argv(sys.argv)
-    main()
+    run_main(main)

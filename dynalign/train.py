@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from dynalign.cli import validated_config
+from dynalign.cli import run_main, validated_config
 from dynalign.config import TrainConfig, register_configs
 from dynalign.distributed import all_reduce, barrier, init_distributed, print0, reduce_metrics
 from dynalign.grpo import group_advantages, zero_spread_groups
@@ -581,4 +581,4 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 if __name__ == "__main__":
     # torch.distributed's deprecation notices from inside DeepSpeed, once per collective
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    main()
+    run_main(main)

@@ -49,7 +49,7 @@ def test_one_step_on_gemma_judges_english_and_exports_a_reloadable_policy(compos
     from dynalign.rollout import SamplingParams
 
     cfg = to_train_config(compose_cfg([
-        "model=gemma3_270m", "judge=ca_compact", "model.lora.enabled=true",
+        "model=gemma3_270m", "rollout=hf", "deepspeed=zero3", "judge=ca_compact", "model.lora.enabled=true",
         "model.lora.target_modules=[q_proj,v_proj]", "grpo.group_size=2", "grpo.prompts_per_step=2",
         "grpo.micro_batch_size=2", "grpo.max_completion_length=24", "grpo.lr=1e-3"]))
     engine = PolicyEngine.from_config(cfg)

@@ -28,7 +28,9 @@ from dynalign.plan import (
 LLAMA = ["model=llama3_8b", "model.name_or_path=meta-llama/Meta-Llama-3-8B-Instruct", "model.dtype=bfloat16",
          "model.gradient_checkpointing=true", "model.lora.enabled=false", "rollout=hf", "deepspeed=zero3",
          "grpo.beta=0.0", "judge.source=self", "judge.mode=logprob", "plan.device_memory_gib=80",
-         "plan.host_memory_gib=256"]
+         "plan.host_memory_gib=256", "grpo.prompts_per_step=4", "grpo.group_size=4",
+         "grpo.micro_batch_size=4", "grpo.max_prompt_length=256", "grpo.max_completion_length=32",
+         "judge.max_new_tokens=256", "rollout.vllm.enable_sleep_mode=false"]
 
 
 def _run(module: str, *args: str, tmp_path) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ that directory stays empty.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -285,6 +286,20 @@ def test_served_judges_and_unused_models_are_not_checked(compose_cfg):
         preflight(unused, "evaluate")
     with pytest.raises(ConfigError, match="generator.models.0"):
         preflight(unused, "generate")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+@pytest.mark.parametrize("overrides, entry, key", [
+    (["rollout=vllm"], "train", "rollout.backend"),
+    (["judge.source=external", "judge.external.backend=vllm"], "judge_check", "judge.external.backend"),
+    ([EVAL_DUE, "eval.judge.backend=vllm"], "train", "eval.judge.backend"),
+    (["eval.judge.backend=vllm"], "evaluate", "eval.judge.backend"),
+])
+def test_a_vllm_backend_needs_vllm_installed(compose_cfg, overrides, entry, key):
+    with pytest.raises(ConfigError, match="vllm is not installed.*make install-vllm") as info:
+        preflight(to_train_config(compose_cfg(overrides)), entry)
+    assert info.value.key == key
+    preflight(to_train_config(compose_cfg(overrides[:-1])), entry)  # the same run on its default backend
 
 
 # ------------------------------------------------------------------------- resume

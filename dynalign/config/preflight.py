@@ -12,6 +12,7 @@ borrows (datasets, the rubric and data-file readers) are imported inside the che
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ CHECKPOINT_LATEST = "latest"  # a checkpoint root names its newest checkpoint he
 CHECKPOINT_STATE = "dynalign_state.json"  # what makes a directory one checkpoint (engine.checkpoint)
 MODEL_CONFIG = "config.json"  # what makes a directory a Hugging Face model
 SERVED_JUDGE_BACKENDS = ("openai",)  # their model is a name the endpoint serves, nothing on disk
+# backends (rollout.backend, a judge's backend) whose module is not installed with dynalign: how to get it
+BACKEND_PACKAGES = {"vllm": "pip install vllm on GPU machines; on CPUs make install-vllm, then run "
+                            ".venv-vllm/bin/python"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ def _train(cfg: TrainConfig) -> None:
     evaluates = cfg.eval.every_n_iterations > 0
     check_models([*policy_refs(cfg), *judge_refs(cfg), *(generator_refs(cfg) if regenerates(cfg) else []),
                   *(eval_refs(cfg) if evaluates else [])])
+    check_backend_packages([("rollout.backend", cfg.rollout.backend), *judge_backends(cfg),
+                            *([("eval.judge.backend", cfg.eval.judge.backend)] if evaluates else [])])
     check_resume(cfg.resume)
     check_training_prompts(cfg)
     if regenerates(cfg):
@@ -67,6 +73,7 @@ def _train(cfg: TrainConfig) -> None:
 
 def _evaluate(cfg: TrainConfig) -> None:
     check_models([*policy_refs(cfg), *judge_refs(cfg), *eval_refs(cfg)])
+    check_backend_packages([*judge_backends(cfg), ("eval.judge.backend", cfg.eval.judge.backend)])
     check_evaluation_files(cfg)
 
 
@@ -77,6 +84,7 @@ def _generate(cfg: TrainConfig) -> None:
 
 def _judge_check(cfg: TrainConfig) -> None:
     check_models([*policy_refs(cfg), *judge_refs(cfg)])
+    check_backend_packages(judge_backends(cfg))
 
 
 # The checks of each ``python -m dynalign.<entry>``; the entry is Hydra's job name.
@@ -186,6 +194,21 @@ def _check_hub_id(ref: ModelRef) -> None:
         require(isinstance(cached, str), ref.key,
                 f"{ref.value} is not in the local hub cache and HF_HUB_OFFLINE=1 forbids downloading it "
                 f"({ref.allowed})")
+
+
+# ----------------------------------------------------------------------- packages
+
+
+def judge_backends(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """The training judge's backend, when it is not the policy."""
+    return [("judge.external.backend", cfg.judge.external.backend)] if cfg.judge.source == "external" else []
+
+
+def check_backend_packages(uses: list[tuple[str, str]]) -> None:
+    """Each ``(key, backend)`` that needs a package of its own (:data:`BACKEND_PACKAGES`) finds it."""
+    for key, backend in uses:
+        if backend in BACKEND_PACKAGES and importlib.util.find_spec(backend) is None:
+            raise ConfigError(key, f"{backend} is not installed in this Python ({BACKEND_PACKAGES[backend]})")
 
 
 # ------------------------------------------------------------------------- resume
