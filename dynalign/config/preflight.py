@@ -276,15 +276,13 @@ def check_lm_eval_setup(cfg: TrainConfig) -> None:
     """What the model's name decides of lm-eval's prompt format, and the backend being installed
     (whether the tokenizer has a chat template is only known once it is loaded)."""
     import importlib.metadata
-    import importlib.util
 
     from dynalign.eval.lm_harness import lm_eval_backend, prompt_format
 
     prompt_format(cfg.eval, cfg.model.name_or_path, has_chat_template=True)
     if lm_eval_backend(cfg) != "vllm":
         return
-    require(importlib.util.find_spec("vllm") is not None, "eval.lm_eval_backend",
-            "vllm is not installed (pip install vllm)")
+    check_backend_packages([("eval.lm_eval_backend", "vllm")])
     try:
         importlib.metadata.version("vllm")
     except importlib.metadata.PackageNotFoundError:
