@@ -85,8 +85,8 @@ class SamplerBackend:
                              "sampler whose max_prompt_length fits the judge prompts (or None).")
 
     def close(self) -> None:
-        """Let go of the sampler, closing it first when it is this judge's own."""
-        if self.owns_sampler:
+        """Let go of the sampler, closing it first when it is this judge's own; idempotent."""
+        if self.owns_sampler and self.sampler is not None:
             self.sampler.close()
         self.sampler = None  # type: ignore[assignment]  # closed: judging fails from here on
 
