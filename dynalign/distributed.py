@@ -1,14 +1,21 @@
 """Process-group plumbing: one process per rank, on CPU (gloo) or CUDA (nccl).
 
-Works in three launch modes with the same code:
+Works in four launch modes with the same code:
 
 * a plain ``python -m dynalign.train``: no launcher variables, so a world of one is set up
-  on a free localhost port (``srun``/``mpirun`` with several tasks but no torch launcher is
-  refused rather than silently training N separate models);
+  on a free localhost port (``mpirun`` with several ranks but no torch launcher is refused
+  rather than silently training N separate models);
 * ``torchrun --nproc_per_node N ...`` and the ``deepspeed`` launcher: ``RANK``, ``WORLD_SIZE``,
   ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` come from the environment;
-* a process where ``torch.distributed`` is already initialised (a test, vLLM in-process): the
-  existing group is reused, never re-created.
+* the tasks of an ``srun`` step (by hand, or a ``hydra/launcher=slurm`` job with several tasks):
+  those variables are derived from SLURM's own (:func:`slurm_launch`) when no torch launcher
+  set them;
+* a process where ``torch.distributed`` is already initialised (a test, vLLM in-process, the
+  next job of a sweep): the existing group is reused, never re-created.
+
+The group this module creates lives as long as the process: every job of a Hydra sweep that
+runs in it joins the same group (one per sweep, not per job), and it is destroyed at exit.
+Every collective waits at most ``distributed.timeout_minutes`` (:func:`init_distributed`).
 
 Side effects that only rank 0 should have go through :func:`print0` and the tracker (a
 ``NullTracker`` on other ranks, see :mod:`dynalign.tracking`) instead of ``if rank == 0``
@@ -19,11 +26,17 @@ does that, so import deepspeed only after calling it.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import re
 import socket
-from collections.abc import Callable, Mapping
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -31,6 +44,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# An srun step's rendezvous port: SLURM_PORT_BASE + SLURM_JOB_ID % SLURM_PORT_SPAN, below Linux's
+# ephemeral range (32768-60999), so two jobs sharing a node meet on different ports.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 12000, 20000
 
 
 def ensure_ds_accelerator() -> str:
@@ -58,43 +74,192 @@ class DistInfo:
     device: torch.device
 
 
-def _check_not_foreign_launch() -> None:
-    """Refuse to start N independent worlds of one under srun/mpirun without a torch launcher."""
-    for variable in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+# ------------------------------------------------------------------ SLURM
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[03-05,9],cpu1`` -> ``gpu03``,
+    ``rack[1-2]-n[07-08]`` -> ``rack1-n07``."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):  # the first entry ends at a comma outside brackets
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", nodelist[:end].strip())
+
+
+def slurm_launch(env: Mapping[str, str]) -> dict[str, str]:
+    """The launcher variables of one task of a several-task ``srun`` step, from SLURM's own.
+
+    Empty when a torch launcher set them already (``torchrun`` inside ``srun`` wins), outside
+    an ``srun`` step (a batch script's own process is one task, whatever ``--ntasks`` says) and
+    for a step of one task. Rank, world size and local rank are ``SLURM_PROCID``,
+    ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``) and ``SLURM_LOCALID``; rank 0's host, the
+    first of ``SLURM_STEP_NODELIST`` (else ``SLURM_NODELIST``), is the rendezvous, on a port
+    derived from ``SLURM_JOB_ID``. ``MASTER_ADDR`` / ``MASTER_PORT`` set by hand are kept.
+    """
+    if "RANK" in env or "WORLD_SIZE" in env or "SLURM_STEP_ID" not in env:
+        return {}
+    world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+    if int(world) <= 1:
+        return {}
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST")
+    needed = {"SLURM_PROCID": env.get("SLURM_PROCID"), "SLURM_LOCALID": env.get("SLURM_LOCALID"),
+              "SLURM_STEP_NODELIST or SLURM_NODELIST": nodelist, "SLURM_JOB_ID": env.get("SLURM_JOB_ID")}
+    missing = [name for name, value in needed.items() if not value]
+    if missing:
+        raise RuntimeError(f"an srun step of {world} tasks without {', '.join(missing)}: cannot tell "
+                           "this task's rank; start each node with torchrun instead (see the README)")
+    port = SLURM_PORT_BASE + int(env["SLURM_JOB_ID"]) % SLURM_PORT_SPAN
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": env["SLURM_LOCALID"],
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(str(nodelist)),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(port)}
+
+
+def adopt_slurm_launch() -> None:
+    """Export :func:`slurm_launch`'s variables, so that everything after (the run directory's
+    timestamp, which rank owns it, DeepSpeed) sees a launched rank; idempotent."""
+    os.environ.update(slurm_launch(os.environ))
+
+
+def _check_ranks_known() -> None:
+    """Refuse to start N independent worlds of one under mpirun (or PMI) without a torch launcher."""
+    for variable in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         if int(os.environ.get(variable, "1") or 1) > 1:
             raise RuntimeError(f"{variable}={os.environ[variable]} but RANK/WORLD_SIZE are unset: start "
-                               "each node with torchrun or the deepspeed launcher (see the README)")
+                               "each node with torchrun, the deepspeed launcher or srun (see the README)")
 
 
-def init_distributed() -> DistInfo:
+# ------------------------------------------------------------------ the process group
+
+
+@dataclass
+class _GroupState:
+    created: bool = False  # init_distributed made the group (and destroys it at exit)
+    timeout: timedelta | None = None  # the collective timeout it last set
+
+
+_GROUP = _GroupState()
+# What a collective that outlived its group's timeout raises: gloo's two messages, NCCL's watchdog.
+COLLECTIVE_TIMEOUT = re.compile(r"timed out waiting \d+ ?ms|application timeout caused pair closure|"
+                                r"collective operation timeout", re.IGNORECASE)
+
+
+def init_distributed(timeout: timedelta | None = None) -> DistInfo:
     """Initialise (or join) the process group through DeepSpeed's comm layer; idempotent.
 
     DeepSpeed picks the backend from its accelerator: nccl on CUDA; on CPU oneCCL when it is
     installed, else gloo. On CUDA the process is bound to ``cuda:LOCAL_RANK`` first. A world
     of one uses a ``tcp://`` rendezvous on a free port and exports only ``LOCAL_RANK`` (which
     DeepSpeed reads), so child processes do not inherit a stale ``MASTER_PORT``/``RANK``.
+
+    ``timeout`` (``distributed.timeout_minutes``) becomes the limit of every collective
+    (:func:`set_collective_timeout`), also when the group exists already (the next job of a
+    sweep); None leaves the group's (DeepSpeed's default for a new one: 10 min).
     """
     ensure_ds_accelerator()
+    adopt_slurm_launch()
     launched = all(name in os.environ for name in LAUNCHER_VARIABLES)
-    if not dist.is_initialized() and not launched:
+    existed = dist.is_initialized()
+    if not existed and not launched:
         if os.environ.get("WORLD_SIZE", "1") != "1":
             missing = [name for name in LAUNCHER_VARIABLES if name not in os.environ]
             raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {missing} are unset")
-        _check_not_foreign_launch()
+        _check_ranks_known()
         os.environ.setdefault("LOCAL_RANK", "0")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     import deepspeed  # after ensure_ds_accelerator()
 
-    if dist.is_initialized() or launched:
-        deepspeed.init_distributed(verbose=False)
+    limit: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    if existed or launched:
+        deepspeed.init_distributed(verbose=False, **limit)
     else:
         deepspeed.init_distributed(verbose=False, auto_mpi_discovery=False, rank=0, world_size=1,
-                                   init_method=f"tcp://127.0.0.1:{free_port()}")
+                                   init_method=f"tcp://127.0.0.1:{free_port()}", **limit)
+    if not existed and not _GROUP.created:
+        _GROUP.created = True
+        atexit.register(close_process_group)
+    if timeout is not None:
+        set_collective_timeout(timeout)
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
                     backend=str(dist.get_backend()), device=device)
+
+
+def set_collective_timeout(timeout: timedelta) -> None:
+    """Make ``timeout`` the limit of every collective of this process: on each group it is in,
+    and on those made later by ``new_group`` without a timeout (DeepSpeed's ZeRO groups, vLLM's),
+    which torch would give its own default instead (30 min; 10 min under NCCL)."""
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+    for group in list(c10d._world.pg_map):
+        c10d._set_pg_timeout(timeout, group)
+    _GROUP.timeout = timeout
+
+
+def close_process_group() -> None:
+    """Destroy the process group if :func:`init_distributed` made it; registered to run at exit,
+    after the last job of a sweep (the jobs before it share the group)."""
+    if _GROUP.created and dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()  # DeepSpeed's references to its groups go too
+    _GROUP.created = False
+
+
+def gather_strings(value: str) -> list[str]:
+    """``value`` of every rank, in rank order (``[value]`` without a group of several ranks)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return [str(v) for v in values]
+
+
+def collective_timeout(err: BaseException) -> str | None:
+    """What timed out, when ``err`` is a collective that waited past its group's timeout, else None.
+
+    The first timeout of the chain is told: a block that a timeout unwinds may try another
+    collective on its way out and fail again (gloo: "Application timeout caused pair closure").
+    """
+    chain: list[BaseException] = []
+    link: BaseException | None = err
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    for cause in reversed(chain):
+        found = COLLECTIVE_TIMEOUT.search(str(cause)) if isinstance(cause, RuntimeError) else None
+        if found:
+            return found.string[found.start():].splitlines()[0]
+    return None
+
+
+@contextmanager
+def failure_ends_launch() -> Iterator[None]:
+    """In a world of several ranks, an error ends this process instead of letting Hydra go on to
+    the sweep's next job: the other ranks are still inside this job's collectives, which the next
+    job's would pair with. Their launcher (torchrun, srun) then stops them. A collective timeout is
+    told in one line, any other error by its traceback. A world of one raises as usual (Hydra runs
+    the next job and reports the failure at the end)."""
+    try:
+        yield
+    except Exception as err:
+        if get_world_size() <= 1:
+            raise
+        timed_out = collective_timeout(err)
+        if timed_out:
+            minutes = f"={_GROUP.timeout.total_seconds() / 60:g}" if _GROUP.timeout else ""
+            print(f"dynalign: rank {get_rank()}: a collective waited longer than distributed.timeout_minutes"
+                  f"{minutes} for the other ranks ({timed_out}): one of them is stuck, far slower or gone "
+                  "(see its log); if a rank legitimately works alone that long (rank 0 evaluating, writing "
+                  "prompts or exporting), raise distributed.timeout_minutes", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
+        raise SystemExit(1) from None
 
 
 def get_rank() -> int:

@@ -102,4 +102,6 @@ def run_stamp(fmt: str = "%Y-%m-%d/%H-%M-%S") -> str:
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_stamp"):
-        OmegaConf.register_new_resolver("run_stamp", run_stamp)
+        # cached: every job of a sweep (Hydra re-resolves the sweep directory for each, in this
+        # process or, with submitit, on the node that runs it) gets the stamp the sweep began with
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)

@@ -71,6 +71,10 @@ class Tracker(Protocol):
 
     def finish(self, summary: Mapping[str, Any] | None = None) -> None: ...
 
+    def close(self) -> None:
+        """Release what a run that did not :meth:`finish` (an error) still holds; no-op after it."""
+        ...
+
 
 class NullTracker:
     """Does nothing: the tracker of every rank but 0, and of ``logger=none`` for W&B."""
@@ -89,6 +93,9 @@ class NullTracker:
         pass
 
     def finish(self, summary: Mapping[str, Any] | None = None) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -141,6 +148,9 @@ class JsonlTracker:
         if summary:
             self._files.summary.write_text(
                 json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
+        self.close()
+
+    def close(self) -> None:
         self._metrics.close()
         self._samples.close()
 
@@ -357,6 +367,14 @@ class WandbTracker:
             self._run.finish()
 
         self._guard("finish", _finish)
+        self._run = None
+
+    def close(self) -> None:
+        """A run that ended without :meth:`finish` is marked failed (exit code 1) and closed, so the
+        next job of a sweep starts a W&B run of its own."""
+        if self._run is not None:
+            run, self._run = self._run, None
+            self._guard("close", lambda: run.finish(exit_code=1))
 
 
 class MultiTracker:
@@ -385,6 +403,10 @@ class MultiTracker:
     def finish(self, summary: Mapping[str, Any] | None = None) -> None:
         for t in self.trackers:
             t.finish(summary)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.close()
 
 
 def _wandb(cfg: LoggerConfig, info: RunInfo) -> Tracker:

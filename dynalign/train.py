@@ -24,9 +24,12 @@ import json
 import math
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +40,22 @@ from tqdm.auto import tqdm
 
 from dynalign.cli import run_main, validated_config
 from dynalign.config import TrainConfig, register_configs
-from dynalign.distributed import all_reduce, barrier, init_distributed, print0, reduce_metrics
+from dynalign.distributed import (
+    adopt_slurm_launch,
+    all_reduce,
+    barrier,
+    failure_ends_launch,
+    gather_strings,
+    get_rank,
+    init_distributed,
+    print0,
+    reduce_metrics,
+)
 from dynalign.grpo import group_advantages, zero_spread_groups
 from dynalign.io import cut_jsonl
 from dynalign.rundir import RunDir, RunDirError
 from dynalign.runtime import PhaseTimer, Preemption, seed_everything, step_seed
+from dynalign.teardown import memory_metrics, release_memory
 from dynalign.tracking import RunInfo, Tracker, build_tracker, console_postfix, prompt_files
 
 if TYPE_CHECKING:  # torch-heavy modules stay lazily imported
@@ -80,6 +94,11 @@ class Parts:
     engine: PolicyEngine
     sampler: Sampler  # the policy's: rollouts, and the verdicts of the self-judge
     judge: Judge
+
+    def close(self) -> None:
+        """Close the judge (and the model it loaded), then the sampler; the engine is closed apart."""
+        self.judge.close()
+        self.sampler.close()
 
 
 # ------------------------------------------------------------------ building the parts
@@ -298,7 +317,7 @@ def step_samples(cfg: TrainConfig, position: Position, answered: list[str], roll
 # ------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
+def train(cfg: TrainConfig, info: RunInfo, job: ExitStack) -> dict[str, Any]:
     from dynalign.engine import PolicyEngine
     from dynalign.models import MODEL_NOTICES, resolve_model_path
 
@@ -310,13 +329,16 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     cfg.validate(world_size=world)
     seed_everything(cfg.seed)
     engine = PolicyEngine.from_config(cfg)
+    job.callback(engine.close)
     timer, between = PhaseTimer(), PhaseTimer()  # the step's phases; the iteration's, around the steps
     position = resume(cfg, engine, info.run_dir)
     close_iteration(cfg, engine, info.run_dir, position, between)  # what an interruption cut short
     parts = build_parts(cfg, engine, info.run_dir, position.iteration)
+    job.callback(parts.close)
     if position.global_step:
         sync_sampler(parts)  # a sampler with its own weights loaded the base model, not the checkpoint
     tracker = build_tracker(cfg.logger, info, rank)
+    job.callback(tracker.close)
     if "eval" in position.pending:
         with between("eval"):
             evaluate_pending(cfg, parts, info, position, tracker)
@@ -351,7 +373,7 @@ def train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
                 tracker.log_artifact("policy", [RunDir(info.run_dir).export(iteration + 1)], iteration + 1)
     # the last iteration's end has no step after it to carry its times: the summary does
     summary = {"global_step": position.global_step, "final_reward": metrics.get("reward/mean", math.nan),
-               "skipped_steps": engine.skipped_steps, **between.pop(total=None)}
+               "skipped_steps": engine.skipped_steps, **between.pop(total=None), **memory_metrics()}
     tracker.finish(summary)
     print0(f"dynalign: done: {cfg.iterations} iterations, {position.global_step} steps, "
            f"final reward {summary['final_reward']:.3f}, run dir {info.run_dir}")
@@ -560,25 +582,65 @@ def owned_train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
 
     try:
         if int(os.environ.get("RANK", "0")) != 0:
-            return train(cfg, info)
+            return train_job(cfg, info)
         with RunDir(info.run_dir).owned():
             claim_run_dir(cfg, info.run_dir)
-            return train(cfg, info)
+            return train_job(cfg, info)
     except (RunDirError, CheckpointError) as err:
         print(f"dynalign: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def train_job(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
+    """``train`` as one job of a launch: the run, or one job of a sweep, which runs in this process
+    (on every rank) after the jobs before it. What the job opened is closed when it ends, on error
+    too, and its memory given back, so the next job starts as the first did; the process group
+    stays for it (it is destroyed at exit)."""
+    try:
+        with ExitStack() as job:  # closes what train() opens, newest first
+            join_launch(cfg, info)
+            return train(cfg, info, job)
+    except BaseException as err:
+        traceback.clear_frames(err.__traceback__)  # Hydra keeps a failed job's error until the sweep ends
+        raise
+    finally:
+        release_memory()
+
+
+def join_launch(cfg: TrainConfig, info: RunInfo) -> None:
+    """Build the embedded model, make the process group (the first job) or join it (the next jobs of
+    a sweep) with ``distributed.timeout_minutes``, and check that every rank runs in one directory.
+
+    transformers writes a model on rank 0 only once a group exists, so a later job's embedded model
+    is built by rank 0 while the other ranks wait (``train`` then finds it built).
+    """
+    from dynalign.models import resolve_model_path
+
+    if not torch.distributed.is_initialized() or get_rank() == 0:
+        resolve_model_path(cfg.model)
+    init_distributed(timedelta(minutes=cfg.distributed.timeout_minutes))
+    barrier()  # a later job: the others wait for rank 0's build
+    dirs = gather_strings(str(info.run_dir))
+    if len(set(dirs)) > 1:
+        other = next(rank for rank, path in enumerate(dirs) if path != dirs[0])
+        raise RunDirError(f"the ranks run in different directories (rank 0: {dirs[0]}, rank {other}: "
+                          f"{dirs[other]}): on several nodes pass hydra.run.dir (hydra.sweep.dir for a "
+                          "sweep) on a filesystem they all see, or export one DYNALIGN_RUN_STAMP everywhere")
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
     from dynalign.plan import check_launch
 
-    config = validated_config(cfg)
-    check_launch(config)  # a run whose memory plan does not fit stops here, before anything loads
-    return owned_train(config, run_info(cfg))
+    adopt_slurm_launch()  # a hydra/launcher=slurm job of several tasks: ranks from SLURM's variables
+    with failure_ends_launch():
+        config = validated_config(cfg)
+        check_launch(config)  # a run whose memory plan does not fit stops here, before anything loads
+        return owned_train(config, run_info(cfg))
 
 
 if __name__ == "__main__":
     # torch.distributed's deprecation notices from inside DeepSpeed, once per collective
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    adopt_slurm_launch()  # before Hydra stamps the run directory: ranks of a node share their parent's time
     run_main(main)

@@ -18,6 +18,7 @@ from dynalign.config.schema import (
     EMBEDDED_MODEL_NAMES,
     AspectConfig,
     DeepSpeedConfig,
+    DistributedConfig,
     EvalConfig,
     ExternalJudgeConfig,
     GRPOConfig,
@@ -47,4 +48,5 @@ __all__ = [
     "GeneratorConfig", "GeneratorEndpointConfig", "JudgeConfig", "LoggerConfig", "LoraConfig", "ModelConfig",
     "RolloutConfig", "RubricConfig", "TinyModelConfig", "TrainConfig", "VLLMConfig", "aspect_levels",
     "parse_model_spec", "register_configs", "register_experiments", "to_train_config",
+    "DistributedConfig",
 ]

@@ -364,6 +364,25 @@ class DeepSpeedConfig:
         positive(self.reduce_bucket_size, f"{key}.reduce_bucket_size")
 
 
+# --------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistributedConfig:
+    """The process group of a launch of several ranks (torchrun, the deepspeed launcher, srun).
+
+    A collective waits for every rank, and while rank 0 works alone (evaluating, writing a prompt
+    set, exporting) the others wait in one. A full evaluation of an 8B model (answers, pointwise
+    and pairwise judging, lm-eval tasks) takes most of an hour on one GPU, hence two hours by
+    default; DeepSpeed's own default (10 min) would end such a run.
+    """
+
+    timeout_minutes: float = 120.0  # a collective still waiting for a rank after this long fails the run
+
+    def validate(self, key: str) -> None:
+        positive(self.timeout_minutes, f"{key}.timeout_minutes")
+
+
 # -------------------------------------------------------------------------- logger
 
 
@@ -504,6 +523,7 @@ class TrainConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -524,7 +544,8 @@ class TrainConfig:
         :func:`dynalign.config.preflight.preflight`, so configs with made-up paths validate.
         """
         finite(self)  # first: a NaN would slip through the range checks below
-        for name in ("model", "generator", "judge", "grpo", "rollout", "deepspeed", "logger", "eval", "plan"):
+        for name in ("model", "generator", "judge", "grpo", "rollout", "deepspeed", "distributed", "logger",
+                     "eval", "plan"):
             getattr(self, name).validate(name)
         positive(self.iterations, "iterations")
         positive(self.steps_per_iteration, "steps_per_iteration")

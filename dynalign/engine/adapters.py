@@ -17,7 +17,7 @@ from torch import Tensor
 
 from dynalign.config import LoraConfig
 from dynalign.engine.ds_config import _reference_config
-from dynalign.zero import gathered, gathered_clone
+from dynalign.zero import destroy_engine, gathered, gathered_clone
 
 REFERENCE_ADAPTER = "reference"  # LoRA: the frozen adapter that holds the KL reference
 POLICY_ADAPTER = "default"  # LoRA: peft's name for the trained adapter
@@ -101,9 +101,7 @@ class FullFineTuning:
         return module
 
     def close(self) -> None:
-        destroy = getattr(self.reference, "destroy", None)
-        if callable(destroy):
-            destroy()
+        destroy_engine(self.reference)
         self.reference = None
 
 

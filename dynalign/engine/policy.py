@@ -57,7 +57,7 @@ from dynalign.engine.ds_config import deepspeed_config, make_optimizer, warmup_s
 from dynalign.io import replace_dir
 from dynalign.models import export_config, load_causal_lm, load_tokenizer, resolve_model_path
 from dynalign.runtime import seed_everything
-from dynalign.zero import copy_into, hf_zero3_init, release_hf_config
+from dynalign.zero import copy_into, destroy_engine, hf_zero3_init, release_hf_config
 
 ensure_ds_accelerator()  # DS_ACCELERATOR must be set before anything imports deepspeed
 
@@ -336,9 +336,7 @@ class PolicyEngine:
 
     def close(self) -> None:
         """Drop the DeepSpeed engines (hooks included); the process group stays for other users."""
-        destroy = getattr(self.ds_engine, "destroy", None)
-        if callable(destroy):
-            destroy()
+        destroy_engine(self.ds_engine)
         self.adaptation.close()
         self.ds_engine = None
         release_hf_config(self._hf_config)  # later from_pretrained calls build whole models again

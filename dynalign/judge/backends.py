@@ -56,10 +56,15 @@ def nan_distributions(n: int, rubric: Rubric) -> tuple[torch.Tensor, torch.Tenso
 
 
 class SamplerBackend:
-    """A judge that is a :class:`Sampler`: the policy itself, a frozen copy or another local model."""
+    """A judge that is a :class:`Sampler`: the policy itself, a frozen copy or another local model.
 
-    def __init__(self, sampler: Sampler) -> None:
+    ``owns_sampler``: the sampler was loaded for this judge alone (a frozen copy, a local external
+    judge), so :meth:`close` closes it too; the policy's sampler is its owner's to close.
+    """
+
+    def __init__(self, sampler: Sampler, *, owns_sampler: bool = False) -> None:
         self.sampler = sampler
+        self.owns_sampler = owns_sampler
 
     def generate(self, conversations: Sequence[Conversation], n: int,
                  params: SamplingParams) -> list[list[str | None]]:
@@ -78,6 +83,12 @@ class SamplerBackend:
             raise ValueError(f"a judge prompt has {longest} tokens but this sampler truncates prompts to "
                              f"max_prompt_length={limit}: the judge would lose its rubric. Judge with a "
                              "sampler whose max_prompt_length fits the judge prompts (or None).")
+
+    def close(self) -> None:
+        """Let go of the sampler, closing it first when it is this judge's own; idempotent."""
+        if self.owns_sampler and self.sampler is not None:
+            self.sampler.close()
+        self.sampler = None  # type: ignore[assignment]  # closed: judging fails from here on
 
     def render(self, conversation: Conversation) -> str:
         """The judge prompt as the text the model continues (its chat template, generation turn open)."""

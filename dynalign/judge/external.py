@@ -51,10 +51,13 @@ def resolve_judge_model(judge: ExternalJudgeConfig, model: ModelConfig, key: str
     return str(resolve_model_dir(path, f"{key}.model")) if path.exists() else judge.model
 
 
-def _given_sampler(cfg: ExternalJudgeConfig, ctx: ExternalContext) -> Sampler | None:
+def _given_sampler(cfg: ExternalJudgeConfig, ctx: ExternalContext) -> SamplerBackend | None:
+    """A backend on the caller's sampler (theirs to close) or on one ``make_sampler`` builds (the judge's)."""
     if ctx.sampler is not None:
-        return ctx.sampler
-    return ctx.make_sampler(cfg) if ctx.make_sampler is not None else None
+        return SamplerBackend(ctx.sampler)
+    if ctx.make_sampler is not None:
+        return SamplerBackend(ctx.make_sampler(cfg), owns_sampler=True)
+    return None
 
 
 def _need_model(cfg: ExternalJudgeConfig, ctx: ExternalContext) -> ModelConfig:
@@ -65,20 +68,20 @@ def _need_model(cfg: ExternalJudgeConfig, ctx: ExternalContext) -> ModelConfig:
 
 
 def _hf(cfg: ExternalJudgeConfig, ctx: ExternalContext) -> JudgeBackend:
-    sampler = _given_sampler(cfg, ctx)
-    if sampler is None:
-        from dynalign.models import load_hf_sampler
+    given = _given_sampler(cfg, ctx)
+    if given is not None:
+        return given
+    from dynalign.models import load_hf_sampler
 
-        model = _need_model(cfg, ctx)
-        path = resolve_judge_model(cfg, model, ctx.key)
-        sampler = load_hf_sampler(model, path=path, batch_size=ctx.batch_size)
-    return SamplerBackend(sampler)
+    model = _need_model(cfg, ctx)
+    path = resolve_judge_model(cfg, model, ctx.key)
+    return SamplerBackend(load_hf_sampler(model, path=path, batch_size=ctx.batch_size), owns_sampler=True)
 
 
 def _vllm(cfg: ExternalJudgeConfig, ctx: ExternalContext) -> JudgeBackend:
-    sampler = _given_sampler(cfg, ctx)
-    if sampler is not None:
-        return SamplerBackend(sampler)
+    given = _given_sampler(cfg, ctx)
+    if given is not None:
+        return given
     from dynalign.models import load_tokenizer
     from dynalign.rollout import build_sampler
 
@@ -88,7 +91,7 @@ def _vllm(cfg: ExternalJudgeConfig, ctx: ExternalContext) -> JudgeBackend:
     return SamplerBackend(build_sampler(
         RolloutConfig(backend="vllm", vllm=ctx.vllm), tokenizer=tokenizer, model_path=path,
         max_prompt_length=ctx.max_prompt_length, max_completion_length=ctx.max_new_tokens, seed=ctx.seed,
-        dtype=model.dtype))
+        dtype=model.dtype), owns_sampler=True)
 
 
 def _openai(cfg: ExternalJudgeConfig, ctx: ExternalContext) -> JudgeBackend:

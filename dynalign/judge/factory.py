@@ -39,7 +39,7 @@ def _frozen_source(cfg, policy_sampler, frozen_sampler, external_sampler, make_s
     if frozen_sampler is None:
         raise ConfigError("judge.source", "source=frozen needs frozen_sampler: a sampler of the "
                                           "iteration's starting policy or of the base model")
-    return SamplerBackend(frozen_sampler)
+    return SamplerBackend(frozen_sampler, owns_sampler=True)  # loaded for this judge, anew each iteration
 
 
 def _external_source(cfg, policy_sampler, frozen_sampler, external_sampler, make_sampler) -> JudgeBackend:

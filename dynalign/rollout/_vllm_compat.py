@@ -235,7 +235,15 @@ class VLLMEngine:
             self.asleep = False
 
     def close(self) -> None:
-        """Shut the engine down (frees its memory once the last reference is gone)."""
+        """Shut the engine down and let go of it: its weights and KV cache are freed with the last
+        reference. vLLM's model-parallel groups go too (a later engine of this process makes its
+        own); the process group stays, it is the trainer's. Idempotent."""
+        if self.llm is None:
+            return
         shutdown = getattr(self.llm.llm_engine, "shutdown", None)
         if shutdown is not None:
             shutdown()
+        self.llm = None
+        from vllm.distributed.parallel_state import destroy_model_parallel
+
+        destroy_model_parallel()

@@ -154,6 +154,10 @@ class Sampler(Protocol):
         """Undo :meth:`sleep` before the next :meth:`sample`."""
         ...
 
+    def close(self) -> None:
+        """Let go of the model and engine, so their memory can be freed; no sampling after."""
+        ...
+
 
 @contextmanager
 def reusing_prefixes(sampler: Sampler, slots: int = 8) -> Iterator[int | None]:

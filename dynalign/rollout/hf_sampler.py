@@ -238,6 +238,13 @@ class HFSampler:
     def wake_up(self) -> None:
         """See :meth:`sleep`."""
 
+    def close(self) -> None:
+        """Drop the model and the ZeRO-3 gather (which holds the DeepSpeed engine): a model of its
+        own is freed with them, the trainer's module once the engine is closed too."""
+        self.model = None  # type: ignore[assignment]  # closed: sampling fails from here on
+        self.gather = None
+        self._prefixes = None
+
     # ------------------------------------------------------------------- helpers
 
     @property

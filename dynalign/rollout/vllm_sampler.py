@@ -129,6 +129,7 @@ class VLLMSampler:
         self.engine.wake_up()
 
     def close(self) -> None:
+        """Shut the engine down and free its weights and KV cache (:meth:`VLLMEngine.close`)."""
         self.engine.close()
 
     def _check_lengths(self, rows: Sequence[Sequence[int]], extra: int = 0) -> None:
