@@ -29,52 +29,49 @@ Series = tuple[str, Sequence[int], Sequence[float]]  # (label, steps, values)
 Band = tuple[str, Sequence[int], np.ndarray, np.ndarray, np.ndarray]  # (label, steps, mean, low, high)
 
 
+def _finish(plt, fig, ax, path: Path, *, title: str, ylabel: str, legend_title: str | None, legend: bool,
+            title_size: str | None = None) -> None:
+    """Integer steps on x, the labels, a grid and the legend; saved to ``path`` and closed."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title, fontsize=title_size)
+    ax.set_xlabel("global step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(title=legend_title, fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_lines(series: Sequence[Series], path: Path, *, title: str, ylabel: str,
                legend_title: str | None = None) -> None:
     """One line per series against the global step, saved to ``path``."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for i, (label, steps, values) in enumerate(series):
         # lines that share their first steps overlap exactly: shrinking markers and varied dashes keep
         # every line visible
         ax.plot(steps, values, marker=MARKERS[i % len(MARKERS)], markersize=max(9 - 1.5 * i, 3),
                 linestyle=LINESTYLES[i % len(LINESTYLES)], label=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title)
-    ax.set_xlabel("global step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend(title=legend_title, fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title=title, ylabel=ylabel, legend_title=legend_title,
+            legend=bool(series))
 
 
 def plot_bands(series: Sequence[Band], path: Path, *, title: str, ylabel: str,
                legend_title: str | None = None) -> None:
     """One line per series (its mean) with a shaded band (its interval, where there is one)."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for i, (label, steps, mean, low, high) in enumerate(series):
         (line,) = ax.plot(steps, mean, marker=MARKERS[i % len(MARKERS)], markersize=max(9 - 1.5 * i, 3),
                           linestyle=LINESTYLES[i % len(LINESTYLES)], label=label)
         if np.isfinite(low).any():
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.18, linewidth=0)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title, fontsize="medium")
-    ax.set_xlabel("global step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend(title=legend_title, fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title=title, ylabel=ylabel, legend_title=legend_title,
+            legend=bool(series), title_size="medium")
 
 
 def reward_bands(value: ValueSummary) -> Band:
