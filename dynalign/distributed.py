@@ -27,6 +27,7 @@ does that, so import deepspeed only after calling it.
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import os
 import re
@@ -244,7 +245,12 @@ def failure_ends_launch() -> Iterator[None]:
     the sweep's next job: the other ranks are still inside this job's collectives, which the next
     job's would pair with. Their launcher (torchrun, srun) then stops them. A collective timeout is
     told in one line, any other error by its traceback. A world of one raises as usual (Hydra runs
-    the next job and reports the failure at the end)."""
+    the next job and reports the failure at the end).
+
+    The process leaves with ``os._exit(1)`` once the job's parts are closed and the logs flushed:
+    a group whose collective broke cannot be destroyed cleanly (gloo's worker threads abort the
+    interpreter's shutdown with ``terminate called without an active exception``), and nothing
+    of this job is left for the exit handlers to save."""
     try:
         yield
     except Exception as err:
@@ -259,7 +265,10 @@ def failure_ends_launch() -> Iterator[None]:
                   "prompts or exporting), raise distributed.timeout_minutes", file=sys.stderr, flush=True)
         else:
             traceback.print_exc()
-        raise SystemExit(1) from None
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def get_rank() -> int:

@@ -25,8 +25,8 @@ if info.rank == 1:
     time.sleep(late_s)
     sys.exit(0)
 start = time.monotonic()
-try:
-    with failure_ends_launch():
+with failure_ends_launch():  # ends the process on the timeout: the wait is told on the way out
+    try:
         dist.all_reduce(torch.ones(1), group=later)
-finally:
-    print(f"waited {time.monotonic() - start:.1f} s", flush=True)
+    finally:
+        print(f"waited {time.monotonic() - start:.1f} s", flush=True)
