@@ -161,15 +161,20 @@ def unhooked(ds_engine: Any) -> Iterator[torch.nn.Module]:
         yield module
 
 
-def cpu_clone(tensor: Tensor) -> Tensor:
-    """A detached CPU copy of ``tensor``."""
-    return tensor.detach().to("cpu", copy=True)
+def copy_to(tensor: Tensor, device: torch.device | None = None) -> Tensor:
+    """A detached copy of ``tensor`` on ``device`` (None: CPU)."""
+    return tensor.detach().to(device or "cpu", copy=True)
 
 
 def gathered_clone(tensor: Tensor) -> Tensor:
     """A detached CPU copy of the full ``tensor`` (gathered under ZeRO-3); collective."""
     with gathered([tensor]):
-        return cpu_clone(tensor)
+        return copy_to(tensor)
+
+
+def full_bytes(tensor: Tensor) -> int:
+    """Bytes of the whole ``tensor``, also while ZeRO-3 holds only this rank's partition."""
+    return int(getattr(tensor, "ds_numel", tensor.numel())) * tensor.element_size()
 
 
 @torch.no_grad()

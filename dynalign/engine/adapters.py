@@ -15,14 +15,15 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from dynalign.buckets import layer_buckets
 from dynalign.config import LoraConfig
 from dynalign.engine.ds_config import _reference_config
-from dynalign.zero import destroy_engine, gathered, gathered_clone
+from dynalign.zero import copy_to, destroy_engine, full_bytes, gathered
 
 REFERENCE_ADAPTER = "reference"  # LoRA: the frozen adapter that holds the KL reference
 POLICY_ADAPTER = "default"  # LoRA: peft's name for the trained adapter
 
-ExportItem = tuple[str, Tensor, Tensor]  # (HF name, full CPU tensor, source tensor)
+ExportItem = tuple[str, Tensor, Tensor]  # (HF name, full copy, source tensor)
 
 
 class Adaptation(Protocol):
@@ -46,8 +47,11 @@ class Adaptation(Protocol):
         """The reference's own tensors by name (what a checkpoint saves of it)."""
         ...
 
-    def export(self, module: torch.nn.Module) -> Iterator[ExportItem]:
-        """Every entry of the plain model's ``state_dict()``, full, on CPU; collective."""
+    def export(self, module: torch.nn.Module, device: torch.device | None = None,
+               bucket_bytes: int = 0) -> Iterator[ExportItem]:
+        """Every entry of the plain model's ``state_dict()``, full, copied to ``device`` (None:
+        CPU), gathered ``bucket_bytes`` at a time (:func:`~dynalign.buckets.layer_buckets`);
+        collective."""
         ...
 
     def base_model(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -93,9 +97,12 @@ class FullFineTuning:
     def reference_tensors(self, module: torch.nn.Module) -> list[tuple[str, Tensor]]:
         return list(self.reference.module.named_parameters())
 
-    def export(self, module: torch.nn.Module) -> Iterator[ExportItem]:
-        for name, tensor in module.state_dict(keep_vars=True).items():
-            yield name, gathered_clone(tensor), tensor
+    def export(self, module: torch.nn.Module, device: torch.device | None = None,
+               bucket_bytes: int = 0) -> Iterator[ExportItem]:
+        for bucket in layer_buckets(module.state_dict(keep_vars=True).items(), full_bytes, bucket_bytes):
+            with gathered([tensor for _, tensor in bucket]):
+                copies = [(name, copy_to(tensor, device), tensor) for name, tensor in bucket]
+            yield from copies  # outside the gather: a consumer that stops early leaves no collective
 
     def base_model(self, module: torch.nn.Module) -> torch.nn.Module:
         return module
@@ -155,25 +162,25 @@ class LoraAdapters:
         marker = f".{REFERENCE_ADAPTER}."
         return [(name, p) for name, p in module.named_parameters() if marker in name]
 
-    def export(self, module: torch.nn.Module) -> Iterator[ExportItem]:
-        """Base weights with the policy adapter merged; adapter tensors and peft prefixes left out."""
+    def export(self, module: torch.nn.Module, device: torch.device | None = None,
+               bucket_bytes: int = 0) -> Iterator[ExportItem]:
+        """Base weights with the policy adapter merged (on the weights' own device, then copied to
+        ``device``: no second full copy on the host when it is the GPU); adapter tensors and peft
+        prefixes left out."""
         from peft.tuners.lora import LoraLayer
 
         layers = {f"{name}.base_layer.weight": layer for name, layer in module.named_modules()
                   if isinstance(layer, LoraLayer)}
-        for name, tensor in module.state_dict(keep_vars=True).items():
-            if any(part.startswith("lora_") for part in name.split(".")):
-                continue
-            hf_name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            layer = layers.get(name)
-            if layer is None:
-                yield hf_name, gathered_clone(tensor), tensor
-                continue
-            adapter = [layer.lora_A[POLICY_ADAPTER].weight, layer.lora_B[POLICY_ADAPTER].weight]
-            with gathered([tensor, *adapter]):
-                delta = layer.get_delta_weight(POLICY_ADAPTER)  # scale * B @ A
-                merged = (tensor.detach().float() + delta.float()).to(tensor.dtype).to("cpu", copy=True)
-            yield hf_name, merged, tensor
+        base = [(name, tensor) for name, tensor in module.state_dict(keep_vars=True).items()
+                if not any(part.startswith("lora_") for part in name.split("."))]
+        for bucket in layer_buckets(base, full_bytes, bucket_bytes):
+            merged = [layers[name] for name, _ in bucket if name in layers]
+            adapters = [w for layer in merged for w in (layer.lora_A[POLICY_ADAPTER].weight,
+                                                        layer.lora_B[POLICY_ADAPTER].weight)]
+            with gathered([tensor for _, tensor in bucket] + adapters):
+                copies = [(name.removeprefix("base_model.model.").replace(".base_layer.", "."),
+                           _merged(tensor, layers.get(name), device), tensor) for name, tensor in bucket]
+            yield from copies
 
     def base_model(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.get_base_model()  # type: ignore[operator]
@@ -185,3 +192,12 @@ class LoraAdapters:
 def adaptation_for(lora: LoraConfig, beta: float) -> Adaptation:
     """LoRA adapters when ``lora.enabled``, else full fine-tuning."""
     return LoraAdapters(lora, with_reference=beta > 0) if lora.enabled else FullFineTuning()
+
+
+def _merged(weight: Tensor, layer: Any, device: torch.device | None) -> Tensor:
+    """A copy of ``weight`` on ``device``, with ``layer``'s policy adapter merged (``W + scale *
+    B @ A``, computed where the weights are) when it is a LoRA layer's base weight."""
+    if layer is None:
+        return copy_to(weight, device)
+    delta = layer.get_delta_weight(POLICY_ADAPTER)
+    return copy_to((weight.detach().float() + delta.float()).to(weight.dtype), device)

@@ -277,14 +277,19 @@ class PolicyEngine:
 
     # ------------------------------------------------------------------ exports
 
-    def export_weights(self) -> Iterator[tuple[str, Tensor]]:
+    def export_weights(self, *, on_device: bool = False,
+                       bucket_bytes: int = 0) -> Iterator[tuple[str, Tensor]]:
         """``(name, full tensor)`` for every entry of the plain HF model's ``state_dict()``.
 
-        Collective: every rank must iterate it to the end. Gathers one parameter at a time and
-        yields a detached CPU copy made inside the gather (a consumer that stops early leaves no
-        rank inside a collective). LoRA is merged; adapter tensors and peft prefixes are left out.
+        Collective: every rank must iterate it to the end. Gathers ``bucket_bytes`` of parameters
+        at a time (whole layers; 0: one parameter) and yields detached copies made inside the
+        gather (a consumer that stops early leaves no rank inside a collective): on the CPU, or
+        with ``on_device`` on this rank's device, where a colocated sampler's weights live (the
+        weight sync: device to device, no host round trip). LoRA is merged on the device;
+        adapter tensors and peft prefixes are left out.
         """
-        for name, tensor, _ in self.adaptation.export(self.module):
+        device = self.device if on_device else None
+        for name, tensor, _ in self.adaptation.export(self.module, device, bucket_bytes):
             yield name, tensor
 
     def export_hf(self, directory: str | os.PathLike) -> Path:

@@ -5,14 +5,27 @@ A vLLM upgrade should touch this file only. Verified with the community CPU buil
 official package (``pip install vllm==0.33.0``, which brings its own CUDA torch) runs the
 same code: the CPU worker inherits the GPU worker's ``reload_weights``.
 
+Where the engine runs (:func:`engine_layout`):
+
+* in a launched world of several ranks (torchrun, srun), every rank builds its own engine with
+  ``distributed_executor_backend="external_launcher"``: one in-process worker on the rank's own
+  device (``cuda:LOCAL_RANK``), inside the trainer's process group. vLLM carves its
+  tensor-parallel groups out of that world, ``tensor_parallel_size`` consecutive ranks each; the
+  ranks of a group must submit identical requests, so :class:`VLLMEngine` pools theirs (an
+  all-gather in the group), runs them all on each and hands every rank its own results back.
+* alone (a world of one), vLLM starts its own workers for ``tensor_parallel_size > 1`` and keeps
+  a single one in this process otherwise.
+
 How weights reach the engine (``update_weights``):
 
-* ``"tensors"`` (in-process engine, tensor_parallel_size 1): ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
-  keeps the engine core in this process, so ``collective_rpc("reload_weights",
-  weights_iterator=...)`` hands the trainer's tensors to the worker without a copy.
-* ``"bytes"`` (multiprocess engine, e.g. tensor_parallel_size > 1): tensors passed through
-  ``collective_rpc`` do not arrive as tensors, so they are serialized, a few layers at a time,
-  and :class:`WeightSyncExtension` (installed as ``worker_extension_cls``) loads them.
+* ``"tensors"`` (in-process worker: a launched world, or tensor_parallel_size 1):
+  ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in this process, so
+  ``collective_rpc("reload_weights", weights_iterator=...)`` hands the trainer's tensors to the
+  worker as they are: on the GPU, the gathered copies on the rank's device, device to device.
+* ``"bytes"`` (vLLM's own worker processes: tensor_parallel_size > 1 in a world of one):
+  tensors passed through ``collective_rpc`` do not arrive as tensors, so they are serialized, a
+  few layers at a time, and :class:`WeightSyncExtension` (installed as
+  ``worker_extension_cls``) loads them.
 
 Either way ``reset_prefix_cache()`` follows: without it, cached KV blocks computed by the old
 weights are reused and sampled log-probs go stale (prompt-logprob requests bypass that cache,
@@ -28,6 +41,7 @@ thread binding (its OpenMP threads are pinned to the allowed cores).
 
 from __future__ import annotations
 
+import gc
 import io
 import math
 import os
@@ -39,6 +53,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from dynalign.buckets import layer_buckets
 from dynalign.config import VLLMConfig
 from dynalign.rollout.base import SamplingParams
 
@@ -95,25 +110,63 @@ def preserve_process_state() -> Iterator[None]:
         torch.set_num_threads = set_num_threads
 
 
-def _layer_key(name: str) -> str:
-    """Weights that must travel in one RPC: a whole decoder layer (fused q/k/v, gate/up)."""
-    head, sep, tail = name.partition(".layers.")
-    return head + sep + tail.split(".", 1)[0] if sep else name.rsplit(".", 1)[0]
-
-
 def _serialized_chunks(named: Iterable[tuple[str, torch.Tensor]], limit: int) -> Iterator[bytes]:
     """``torch.save`` payloads of about ``limit`` bytes, split only between layers."""
-    chunk: list[tuple[str, torch.Tensor]] = []
-    size, key = 0, None
-    for name, tensor in named:
-        if chunk and size >= limit and _layer_key(name) != key:
-            yield _dumps(chunk)
-            chunk, size = [], 0
-        chunk.append((name, tensor.detach().cpu()))
-        size += tensor.numel() * tensor.element_size()
-        key = _layer_key(name)
-    if chunk:
-        yield _dumps(chunk)
+    for bucket in layer_buckets(named, lambda t: t.numel() * t.element_size(), limit):
+        yield _dumps([(name, tensor.detach().cpu()) for name, tensor in bucket])
+
+
+def _completion(out: Any) -> RawCompletion:
+    """The generated tokens of a request's only completion, with their log-probs if asked for."""
+    best = out.outputs[0]
+    logprobs = None
+    if best.logprobs is not None:
+        logprobs = [step[token].logprob for step, token in zip(best.logprobs, best.token_ids, strict=True)]
+    return RawCompletion(list(best.token_ids), logprobs)
+
+
+def _export_launcher_ranks() -> None:
+    """vLLM's external launcher reads ``RANK`` and ``LOCAL_RANK`` from the environment; a group
+    made without a launcher's variables (a test's ``init_process_group``) gets them from torch."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+
+
+def _group_of(layout: EngineLayout) -> Any:
+    """The CPU group vLLM made for this rank's tensor-parallel group, when several ranks share one
+    engine; checked against ``layout`` (the requests are pooled over it)."""
+    if layout.executor != "external_launcher" or len(layout.group) == 1:
+        return None
+    from vllm.distributed.parallel_state import get_tp_group
+
+    group = get_tp_group()
+    if tuple(group.ranks) != layout.group:
+        raise RuntimeError(f"vLLM made the tensor-parallel group {group.ranks}, not {list(layout.group)}")
+    return group.cpu_group
+
+
+@contextmanager
+def _process_group_kept() -> Iterator[None]:
+    """vLLM's in-process engine core ends with ``cleanup_dist_env_and_memory``, which destroys
+    torch's default process group: the trainer's, whose other ranks are still in it. In the
+    block, that step lets go of vLLM's own world group only."""
+    from vllm.distributed import parallel_state
+
+    destroy = parallel_state.destroy_distributed_environment
+
+    def destroy_vllm_world() -> None:
+        if parallel_state._WORLD is not None:
+            parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
+        parallel_state._NODE_COUNT = None
+
+    parallel_state.destroy_distributed_environment = destroy_vllm_world
+    try:
+        yield
+    finally:
+        parallel_state.destroy_distributed_environment = destroy
 
 
 def _dumps(chunk: list[tuple[str, torch.Tensor]]) -> bytes:
@@ -122,18 +175,66 @@ def _dumps(chunk: list[tuple[str, torch.Tensor]]) -> bytes:
     return buffer.getvalue()
 
 
+class EngineLayout(NamedTuple):
+    """Where one rank's engine runs and which ranks share it."""
+
+    executor: str | None  # "external_launcher" in a launched world; None: vLLM's own choice
+    group: tuple[int, ...]  # the ranks of this rank's tensor-parallel group (they pool requests)
+    seed: int  # the engine's seed, one per group (request seeds are set per request anyway)
+
+    @property
+    def in_process(self) -> bool:
+        return self.executor == "external_launcher" or len(self.group) == 1
+
+
+def engine_layout(tensor_parallel_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
+                  ranks_per_node: int | None = None) -> EngineLayout:
+    """The engine of rank ``rank`` of ``world_size`` (see the module docstring).
+
+    Groups are ``tensor_parallel_size`` consecutive ranks (vLLM's own carving); the launchers
+    number the ranks of a node consecutively, so a group stays within a node when
+    ``tensor_parallel_size`` divides ``ranks_per_node`` (None: the whole world is one node).
+    """
+    tp = tensor_parallel_size
+    if world_size == 1:
+        return EngineLayout(None, tuple(range(tp)) if tp > 1 else (0,), seed)
+    node = ranks_per_node or world_size
+    if node % tp or world_size % tp:
+        raise ValueError(f"rollout.vllm.tensor_parallel_size={tp} must divide the ranks of each node "
+                         f"({node} of a world of {world_size}): every rank's engine shares one group "
+                         "of that many consecutive ranks, within a node")
+    first = rank // tp * tp
+    return EngineLayout("external_launcher", tuple(range(first, first + tp)), seed + rank // tp)
+
+
+def current_layout(tensor_parallel_size: int, seed: int) -> EngineLayout:
+    """:func:`engine_layout` of this process, from its process group and launcher variables."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return engine_layout(tensor_parallel_size, seed)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or None
+    return engine_layout(tensor_parallel_size, seed, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                         ranks_per_node=local)
+
+
 class VLLMEngine:
     """A colocated ``vllm.LLM`` with the few operations the sampler needs.
 
     ``transport`` is ``"tensors"`` or ``"bytes"`` (see the module docstring); ``None`` picks
-    ``"tensors"`` whenever the engine runs in this process.
+    ``"tensors"`` whenever the worker runs in this process. ``layout`` defaults to this
+    process's (:func:`current_layout`).
     """
 
     def __init__(self, model_path: str, cfg: VLLMConfig, *, max_model_len: int, seed: int,
-                 dtype: str, enforce_eager: bool = False, transport: str | None = None) -> None:
-        in_process = cfg.tensor_parallel_size == 1
+                 dtype: str, enforce_eager: bool = False, transport: str | None = None,
+                 layout: EngineLayout | None = None) -> None:
+        self.layout = layout or current_layout(cfg.tensor_parallel_size, seed)
+        in_process = self.layout.in_process
         if in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if self.layout.executor == "external_launcher":
+            _export_launcher_ranks()
         if not torch.cuda.is_available():
             # CPU builds size the KV cache from this variable (whole GiB), not from RAM x utilization.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cfg.kv_cache_space_gib)))
@@ -156,29 +257,42 @@ class VLLMEngine:
                 model=model_path,
                 tokenizer=model_path,
                 dtype=dtype,
-                seed=seed,
+                seed=self.layout.seed,
                 max_model_len=max_model_len,
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
                 tensor_parallel_size=cfg.tensor_parallel_size,
                 enable_prefix_caching=cfg.enable_prefix_caching,
                 enable_sleep_mode=self.sleep_mode,
-                enforce_eager=enforce_eager,
+                enforce_eager=enforce_eager or cfg.enforce_eager,
                 logprobs_mode="raw_logprobs",  # log-probs of the model, before temperature/top-p
                 worker_extension_cls=EXTENSION,
+                distributed_executor_backend=self.layout.executor,
                 **extra,
             )
+        self.pool = _group_of(self.layout)  # None: this rank's requests are its engine's alone
         self.transport = transport or ("tensors" if in_process else "bytes")
         if self.transport not in ("tensors", "bytes"):
             raise ValueError(f"transport must be 'tensors' or 'bytes' (got {self.transport!r})")
         self.asleep = False
+        self.weights_awake = True
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams,
                  seeds: Sequence[int | None]) -> list[RawCompletion]:
-        """One request per (prompt, seed); raw generated tokens and their log-probs, in order."""
-        from vllm import SamplingParams as RequestParams
-        from vllm.inputs import TokensPrompt
+        """One request per (prompt, seed); raw generated tokens and their log-probs, in order.
 
-        requests = [RequestParams(
+        Collective within a tensor-parallel group: each of its ranks calls it (with its own
+        prompts, maybe none) and gets its own results."""
+        shares = self._pooled((list(map(list, prompts)), params, list(seeds)))
+        pooled = [prompt for share_prompts, _, _ in shares for prompt in share_prompts]
+        requests = [request for _, share_params, share_seeds in shares
+                    for request in self._requests(share_params, share_seeds)]
+        outputs = self._run(pooled, requests)
+        return [_completion(out) for out in self._own(outputs, [len(share[0]) for share in shares])]
+
+    def _requests(self, params: SamplingParams, seeds: Sequence[int | None]) -> list[Any]:
+        from vllm import SamplingParams as RequestParams
+
+        return [RequestParams(
             n=1,
             max_tokens=params.max_new_tokens,
             temperature=params.temperature,
@@ -189,29 +303,46 @@ class VLLMEngine:
             logprobs=0 if params.logprobs else None,  # 0: just the sampled token's log-prob
             detokenize=bool(params.stop),  # stop strings are matched on text; else we decode once
         ) for seed in seeds]
-        with preserve_rng():
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests,
-                                        use_tqdm=False)
-        completions = []
-        for out in outputs:
-            best = out.outputs[0]
-            logprobs = None
-            if best.logprobs is not None:
-                steps = zip(best.logprobs, best.token_ids, strict=True)
-                logprobs = [step[token].logprob for step, token in steps]
-            completions.append(RawCompletion(list(best.token_ids), logprobs))
-        return completions
 
     def last_token_logprobs(self, prompts: Sequence[list[int]]) -> list[float]:
-        """Log-prob (full vocabulary, temperature 1) of each prompt's last token given the rest."""
+        """Log-prob (full vocabulary, temperature 1) of each prompt's last token given the rest;
+        collective within a tensor-parallel group, like :meth:`generate`."""
         from vllm import SamplingParams as RequestParams
+
+        shares = self._pooled(list(map(list, prompts)))
+        pooled = [prompt for share in shares for prompt in share]
+        request = RequestParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self._own(self._run(pooled, [request] * len(pooled)), [len(share) for share in shares])
+        return [out.prompt_logprobs[-1][p[-1]].logprob for out, p in zip(outputs, prompts, strict=True)]
+
+    def _run(self, prompts: list[list[int]], requests: list[Any]) -> list[Any]:
         from vllm.inputs import TokensPrompt
 
-        request = RequestParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        if not prompts:
+            return []
         with preserve_rng():
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], request,
-                                        use_tqdm=False)
-        return [out.prompt_logprobs[-1][p[-1]].logprob for out, p in zip(outputs, prompts, strict=True)]
+            return list(self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], requests,
+                                          use_tqdm=False))
+
+    def _pooled(self, share: Any) -> list[Any]:
+        """Every rank's ``share`` of this rank's tensor-parallel group, in rank order."""
+        if self.pool is None:
+            return [share]
+        import torch.distributed as dist
+
+        shares: list[Any] = [None] * len(self.layout.group)
+        dist.all_gather_object(shares, share, group=self.pool)
+        return shares
+
+    def _own(self, outputs: list[Any], sizes: list[int]) -> list[Any]:
+        """This rank's part of the pooled ``outputs`` (each rank's ``sizes`` in rank order)."""
+        if self.pool is None:
+            return outputs
+        import torch.distributed as dist
+
+        index = self.layout.group.index(dist.get_rank())
+        start = sum(sizes[:index])
+        return outputs[start:start + sizes[index]]
 
     def reload_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load full Hugging Face-named tensors in place, then drop the stale prefix cache."""
@@ -228,11 +359,20 @@ class VLLMEngine:
         if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=level)
             self.asleep = True
+            self.weights_awake = False
 
-    def wake_up(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+    def wake_up(self, weights_only: bool = False) -> None:
+        """Take the memory back: the weights' (``weights_only``, to load new ones into while the KV
+        cache's is still free), else all of it."""
+        if not self.asleep:
+            return
+        if weights_only:
+            if not self.weights_awake:
+                self.llm.wake_up(tags=["weights"])
+                self.weights_awake = True
+            return
+        self.llm.wake_up(tags=["kv_cache"] if self.weights_awake else None)
+        self.asleep = False
 
     def close(self) -> None:
         """Shut the engine down and let go of it: its weights and KV cache are freed with the last
@@ -240,10 +380,12 @@ class VLLMEngine:
         own); the process group stays, it is the trainer's. Idempotent."""
         if self.llm is None:
             return
-        shutdown = getattr(self.llm.llm_engine, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
-        self.llm = None
-        from vllm.distributed.parallel_state import destroy_model_parallel
+        with _process_group_kept():  # the engine core's teardown would destroy the trainer's group
+            shutdown = getattr(self.llm.llm_engine, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            self.llm = None
+            gc.collect()  # the in-process engine core shuts down when its client is collected
+            from vllm.distributed.parallel_state import destroy_model_parallel
 
-        destroy_model_parallel()
+            destroy_model_parallel()
