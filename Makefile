@@ -165,7 +165,7 @@ $(VLLM_VENV)/.installed: setup.cfg pyproject.toml Makefile
 
 test-vllm: install-vllm ## vLLM sampler tests: a real engine on the tiny model and on Gemma 270M, in .venv-vllm
 	$(call PYTEST_IN,$(VLLM_PY),tests/test_vllm.py tests/test_vllm_gemma.py tests/test_vllm_teardown.py \
-	  tests/test_vllm_lm_eval.py $(VLLM_TEST_ARGS))
+	  tests/test_vllm_ranks.py tests/test_vllm_lm_eval.py $(VLLM_TEST_ARGS))
 
 bench-rollout: install-vllm ## Rollout throughput: HF generate vs vLLM on one workload (tokens/s)
 	$(VLLM_PY) benchmarks/bench_rollout.py $(BENCH_ARGS)

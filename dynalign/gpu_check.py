@@ -67,6 +67,7 @@ ENGINE_ROWS_PER_RANK = 8  # synthetic rollouts of the engine checks: 2 prompts x
 PROMPT_TOKENS, COMPLETION_TOKENS = 12, 12
 LOGPROB_TOLERANCE = {"bfloat16": 0.02, "float32": 1e-3}  # vLLM vs trainer: mean |log p difference|
 GIB = 1 << 30
+SYNC_BUCKET_BYTES = 64 << 20  # the vLLM check's weight sync: several buckets even for the small shapes
 ENGINE_PACKAGES = ("deepspeed", "hydra", "omegaconf")  # dynalign.config needs hydra and omegaconf
 
 
@@ -415,6 +416,9 @@ def engine_step_check(w: Worker, **deepspeed: Any) -> str:
         stats = engine.train_step(batch)
         seconds = time.perf_counter() - start
         after = exported(engine)
+        # the weight sync's export: whole-layer buckets gathered into copies on this rank's device
+        synced = {(str(t.device), torch.equal(t.cpu(), after[name]))
+                  for name, t in engine.export_weights(on_device=True, bucket_bytes=SYNC_BUCKET_BYTES)}
         optimizer = type(engine.ds_engine.optimizer.optimizer).__name__
         partitions = {p.ds_tensor.device.type for p in engine.module.parameters()}
     finally:
@@ -425,6 +429,9 @@ def engine_step_check(w: Worker, **deepspeed: Any) -> str:
             f"loss {stats['loss']}, grad norm {stats['grad_norm']}")
     require(not unchanged,
             f"{len(unchanged)} of {len(before)} weights unchanged by the step, e.g. {unchanged[:3]}")
+    require(synced == {(str(engine.device), True)},
+            f"the weight sync's export gave (device, equal to the CPU export) {sorted(synced)}, not "
+            f"{engine.device} and equal")
     digests = gather_objects(digest(after))
     require(len(set(digests)) == 1, f"weights differ between ranks after the step: {digests}")
     if deepspeed.get("offload_optimizer") == "cpu" and not w.cpu:
@@ -434,7 +441,8 @@ def engine_step_check(w: Worker, **deepspeed: Any) -> str:
     backend = dist.get_backend() if dist.is_initialized() else "none"
     notes.insert(0, f"{w.world} rank(s), {backend}, {w.dtype}: all {len(before)} weights changed, the same "
                     f"on every rank; loss {stats['loss']:.4f}, grad norm {stats['grad_norm']:.3g}, step "
-                    f"{seconds:.2f} s; optimizer {optimizer}, partitions on {'/'.join(sorted(partitions))}")
+                    f"{seconds:.2f} s; optimizer {optimizer}, partitions on {'/'.join(sorted(partitions))}; "
+                    f"the sync export lands on {engine.device}, equal")
     return "; ".join(notes)
 
 
@@ -702,13 +710,14 @@ def check_vllm(w: Worker) -> str:
         batch = rollout_batch(before, alternating_advantages(len(before)))
         engine.train_step(batch.with_logprobs(old=before.logprobs))
         asleep = free_memory(w) if gpu else 0
-        sampler.wake_up()
+        # the training loop's sync: buckets of gathered weights copied on the device into the engine,
+        # which wakes its weights first and its KV cache after the load
+        sampler.update_weights(engine.export_weights(on_device=True, bucket_bytes=SYNC_BUCKET_BYTES))
         if gpu:
             retaken = asleep - free_memory(w)
             require(retaken > freed // 2,
-                    f"wake_up took back {retaken / GIB:.2f} GiB of the {freed / GIB:.2f} GiB sleep freed")
+                    f"waking took back {retaken / GIB:.2f} GiB of the {freed / GIB:.2f} GiB sleep freed")
             notes.append(f"wake took back {retaken / GIB:.2f} GiB")
-        sampler.update_weights(engine.export_weights())
         stale = logprob_gap(engine, before)  # the old samples against the new weights: the step moved them
         after = sampler.sample(VLLM_PROMPTS, 2, params)
         mean, worst = logprob_gap(engine, after)

@@ -33,6 +33,14 @@ def memory_metrics() -> dict[str, float]:
     return metrics
 
 
+def device_free_gib() -> float | None:
+    """Free memory of this process's CUDA device in GiB, as the driver sees it (what a colocated
+    engine asleep gives back shows here); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info()[0] / GIB
+
+
 def release_memory() -> None:
     """Give the memory of the objects a job let go of back (Python's cycles, the CUDA cache) and
     restart the peaks :func:`memory_metrics` reads, so the next job's are its own."""

@@ -55,7 +55,7 @@ from dynalign.grpo import group_advantages, zero_spread_groups
 from dynalign.io import cut_jsonl
 from dynalign.rundir import RunDir, RunDirError
 from dynalign.runtime import PhaseTimer, Preemption, seed_everything, step_seed
-from dynalign.teardown import memory_metrics, release_memory
+from dynalign.teardown import device_free_gib, memory_metrics, release_memory
 from dynalign.tracking import RunInfo, Tracker, build_tracker, console_postfix, prompt_files
 
 if TYPE_CHECKING:  # torch-heavy modules stay lazily imported
@@ -165,11 +165,14 @@ def side_sampler(cfg: TrainConfig, path: str):
     return load_hf_sampler(cfg.model, path=path, batch_size=cfg.rollout.batch_size)
 
 
-def sync_sampler(parts: Parts) -> None:
-    """Wake the sampler up and give it the policy's weights when it holds its own copy (vLLM)."""
-    parts.sampler.wake_up()
+def sync_sampler(cfg: TrainConfig, parts: Parts) -> None:
+    """Give the sampler the policy's weights when it holds its own copy (vLLM: gathered
+    ``rollout.vllm.sync_bucket_mib`` at a time into copies on this rank's device, the engine's),
+    and wake it up."""
     if parts.sampler.needs_weight_sync:
-        parts.sampler.update_weights(parts.engine.export_weights())
+        bucket = cfg.rollout.vllm.sync_bucket_mib * 2**20
+        parts.sampler.update_weights(parts.engine.export_weights(on_device=True, bucket_bytes=bucket))
+    parts.sampler.wake_up()
 
 
 def prompt_writer(cfg: TrainConfig, parts: Parts, run_dir: Path) -> Sampler | Callable[[], Sampler]:
@@ -272,17 +275,22 @@ def grpo_step(cfg: TrainConfig, parts: Parts, prompts: list[str], position: Posi
         advantages, keep, adv_stats = rewards_to_advantages(judged.rewards, rollouts, cfg)
         batch = make_batch(rollouts, advantages, keep)
     with timer("ref"):
+        awake = device_free_gib()
+        sampler.sleep()  # vLLM's memory goes to the reference pass and the update (enable_sleep_mode)
+        asleep = device_free_gib()
         if g.beta > 0:
             batch = batch.with_logprobs(ref=engine.reference_logprobs(batch))
         if g.num_iterations > 1:
             batch = batch.with_logprobs(old=engine.policy_logprobs(batch))
     with timer("update"):
-        sampler.sleep()  # vLLM frees its memory for the optimizer (rollout.vllm.enable_sleep_mode)
+        free_for_update = device_free_gib()
         updates = [engine.train_step(batch) for _ in range(g.num_iterations)]
     with timer("sync"):
-        sync_sampler(parts)
+        sync_sampler(cfg, parts)
 
     metrics = {f"train/{k}": v for k, v in updates[-1].items()}  # already over the whole batch
+    if awake is not None and asleep is not None and free_for_update is not None:  # this rank's device
+        metrics.update({"mem/sleep_freed_gib": asleep - awake, "mem/update_free_gib": free_for_update})
     metrics.update(step_metrics(judged, rollouts, adv_stats))
     metrics["train/skipped_steps"] = float(engine.skipped_steps)
     return metrics, step_samples(cfg, position, answered, rollouts, judged)
@@ -336,7 +344,7 @@ def train(cfg: TrainConfig, info: RunInfo, job: ExitStack) -> dict[str, Any]:
     parts = build_parts(cfg, engine, info.run_dir, position.iteration)
     job.callback(parts.close)
     if position.global_step:
-        sync_sampler(parts)  # a sampler with its own weights loaded the base model, not the checkpoint
+        sync_sampler(cfg, parts)  # a sampler with its own weights loaded the base model, not the checkpoint
     tracker = build_tracker(cfg.logger, info, rank)
     job.callback(tracker.close)
     if "eval" in position.pending:

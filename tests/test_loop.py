@@ -256,8 +256,12 @@ class Recorder:
         self.calls.append("train_step")
         return {"loss": 0.0, "tokens": float(batch.completion_mask.sum())}
 
-    def export_weights(self):
-        self.calls.append("export_weights")
+    def reference_logprobs(self, batch) -> torch.Tensor:
+        self.calls.append("reference_logprobs")
+        return torch.zeros(batch.completion_mask.shape)  # [N, C]
+
+    def export_weights(self, *, on_device=False, bucket_bytes=0):
+        self.calls.append(f"export_weights(on_device={on_device}, bucket_bytes={bucket_bytes})")
         yield "w", torch.zeros(1)
 
     def export_hf(self, directory) -> None:
@@ -270,13 +274,17 @@ class Recorder:
 
 
 @pytest.mark.parametrize("needs_weight_sync", [True, False], ids=["own-weights", "shared-weights"])
-def test_the_sampler_sleeps_through_the_update_and_wakes_for_the_sync(train_cfg, needs_weight_sync):
-    cfg = train_cfg("grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.micro_batch_size=2")
+def test_the_sampler_sleeps_from_the_reference_pass_to_the_sync(train_cfg, needs_weight_sync):
+    cfg = train_cfg("grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.micro_batch_size=2", "grpo.beta=0.04",
+                    "rollout.vllm.sync_bucket_mib=3")
     fake = Recorder(needs_weight_sync)
     timer = PhaseTimer()
     metrics, samples = grpo_step(cfg, Parts(fake, fake, fake), ["p", "q"], Position(), 0, timer)
-    synced = ["export_weights", "update_weights(w)"] if needs_weight_sync else []
-    assert fake.calls == ["sample", "score", "sleep", "train_step", "wake_up", *synced]
+    # the sync: buckets of rollout.vllm.sync_bucket_mib, copied on the trainer's device
+    synced = [f"export_weights(on_device=True, bucket_bytes={3 * 2**20})", "update_weights(w)"]
+    assert fake.calls == ["sample", "score", "sleep", "reference_logprobs", "train_step",
+                          *(synced if needs_weight_sync else []), "wake_up"]
+    assert not any(key.startswith("mem/") for key in metrics)  # device memory: with CUDA only
     phases = ("gen", "judge", "adv", "ref", "update", "sync", "step")
     assert timer.pop().keys() == {f"time/{p}" for p in phases}
     assert metrics["reward/mean"] == 0.5 and samples[1]["prompt"] == "p" and samples[2]["prompt"] == "q"

@@ -302,8 +302,13 @@ class VLLMConfig:
     """Options of the colocated vLLM engine (``rollout=vllm``)."""
 
     gpu_memory_utilization: float = 0.3  # share of GPU memory vLLM may take (weights + KV cache)
+    # GPUs per engine. Under torchrun/srun every rank runs an engine on its own device
+    # (external_launcher) and each group of this many consecutive ranks, within a node, shares one
+    # tensor-parallel engine (their requests are pooled); alone, vLLM starts its own workers.
     tensor_parallel_size: int = 1
-    enable_sleep_mode: bool = False  # free vLLM's memory during the update phase
+    enable_sleep_mode: bool = False  # free vLLM's memory from the reference pass to the weight sync
+    sync_bucket_mib: int = 512  # weight sync: gathered weights copied into the engine per bucket
+    enforce_eager: bool = False  # no CUDA graphs / torch.compile: starts faster, decodes slower
     enable_prefix_caching: bool = True  # the G answers of a prompt share its KV cache
     kv_cache_space_gib: float = 1.0  # CPU builds: KV cache size (VLLM_CPU_KVCACHE_SPACE)
     max_model_len: Optional[int] = None  # None -> max_prompt_length + max_completion_length
@@ -312,6 +317,7 @@ class VLLMConfig:
         require(0.0 < self.gpu_memory_utilization <= 1.0, f"{key}.gpu_memory_utilization",
                  f"must be in (0, 1] (got {self.gpu_memory_utilization})")
         positive(self.tensor_parallel_size, f"{key}.tensor_parallel_size")
+        positive(self.sync_bucket_mib, f"{key}.sync_bucket_mib")
         positive(self.kv_cache_space_gib, f"{key}.kv_cache_space_gib")
 
 
@@ -564,6 +570,10 @@ class TrainConfig:
         require(self.grpo.prompts_per_step % world_size == 0, "grpo.prompts_per_step",
                 f"must be a multiple of the world size {world_size}: each rank judges whole groups "
                 f"(got {self.grpo.prompts_per_step})")
+        tp = self.rollout.vllm.tensor_parallel_size
+        require(self.rollout.backend != "vllm" or world_size == 1 or world_size % tp == 0,
+                "rollout.vllm.tensor_parallel_size", f"must divide the world size {world_size}: each group "
+                f"of that many consecutive ranks shares one engine (got {tp})")
         per_rank = self.grpo.micro_batch_size * world_size
         require(self.grpo.sequences_per_step % per_rank == 0, "grpo.micro_batch_size",
                 f"prompts_per_step * group_size = {self.grpo.sequences_per_step} sequences per "

@@ -102,16 +102,22 @@ class VLLMSampler:
         self._check_lengths(rows, extra=1)
         candidates = [int(t) for t in token_ids]
         prompts = [ids + [c] for ids in rows for c in candidates]
-        values = self.engine.last_token_logprobs(prompts) if prompts else []
+        values = self.engine.last_token_logprobs(prompts)  # collective in a tensor-parallel group
         return torch.tensor(values, dtype=torch.float32).view(len(rows), len(candidates))  # [N, K]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the trainer's full weights into the running engine (all of them, every time:
-        vLLM reloads layer by layer, and a layer given only part of its weights keeps stale parts)."""
+        vLLM reloads layer by layer, and a layer given only part of its weights keeps stale parts).
+
+        An engine asleep wakes in two stages: its weights' memory first, then, after the load,
+        its KV cache's, so the cache is not resident while the trainer's weights are gathered.
+        """
         start = time.perf_counter()
         engine = self.engine.llm
         named = _with_tied_head(named_tensors) if self.tied_embeddings else named_tensors
+        self.engine.wake_up(weights_only=True)
         self.engine.reload_weights(named)
+        self.engine.wake_up()
         assert self.engine.llm is engine, "the vLLM engine must be updated in place, not re-created"
         self.weight_version += 1
         self.last_sync_seconds = time.perf_counter() - start
@@ -120,8 +126,8 @@ class VLLMSampler:
         """Free the weights and the KV cache (needs ``enable_sleep_mode`` on a GPU; else no-op).
 
         Level 2: the weights are dropped, not copied to CPU memory (level 1), because the training
-        loop reloads every weight right after :meth:`wake_up` (``update_weights``); a backup would
-        only cost host memory and two copies. Give the sampler weights before sampling again.
+        loop reloads every weight next (:meth:`update_weights`, which wakes the engine); a backup
+        would only cost host memory and two copies. Give the sampler weights before sampling again.
         """
         self.engine.sleep(level=2)
 
