@@ -275,8 +275,8 @@ class Recorder:
 
 @pytest.mark.parametrize("needs_weight_sync", [True, False], ids=["own-weights", "shared-weights"])
 def test_the_sampler_sleeps_from_the_reference_pass_to_the_sync(train_cfg, needs_weight_sync):
-    cfg = train_cfg("grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.micro_batch_size=2", "grpo.beta=0.04",
-                    "rollout.vllm.sync_bucket_mib=3")
+    cfg = train_cfg("grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.micro_batch_size=2",
+                    "grpo.beta=0.04", "rollout.vllm.sync_bucket_mib=3")
     fake = Recorder(needs_weight_sync)
     timer = PhaseTimer()
     metrics, samples = grpo_step(cfg, Parts(fake, fake, fake), ["p", "q"], Position(), 0, timer)

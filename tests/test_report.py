@@ -399,3 +399,67 @@ def test_differences_inside_the_noise_are_said_in_words(tmp_path):
             "the noise between seeds and prompts.") in text
     rows = [line for line in text.splitlines() if line.startswith(("| kl_beta", "- `0.04`"))]
     assert len(rows) == 3 and not any("▲" in line or "▼" in line for line in rows)
+
+
+def test_a_supported_difference_below_the_smallest_of_interest_is_negligible(tmp_path):
+    runs = seeded_runs(tmp_path / "runs", last_ca=5.1)  # CA +2.025 [+1.576, +2.474]: supported
+    out = tmp_path / "report"
+    report.build_report([runs], out, last_steps=2, min_effects={"ca_score": 3.0})
+    text = (out / "report.md").read_text()
+    assert ("- `0.04` - `0.0`: reward -0.750 [-3.927, +2.427]; CA score +2.025 [+1.576, +2.474] "
+            "(negligible); win rate +0.000 [-4.765, +4.765]") in text
+    assert ("**No difference from `0.0` that matters is supported at the 95% level**: every difference "
+            "below is inside the noise between seeds and prompts or too small to matter. Supported but "
+            "smaller than the smallest difference of interest, so negligible: `0.04` higher CA score "
+            "(+2.025 [+1.576, +2.474]).") in text
+    assert "smallest difference of interest (reward 0.05, CA score 3, win rate 0.02; `--min-effect`)" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| kl_beta", "- `0.04`"))]
+    assert len(rows) == 3 and not any("▲" in line or "▼" in line for line in rows)
+    row = {r["value"]: r for r in _csv(out / "report.csv")}["0.04"]
+    assert (row["ca_score_supported"], row["ca_score_negligible"]) == ("0", "True")
+    # the same difference with the defaults (CA 0.05) is a finding, marked
+    report.build_report([runs], out, last_steps=2)
+    row = {r["value"]: r for r in _csv(out / "report.csv")}["0.04"]
+    assert (row["ca_score_supported"], row["ca_score_negligible"]) == ("1", "False")
+
+
+def test_min_effect_on_the_command_line(tmp_path, capsys):
+    runs = seeded_runs(tmp_path / "runs", last_ca=5.1)
+    assert report.main([str(runs), "--out", str(tmp_path / "r"), "--min-effect", "ca_score=2.5"]) == 0
+    assert "CA score +2.025 [+1.576, +2.474] (negligible)" in (tmp_path / "r" / "report.md").read_text()
+    for bad in ("ca=1", "ca_score=-1", "ca_score=x", "reward"):
+        with pytest.raises(SystemExit) as info:
+            report.main([str(runs), "--min-effect", bad])
+        assert info.value.code == 2
+        expected = f"METRIC one of reward, ca_score, win_rate and SIZE >= 0 (got '{bad}')"
+        assert expected in capsys.readouterr().err
+
+
+def test_runs_of_the_random_tiny_model_are_said_to_be_no_finding(tmp_path):
+    runs = seeded_runs(tmp_path / "runs", last_ca=5.1)
+    report.build_report([runs], tmp_path / "a", last_steps=2)
+    assert "whose weights are random" not in (tmp_path / "a" / "report.md").read_text()  # model unknown
+    for config in runs.glob("*/*/.hydra/config.yaml"):
+        composed = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump({**composed, "model": {"name_or_path": "tiny"}}))
+    report.build_report([runs], tmp_path / "b", last_steps=2)
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert "**Every run here trains the embedded tiny model, whose weights are random.**" in text
+    assert "no difference in it, marked or not, is a finding about alignment" in text
+
+
+def test_a_baseline_without_numbers_is_said_to_be_one(tmp_path):
+    root = tmp_path / "runs"
+    swept = {"judge.mode": "generate,logprob"}
+    for num, (mode, seed) in enumerate([("generate", 0), ("generate", 1), ("logprob", 0), ("logprob", 1)]):
+        generate = mode == "generate"  # no verdict ever parsed: every reward NaN
+        make_run(root, "judge_mode", num, [f"judge.mode={mode}", f"seed={seed}"], swept=swept, seed=seed,
+                 rewards=(None, None) if generate else (1.0, 2.0 + seed), failure=(float(generate),) * 2,
+                 summary={"global_step": 2, "final_reward": None if generate else 2.0})
+    report.build_report([root], tmp_path / "r")
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert ("The baseline `generate` has no reward, CA score or win rate (judge failure rate 1.000): nothing "
+            "to test against. `--baseline judge_mode=VALUE` tests against another value.") in text
+    report.build_report([root], tmp_path / "r", baselines={"judge_mode": "logprob"})
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "No value has numbers on 2 or more finished seeds it shares with the baseline `logprob`" in text

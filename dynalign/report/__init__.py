@@ -20,7 +20,8 @@ different ``seed`` are its replicates. One row per value (:mod:`dynalign.report.
     time_per_step_s     median over runs of the median time/step
 
 with the mean ± 95% interval over seeds (and prompts) of each metric, and the paired test of
-each value against the axis's baseline value (the first in the sweep, or ``--baseline``).
+each value against the axis's baseline value (the first in the sweep, or ``--baseline``); a
+supported difference smaller than ``--min-effect`` is reported as negligible.
 
 Outputs in ``--out`` (default ``reports/ablations/<RUNS_DIR name>``): ``report.md``,
 ``report.csv`` (the table, missing values as ``n/a``), ``runs.csv`` (one row per run) and
@@ -31,12 +32,13 @@ and ``ca_vs_capability.png`` (when some run was evaluated).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dynalign.report import wandb_source
-from dynalign.report.compare import DEFAULT_LAST_STEPS, AxisSummary, summarize
+from dynalign.report.compare import DEFAULT_LAST_STEPS, METRICS, MIN_EFFECTS, AxisSummary, summarize
 from dynalign.report.plots import write_plots
 from dynalign.report.records import (
     RunRecord,
@@ -65,7 +67,8 @@ __all__ = [
 
 def build_report(roots: Sequence[Path], out_dir: Path, *, wandb_path: str | None = None,
                  title: str | None = None, last_steps: int = DEFAULT_LAST_STEPS,
-                 baselines: Mapping[str, str] | None = None) -> list[AxisSummary]:
+                 baselines: Mapping[str, str] | None = None,
+                 min_effects: Mapping[str, float] | None = None) -> list[AxisSummary]:
     """Read the runs, write ``report.md``, ``report.csv``, ``runs.csv`` and ``plots/`` into ``out_dir``."""
     records = local_records(roots)
     if wandb_path:
@@ -74,7 +77,7 @@ def build_report(roots: Sequence[Path], out_dir: Path, *, wandb_path: str | None
     if not records:
         where = ", ".join(map(str, roots)) + (f" nor in W&B {wandb_path}" if wandb_path else "")
         raise FileNotFoundError(f"no runs under {where} (a run directory has .hydra/overrides.yaml)")
-    axes = summarize(records, last_steps=last_steps, baselines=baselines)
+    axes = summarize(records, last_steps=last_steps, baselines=baselines, min_effects=min_effects)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csvs(axes, records, out_dir, last_steps)
     plots = write_plots(axes, out_dir / "plots")
@@ -90,6 +93,18 @@ def _baseline(text: str) -> tuple[str, str]:
     if not sep or not axis or not value:
         raise argparse.ArgumentTypeError(f"expected AXIS=VALUE (got {text!r})")
     return axis, value
+
+
+def _min_effect(text: str) -> tuple[str, float]:
+    metric, sep, value = text.partition("=")
+    try:
+        size = float(value)
+    except ValueError:
+        size = math.nan
+    if not sep or metric not in METRICS or not size >= 0:
+        raise argparse.ArgumentTypeError(f"expected METRIC=SIZE with METRIC one of {', '.join(METRICS)} "
+                                         f"and SIZE >= 0 (got {text!r})")
+    return metric, size
 
 
 def _positive(text: str) -> int:
@@ -114,6 +129,10 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                         f"(default {DEFAULT_LAST_STEPS})")
     parser.add_argument("--baseline", type=_baseline, action="append", default=[], metavar="AXIS=VALUE",
                         help="the value an axis's others are tested against (default: the sweep's first)")
+    parser.add_argument("--min-effect", type=_min_effect, action="append", default=[], metavar="METRIC=SIZE",
+                        help="the smallest difference of interest of a metric: a supported difference "
+                        "below it is called negligible and not marked (default: "
+                        + ", ".join(f"{m}={v:g}" for m, v in MIN_EFFECTS.items()) + "; 0 marks every one)")
     return parser.parse_args(argv)
 
 
@@ -126,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or Path("reports") / "ablations" / name
     try:
         axes = build_report(args.runs, out, wandb_path=args.wandb, title=args.title,
-                            last_steps=args.last_steps, baselines=dict(args.baseline))
+                            last_steps=args.last_steps, baselines=dict(args.baseline),
+                            min_effects=dict(args.min_effect))
     except (FileNotFoundError, ValueError) as err:
         print(f"dynalign.report: {err}", file=sys.stderr)
         return 1

@@ -6,7 +6,10 @@ Each metric of a value is the mean over its seeds with a 95% interval over seeds
 (:func:`dynalign.eval.stats.seed_prompt_interval`); each other value is compared with the
 baseline value (the first in the sweep's order, or ``--baseline AXIS=VALUE``) on the seeds
 both have, pairing the CA score and the win rate by prompt within each seed when the runs'
-``eval_samples.jsonl`` are there. A difference is *supported* when its 95% interval excludes 0.
+``eval_samples.jsonl`` are there. A difference is *supported* when its 95% interval excludes 0,
+and *negligible* when it is supported but its mean is smaller than the metric's smallest
+difference of interest (:data:`MIN_EFFECTS`, ``--min-effect``): a consistent 0.001 on a 1-5
+judge scale is real to the test and nothing to a reader, so it is said in words and not marked.
 
     reward      mean judge reward over the run's last ``last_steps`` logged steps
     ca_score    the external judge's CA score of the policy (per prompt when available)
@@ -26,6 +29,9 @@ from dynalign.report.records import RunRecord, by_axis, finite, nan_median
 METRICS = ("reward", "ca_score", "win_rate")
 METRIC_NAMES = {"reward": "reward", "ca_score": "CA score", "win_rate": "win rate"}
 DEFAULT_LAST_STEPS = 5
+# the smallest difference worth reporting: judge points for reward and CA score, the share of
+# comparisons for the win rate
+MIN_EFFECTS = {"reward": 0.05, "ca_score": 0.05, "win_rate": 0.02}
 MISSING = Interval(math.nan, math.nan, math.nan, 0)
 
 
@@ -36,11 +42,19 @@ class Metric:
     estimate: Interval
     difference: Interval | None = None  # value - baseline, paired; None on the baseline's row
     note: str | None = None  # why it is not compared with the baseline
+    min_effect: float = 0.0  # the smallest difference of interest
 
     @property
     def mark(self) -> int:
-        """+1 / -1: a difference from the baseline the 95% interval supports; 0: none."""
-        return self.difference.sign if self.difference is not None else 0
+        """+1 / -1: a difference from the baseline the 95% interval supports and that is at least
+        ``min_effect``; 0: none."""
+        return 0 if self.difference is None or self.negligible else self.difference.sign
+
+    @property
+    def negligible(self) -> bool:
+        """A supported difference smaller than ``min_effect``."""
+        d = self.difference
+        return d is not None and d.sign != 0 and abs(d.mean) < self.min_effect
 
 
 @dataclass
@@ -106,9 +120,14 @@ class AxisSummary:
         return max((v.seeds for v in self.values), default=0)
 
     def supported(self) -> list[tuple[ValueSummary, str, Interval]]:
-        """Every (value, metric, difference) whose 95% interval excludes 0."""
+        """Every (value, metric, difference) whose 95% interval excludes 0 and that is not negligible."""
         return [(v, name, m.difference) for v in self.values for name, m in v.metrics.items()
                 if m.difference is not None and m.mark != 0]
+
+    def negligible(self) -> list[tuple[ValueSummary, str, Interval]]:
+        """Every supported (value, metric, difference) smaller than the metric's ``min_effect``."""
+        return [(v, name, m.difference) for v in self.values for name, m in v.metrics.items()
+                if m.difference is not None and m.negligible]
 
     def compared(self) -> bool:
         """Whether any difference could be tested (some value shares >= 2 seeds with the baseline)."""
@@ -184,7 +203,8 @@ def paired_difference(runs: Sequence[RunRecord], baseline: Sequence[RunRecord], 
 
 
 def summarize_axis(axis: str, runs: Sequence[RunRecord], *, last_steps: int = DEFAULT_LAST_STEPS,
-                   baseline: str | None = None) -> AxisSummary:
+                   baseline: str | None = None,
+                   min_effects: Mapping[str, float] = MIN_EFFECTS) -> AxisSummary:
     """Group an axis's runs (in sweep order) by value and compare each value with the baseline."""
     grouped: dict[str, list[RunRecord]] = {}
     for run in runs:
@@ -210,16 +230,18 @@ def summarize_axis(axis: str, runs: Sequence[RunRecord], *, last_steps: int = DE
                 v.metrics[metric] = Metric(estimate, note="different judges")
             else:
                 difference = paired_difference(v.used, base.used, metric, prompts[metric], last_steps)
-                v.metrics[metric] = Metric(estimate, difference)
+                v.metrics[metric] = Metric(estimate, difference, min_effect=min_effects[metric])
     return AxisSummary(axis, baseline, values, last_steps, note)
 
 
 def summarize(records: Sequence[RunRecord], *, last_steps: int = DEFAULT_LAST_STEPS,
-              baselines: Mapping[str, str] | None = None) -> list[AxisSummary]:
-    """Every axis of the records, in the report's order."""
+              baselines: Mapping[str, str] | None = None,
+              min_effects: Mapping[str, float] | None = None) -> list[AxisSummary]:
+    """Every axis of the records, in the report's order (``min_effects``: over :data:`MIN_EFFECTS`)."""
     baselines = baselines or {}
     unknown = sorted(set(baselines) - {r.axis for r in records})
     if unknown:
         raise ValueError(f"--baseline names axes without runs: {', '.join(unknown)}")
-    return [summarize_axis(axis, runs, last_steps=last_steps, baseline=baselines.get(axis))
-            for axis, runs in by_axis(records).items()]
+    effects = {**MIN_EFFECTS, **(min_effects or {})}
+    return [summarize_axis(axis, runs, last_steps=last_steps, baseline=baselines.get(axis),
+                           min_effects=effects) for axis, runs in by_axis(records).items()]

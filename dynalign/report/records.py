@@ -55,6 +55,7 @@ class RunRecord:
     time_per_step_s: float = math.nan
     eval_iteration: int | None = None
     keys: tuple[str, ...] = ()  # the config keys whose values make ``value`` (the swept ones)
+    model: str = ""  # the policy's model.name_or_path
 
     def cell(self, column: str) -> Any:
         return len(self.steps) if column == "steps" else getattr(self, column)
@@ -252,7 +253,8 @@ def read_local_run(run_dir: Path) -> RunRecord:
                        value=value_of(overrides, swept), run=str(run_dir),
                        status=run_status(metrics, summary), order=_job_number(run_dir, hydra),
                        seed=_seed(config.get(SEED_KEY), overrides.get(SEED_KEY)),
-                       keys=tuple(value_keys(overrides, swept)))
+                       keys=tuple(value_keys(overrides, swept)),
+                       model=str(dig(config, "model", "name_or_path") or ""))
     fill_from_metrics(record, metrics, summary or {})
     evaluated = latest_eval_dir(run_dir)
     if evaluated is not None:
@@ -306,12 +308,13 @@ def wandb_record(run: Any) -> RunRecord:
     swept value; the history gives the curves, the summary the final and eval numbers.
     """
     overrides = parse_overrides(str(run.name).split(","))
-    seed = _seed(dict(getattr(run, "config", None) or {}).get(SEED_KEY), overrides.pop(SEED_KEY, None))
+    config = dict(getattr(run, "config", None) or {})
+    seed = _seed(config.get(SEED_KEY), overrides.pop(SEED_KEY, None))
     value = next(iter(overrides.values())) if len(overrides) == 1 else \
         ",".join(f"{k}={v}" for k, v in overrides.items()) or str(run.name)
     record = RunRecord(axis=axis_of(run.group), value=value, run="/".join(map(str, run.path)),
                        source="wandb", status=WANDB_STATES.get(run.state, run.state), seed=seed,
-                       keys=tuple(overrides))
+                       keys=tuple(overrides), model=str(dig(config, "model", "name_or_path") or ""))
     summary = dict(run.summary)
     # the tracker logs with step=global_step, so W&B's _step is the run's step
     history = [{**row, "step": row["_step"]} for row in run.scan_history() if "_step" in row]

@@ -54,7 +54,7 @@ def value_columns() -> list[str]:
     columns = ["axis", "value", "baseline", "seeds", "status", "steps"]
     for m in METRICS:
         columns += [f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high", f"{m}_diff", f"{m}_diff_ci_low",
-                    f"{m}_diff_ci_high", f"{m}_supported"]
+                    f"{m}_diff_ci_high", f"{m}_supported", f"{m}_negligible"]
     return columns + ["capability", "capability_seeds", "judge_failure_rate", "time_per_step_s"]
 
 
@@ -64,7 +64,7 @@ def value_row(v: ValueSummary) -> list[Any]:
         metric = v.metrics[m]
         diff = metric.difference or Interval(math.nan, math.nan, math.nan, 0)
         e = metric.estimate
-        row += [e.mean, e.low, e.high, diff.mean, diff.low, diff.high, metric.mark]
+        row += [e.mean, e.low, e.high, diff.mean, diff.low, diff.high, metric.mark, metric.negligible]
     counts = "; ".join(f"{verdict}: {n}" for verdict, n in v.capability_counts.items())
     return row + [v.capability, counts or None, v.judge_failure_rate, v.time_per_step_s]
 
@@ -125,7 +125,13 @@ def _difference(name: str, metric: Metric) -> str:
         return f"{label} {NA}"
     if math.isnan(d.low):
         return f"{label} {_signed(d.mean)} ({d.seeds} paired seed{'s' * (d.seeds != 1)}: no interval)"
-    return f"{label} {_signed(d.mean)} [{_signed(d.low)}, {_signed(d.high)}]{MARKS[d.sign]}"
+    negligible = " (negligible)" if metric.negligible else ""
+    return f"{label} {_signed(d.mean)} [{_signed(d.low)}, {_signed(d.high)}]{MARKS[metric.mark]}{negligible}"
+
+
+def _listed(found: Sequence[tuple[ValueSummary, str, Interval]]) -> str:
+    return "; ".join(f"`{v.value}` {'higher' if d.sign > 0 else 'lower'} {METRIC_NAMES[m]} "
+                     f"({_signed(d.mean)} [{_signed(d.low)}, {_signed(d.high)}])" for v, m, d in found)
 
 
 def conclusion(axis: AxisSummary) -> str:
@@ -138,16 +144,23 @@ def conclusion(axis: AxisSummary) -> str:
                 "(`make ablations SEEDS=3`, or `seed=0,1,2` in the sweep); the numbers are single runs, "
                 "not findings.")
     if not axis.compared():
-        return (f"No value shares 2 or more finished seeds with the baseline `{axis.baseline}`: "
-                "nothing can be tested.")
-    supported = axis.supported()
+        base = next(v for v in axis.values if v.is_baseline)
+        if all(math.isnan(m.estimate.mean) for m in base.metrics.values()):
+            return (f"The baseline `{axis.baseline}` has no reward, CA score or win rate (judge failure rate "
+                    f"{fmt(base.judge_failure_rate)}): nothing to test against. `--baseline "
+                    f"{axis.axis}=VALUE` tests against another value.")
+        return (f"No value has numbers on 2 or more finished seeds it shares with the baseline "
+                f"`{axis.baseline}`: nothing can be tested.")
+    supported, negligible = axis.supported(), axis.negligible()
+    small = (f" Supported but smaller than the smallest difference of interest, so negligible: "
+             f"{_listed(negligible)}." if negligible else "")
     if not supported:
-        return (f"**No difference from `{axis.baseline}` is supported at the {level} level**: every "
-                "difference below is inside the noise between seeds and prompts.")
-    found = "; ".join(f"`{v.value}` {'higher' if d.sign > 0 else 'lower'} {METRIC_NAMES[m]} "
-                      f"({_signed(d.mean)} [{_signed(d.low)}, {_signed(d.high)}])" for v, m, d in supported)
-    return (f"**Supported at the {level} level** (against `{axis.baseline}`): {found}. Every other "
-            "difference is inside the noise.")
+        qualifier = " that matters" if negligible else ""
+        return (f"**No difference from `{axis.baseline}`{qualifier} is supported at the {level} level**: "
+                f"every difference below is inside the noise between seeds and prompts"
+                f"{' or too small to matter' if negligible else ''}.{small}")
+    return (f"**Supported at the {level} level** (against `{axis.baseline}`): {_listed(supported)}.{small} "
+            "Every other difference is inside the noise.")
 
 
 def axis_section(axis: AxisSummary, plots: Mapping[str, str]) -> list[str]:
@@ -182,9 +195,27 @@ DEFINITIONS = (
     "**Tests**: each value against the axis's baseline on the seeds both have, paired by seed and, for the "
     "CA score and the win rate, by prompt within a seed; ▲/▼ marks a difference whose 95% interval "
     "excludes 0 (a two-sided test at the 5% level; pairing cancels what a seed's runs share, so a mark can "
-    "stand where the two values' own intervals overlap). `n/a`: not measured (not evaluated: "
+    "stand where the two values' own intervals overlap), unless the difference is smaller than the "
+    "smallest difference of interest ({min_effects}; `--min-effect`): such a difference is called "
+    "negligible and not marked. `n/a`: not measured (not evaluated: "
     "`make ablations EVAL=1`). Judge failure rate: share of judgements without a parseable verdict, mean "
     "over steps and seeds. s / step: median wall time of one GRPO step. Every run: [runs.csv](runs.csv).")
+
+
+TINY_MODEL = "tiny"
+RANDOM_WEIGHTS = (
+    "**Every run here trains the embedded tiny model, whose weights are random.** Its answers mean "
+    "nothing, so its rewards and scores move by chance and by the method's mechanics alone: this report "
+    "checks that the ablations run end to end and that the statistics work, and no difference in it, "
+    "marked or not, is a finding about alignment.")
+
+
+def _min_effects(axes: Sequence[AxisSummary]) -> str:
+    effects: dict[str, float] = {}
+    for axis in axes:
+        for v in axis.values:
+            effects.update({m: metric.min_effect for m, metric in v.metrics.items() if metric.difference})
+    return ", ".join(f"{METRIC_NAMES[m]} {effects[m]:g}" for m in METRICS if m in effects) or "none"
 
 
 def render_markdown(axes: Sequence[AxisSummary], records: Sequence[RunRecord], plots: Mapping[str, str], *,
@@ -201,8 +232,10 @@ def render_markdown(axes: Sequence[AxisSummary], records: Sequence[RunRecord], p
                               + f" ({r.status})" for r in failed)
                   + ". Their log is the sweep's output; a run with no metrics never trained. Unfinished runs "
                   "are left out of the statistics.", ""]
+    if records and all(r.model == TINY_MODEL for r in records):
+        lines += [RANDOM_WEIGHTS, ""]
     last = axes[0].last_steps if axes else 0
-    lines += markdown_table(axes) + ["", DEFINITIONS.format(last=last), ""]
+    lines += markdown_table(axes) + ["", DEFINITIONS.format(last=last, min_effects=_min_effects(axes)), ""]
     for axis in axes:
         lines += axis_section(axis, plots)
     lines += ["## CA score vs capability", ""]
