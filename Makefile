@@ -16,7 +16,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train plan cpu-gemma lint typecheck test test-all ablations report judge-check bench install-vllm \
+.PHONY: help install train plan cpu-gemma lint typecheck test test-gpu test-all ablations report judge-check bench install-vllm \
         test-vllm bench-rollout gpu-check gpu-wheels clean
 
 help: ## List the targets
@@ -57,6 +57,9 @@ PYTEST = $(call PYTEST_IN,$(PY),$(1))
 
 test: install ## Fast CPU test suite (skips `slow` and `gpu` tests)
 	$(call PYTEST,-m "not slow and not gpu")
+
+test-gpu: install ## The gpu-marked tests on this machine's GPUs (each gpu_check check as a test; skipped without CUDA)
+	DYNALIGN_TEST_GPU=1 $(call PYTEST,-m gpu)
 
 test-all: install lint typecheck ## Everything on CPU: lint, types, fast and slow tests, the vLLM lane (what CI runs)
 	$(call PYTEST,-m "not gpu")

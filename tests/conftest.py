@@ -14,7 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+if os.environ.get("DYNALIGN_TEST_GPU") != "1":  # `make test-gpu` sets it: the gpu tests see the GPUs
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # every other test runs on the CPU, even on a GPU machine
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
