@@ -76,6 +76,49 @@ class RawCompletion(NamedTuple):
     logprobs: list[float] | None
 
 
+class EngineLayout(NamedTuple):
+    """Where one rank's engine runs and which ranks share it."""
+
+    executor: str | None  # "external_launcher" in a launched world; None: vLLM's own choice
+    group: tuple[int, ...]  # the ranks of this rank's tensor-parallel group (they pool requests)
+    seed: int  # the engine's seed, one per group (request seeds are set per request anyway)
+
+    @property
+    def in_process(self) -> bool:
+        return self.executor == "external_launcher" or len(self.group) == 1
+
+
+def engine_layout(tensor_parallel_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
+                  ranks_per_node: int | None = None) -> EngineLayout:
+    """The engine of rank ``rank`` of ``world_size`` (see the module docstring).
+
+    Groups are ``tensor_parallel_size`` consecutive ranks (vLLM's own carving); the launchers
+    number the ranks of a node consecutively, so a group stays within a node when
+    ``tensor_parallel_size`` divides ``ranks_per_node`` (None: the whole world is one node).
+    """
+    tp = tensor_parallel_size
+    if world_size == 1:
+        return EngineLayout(None, tuple(range(tp)) if tp > 1 else (0,), seed)
+    node = ranks_per_node or world_size
+    if node % tp or world_size % tp:
+        raise ValueError(f"rollout.vllm.tensor_parallel_size={tp} must divide the ranks of each node "
+                         f"({node} of a world of {world_size}): every rank's engine shares one group "
+                         "of that many consecutive ranks, within a node")
+    first = rank // tp * tp
+    return EngineLayout("external_launcher", tuple(range(first, first + tp)), seed + rank // tp)
+
+
+def current_layout(tensor_parallel_size: int, seed: int) -> EngineLayout:
+    """:func:`engine_layout` of this process, from its process group and launcher variables."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return engine_layout(tensor_parallel_size, seed)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or None
+    return engine_layout(tensor_parallel_size, seed, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                         ranks_per_node=local)
+
+
 @contextmanager
 def preserve_rng() -> Iterator[None]:
     """Put the global RNG states (torch CPU/CUDA, random, numpy) back afterwards.
@@ -173,49 +216,6 @@ def _dumps(chunk: list[tuple[str, torch.Tensor]]) -> bytes:
     buffer = io.BytesIO()
     torch.save(chunk, buffer)
     return buffer.getvalue()
-
-
-class EngineLayout(NamedTuple):
-    """Where one rank's engine runs and which ranks share it."""
-
-    executor: str | None  # "external_launcher" in a launched world; None: vLLM's own choice
-    group: tuple[int, ...]  # the ranks of this rank's tensor-parallel group (they pool requests)
-    seed: int  # the engine's seed, one per group (request seeds are set per request anyway)
-
-    @property
-    def in_process(self) -> bool:
-        return self.executor == "external_launcher" or len(self.group) == 1
-
-
-def engine_layout(tensor_parallel_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
-                  ranks_per_node: int | None = None) -> EngineLayout:
-    """The engine of rank ``rank`` of ``world_size`` (see the module docstring).
-
-    Groups are ``tensor_parallel_size`` consecutive ranks (vLLM's own carving); the launchers
-    number the ranks of a node consecutively, so a group stays within a node when
-    ``tensor_parallel_size`` divides ``ranks_per_node`` (None: the whole world is one node).
-    """
-    tp = tensor_parallel_size
-    if world_size == 1:
-        return EngineLayout(None, tuple(range(tp)) if tp > 1 else (0,), seed)
-    node = ranks_per_node or world_size
-    if node % tp or world_size % tp:
-        raise ValueError(f"rollout.vllm.tensor_parallel_size={tp} must divide the ranks of each node "
-                         f"({node} of a world of {world_size}): every rank's engine shares one group "
-                         "of that many consecutive ranks, within a node")
-    first = rank // tp * tp
-    return EngineLayout("external_launcher", tuple(range(first, first + tp)), seed + rank // tp)
-
-
-def current_layout(tensor_parallel_size: int, seed: int) -> EngineLayout:
-    """:func:`engine_layout` of this process, from its process group and launcher variables."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return engine_layout(tensor_parallel_size, seed)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or None
-    return engine_layout(tensor_parallel_size, seed, rank=dist.get_rank(), world_size=dist.get_world_size(),
-                         ranks_per_node=local)
 
 
 class VLLMEngine:
