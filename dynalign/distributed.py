@@ -90,6 +90,17 @@ def first_slurm_host(nodelist: str) -> str:
     return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", nodelist[:end].strip())
 
 
+def slurm_tasks_per_node(spec: str) -> list[int]:
+    """SLURM's per-node task counts, node by node: ``4(x2),3`` -> ``[4, 4, 3]``."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        found = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if found is None:
+            raise ValueError(f"not a SLURM tasks-per-node list: {spec!r}")
+        counts += [int(found[1])] * int(found[2] or 1)
+    return counts
+
+
 def slurm_launch(env: Mapping[str, str]) -> dict[str, str]:
     """The launcher variables of one task of a several-task ``srun`` step, from SLURM's own.
 
@@ -99,6 +110,9 @@ def slurm_launch(env: Mapping[str, str]) -> dict[str, str]:
     ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``) and ``SLURM_LOCALID``; rank 0's host, the
     first of ``SLURM_STEP_NODELIST`` (else ``SLURM_NODELIST``), is the rendezvous, on a port
     derived from ``SLURM_JOB_ID``. ``MASTER_ADDR`` / ``MASTER_PORT`` set by hand are kept.
+    ``LOCAL_WORLD_SIZE`` (the tasks on this node, which the launch plan and vLLM's
+    tensor-parallel groups read) comes from ``SLURM_STEP_TASKS_PER_NODE`` (else
+    ``SLURM_TASKS_PER_NODE``) at ``SLURM_NODEID``, when SLURM sets them.
     """
     if "RANK" in env or "WORLD_SIZE" in env or "SLURM_STEP_ID" not in env:
         return {}
@@ -113,9 +127,16 @@ def slurm_launch(env: Mapping[str, str]) -> dict[str, str]:
         raise RuntimeError(f"an srun step of {world} tasks without {', '.join(missing)}: cannot tell "
                            "this task's rank; start each node with torchrun instead (see the README)")
     port = SLURM_PORT_BASE + int(env["SLURM_JOB_ID"]) % SLURM_PORT_SPAN
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": env["SLURM_LOCALID"],
-            "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(str(nodelist)),
-            "MASTER_PORT": env.get("MASTER_PORT") or str(port)}
+    launch = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": env["SLURM_LOCALID"],
+              "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(str(nodelist)),
+              "MASTER_PORT": env.get("MASTER_PORT") or str(port)}
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if per_node and env.get("SLURM_NODEID", "").isdigit():
+        counts = slurm_tasks_per_node(per_node)
+        node = int(env["SLURM_NODEID"])
+        if node < len(counts):
+            launch["LOCAL_WORLD_SIZE"] = str(counts[node])
+    return launch
 
 
 def adopt_slurm_launch() -> None:

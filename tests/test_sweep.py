@@ -28,6 +28,7 @@ from dynalign.distributed import (
     first_slurm_host,
     free_port,
     slurm_launch,
+    slurm_tasks_per_node,
 )
 
 # One step of 4 prompts x 4 answers, short answers and verdicts, no W&B.
@@ -109,6 +110,17 @@ def test_a_task_of_an_srun_step_gets_its_rank_from_slurm():
     assert (pinned["MASTER_ADDR"], pinned["MASTER_PORT"]) == ("ib-gpu07", "29500")
     no_step_list = {k: v for k, v in env.items() if k != "SLURM_STEP_NODELIST"}
     assert slurm_launch(no_step_list)["MASTER_ADDR"] == "gpu01"
+
+
+def test_the_tasks_on_this_node_come_from_slurm():
+    assert slurm_tasks_per_node("4(x2),3") == [4, 4, 3] and slurm_tasks_per_node("8") == [8]
+    with pytest.raises(ValueError, match=r"not a SLURM tasks-per-node list: '4\(x\)'"):
+        slurm_tasks_per_node("4(x)")
+    env = {**_slurm_task(9, job_id=5, tasks=11), "SLURM_STEP_TASKS_PER_NODE": "4(x2),3", "SLURM_NODEID": "2",
+           "SLURM_TASKS_PER_NODE": "8(x2)"}
+    assert slurm_launch(env)["LOCAL_WORLD_SIZE"] == "3"  # the step's counts win over the job's
+    assert slurm_launch({**env, "SLURM_NODEID": "0"})["LOCAL_WORLD_SIZE"] == "4"
+    assert "LOCAL_WORLD_SIZE" not in slurm_launch(_slurm_task(1, job_id=5))  # SLURM did not say
 
 
 def test_slurm_leaves_other_launches_alone():

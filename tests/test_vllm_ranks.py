@@ -17,15 +17,14 @@ from conftest import REPO_ROOT
 
 pytest.importorskip("vllm")
 
-from dynalign.distributed import free_port  # noqa: E402
+from dynalign.distributed import LAUNCHER_VARIABLES, free_port  # noqa: E402
 
 # fp32 trainer and engine; measured here ~1e-6. A stale engine is off by > 1e-2.
 LOGPROB_ATOL = 1e-4
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _torchrun(args: list[str], cwd: Path, cache: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCHER_VARIABLES, "LOCAL_WORLD_SIZE")}
     env.update(PYTHONPATH=str(REPO_ROOT), DS_ACCELERATOR="cpu", DYNALIGN_CACHE=str(cache),
                HYDRA_FULL_ERROR="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
