@@ -1,16 +1,19 @@
-"""The logprob self-judge with and without reuse of shared prefixes, in one process.
+"""The self-judge with and without reuse of shared prefixes, in one process.
 
-Workload (defaults): ``--prompts`` user prompts x ``--answers`` answers each, judged in logprob
-mode with ``--rubric`` by an HF sampler on ``--model`` (``tiny``, ``gemma3_270m`` or a local
-directory): the rows of one step's self-judge. The same judge prompts (same nonces) are scored
-twice per round, reading every text from scratch (the path every sampler had before, and the
-one vLLM still takes, which caches prefixes itself) and with
-:meth:`~dynalign.rollout.hf_sampler.HFSampler.reuse_prefixes`; the order alternates between
-rounds so both see the same machine load. Printed: seconds per answer of each, their ratio
-and the largest difference of an expected score between the two.
+Workload (defaults): ``--prompts`` user prompts x ``--answers`` answers each, judged in
+``--mode`` (``logprob``, or ``generate``: one verdict of ``--max-new-tokens`` tokens per answer,
+sampled at the judge's default temperature with a fixed seed) with ``--rubric`` by an HF sampler
+on ``--model`` (``tiny``, ``gemma3_270m`` or a local directory): the rows of one step's
+self-judge. The same judge prompts (same nonces) are judged twice per round, reading every text
+from scratch (the path every sampler had before, and the one vLLM still takes, which caches
+prefixes itself) and with :meth:`~dynalign.rollout.hf_sampler.HFSampler.reuse_prefixes`; the
+order alternates between rounds so both see the same machine load. Printed: seconds per answer
+of each, their ratio, and the largest difference of an expected score between the two (logprob)
+or how many verdict texts they wrote alike (generate).
 
     .venv/bin/python benchmarks/bench_judge.py                       # tiny model, ca_rubric
     .venv/bin/python benchmarks/bench_judge.py --model gemma3_270m --rubric ca_compact --rounds 1
+    .venv/bin/python benchmarks/bench_judge.py --mode generate --prompts 4 --answers 4
 """
 
 from __future__ import annotations
@@ -37,18 +40,21 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny, gemma3_270m or a local model directory")
     parser.add_argument("--rubric", default="ca_rubric")
+    parser.add_argument("--mode", default="logprob", choices=["logprob", "generate"])
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="generate mode: verdict length (default: judge.max_new_tokens's default)")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--answers", type=int, default=4, help="answers per prompt (the group size)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
     return parser.parse_args()
 
 
-def judge_inputs(rubric, prompts: int, answers: int):
+def judge_inputs(rubric, prompts: int, answers: int, reasoning: bool):
     from dynalign.judge import render_judge_prompt
 
     rng = random.Random(0)
     rendered = [render_judge_prompt(rubric, QUESTIONS[p % len(QUESTIONS)], ANSWERS[(p + a) % len(ANSWERS)],
-                                    reasoning=False, rng=rng)
+                                    reasoning=reasoning, rng=rng)
                 for p in range(prompts) for a in range(answers)]
     return [m for m, _ in rendered], [n for _, n in rendered]
 
@@ -57,48 +63,63 @@ def main() -> None:
     args = parse_args()
     import torch
 
-    from dynalign.config import ModelConfig
+    from dynalign.config import JudgeConfig, ModelConfig
     from dynalign.judge import SamplerBackend, load_rubric
     from dynalign.models import load_hf_sampler
     from dynalign.rollout.base import SamplingParams
 
     rubric = load_rubric(args.rubric)
     sampler = load_hf_sampler(ModelConfig(name_or_path=args.model), batch_size=args.prompts * args.answers)
-    conversations, nonces = judge_inputs(rubric, args.prompts, args.answers)
-    params = SamplingParams(max_new_tokens=8)
+    generate = args.mode == "generate"
+    conversations, nonces = judge_inputs(rubric, args.prompts, args.answers, reasoning=generate)
+    defaults = JudgeConfig()
+    args.max_new_tokens = args.max_new_tokens or defaults.max_new_tokens
+    params = (SamplingParams(max_new_tokens=args.max_new_tokens, temperature=defaults.temperature, seed=0)
+              if generate else SamplingParams(max_new_tokens=8))
     backend = SamplerBackend(sampler)
     values = torch.tensor([float(s) for s in rubric.scores])
+
+    def judge():
+        if generate:
+            return [texts[0] for texts in backend.generate(conversations, 1, params)]  # [N] verdicts
+        return backend.verdict_distributions(conversations, nonces, rubric, params).probs @ values  # [N, A]
 
     def run(with_reuse: bool):
         if not with_reuse:
             sampler.reuse_prefixes = None  # reusing_prefixes() then reads every text from scratch
         start = time.perf_counter()
         try:
-            out = backend.verdict_distributions(conversations, nonces, rubric, params)
+            out = judge()
         finally:
             if not with_reuse:
                 del sampler.reuse_prefixes
-        return time.perf_counter() - start, out.probs @ values  # [N, A] expected scores
+        return time.perf_counter() - start, out
 
     times: dict[bool, list[float]] = {False: [], True: []}
-    diff = 0.0
+    diff, alike = 0.0, len(conversations)
     for r in range(args.rounds):
         results = {}
         for with_reuse in ((False, True) if r % 2 == 0 else (True, False)):
-            seconds, expected = run(with_reuse)
+            seconds, results[with_reuse] = run(with_reuse)
             times[with_reuse].append(seconds)
-            results[with_reuse] = expected
-        diff = max(diff, float((results[True] - results[False]).abs().max()))
+        if generate:
+            alike = min(alike, sum(a == b for a, b in zip(results[True], results[False], strict=True)))
+        else:
+            diff = max(diff, float((results[True] - results[False]).abs().max()))
     n = len(conversations)
     plain, reused = statistics.median(times[False]), statistics.median(times[True])
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.2f}; model {args.model}, rubric {args.rubric}, "
-          f"{args.prompts} prompts x {args.answers} answers, {args.rounds} rounds")
+          f"load {os.getloadavg()[0]:.2f}; model {args.model}, rubric {args.rubric}, {args.mode} mode"
+          + (f" ({args.max_new_tokens} new tokens)" if generate else "")
+          + f", {args.prompts} prompts x {args.answers} answers, {args.rounds} rounds")
     runs = {k: ", ".join(f"{t:.2f}" for t in v) for k, v in times.items()}
     print(f"from scratch     {plain / n:8.3f} s/answer   runs: {runs[False]} s")
     print(f"prefix reuse     {reused / n:8.3f} s/answer   runs: {runs[True]} s")
     print(f"speed-up         {plain / reused:8.2f}x")
-    print(f"max |expected score difference| {diff:.2e}")
+    if generate:
+        print(f"verdict texts alike {alike}/{n}")
+    else:
+        print(f"max |expected score difference| {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,14 @@ def test_bench_judge_compares_both_paths(tiny_model_path):
     assert difference < 1e-4  # the two paths score alike
 
 
+def test_bench_judge_generate_mode_compares_both_paths(tiny_model_path):
+    out = run_benchmark(["benchmarks/bench_judge.py", "--model", str(tiny_model_path), "--mode", "generate",
+                         "--max-new-tokens", "8", "--prompts", "1", "--answers", "2", "--rounds", "1"],
+                        timeout=600)
+    assert re.search(r"prefix reuse\s+[\d.]+ s/answer", out)
+    assert "verdict texts alike 2/2" in out  # the same draws, the same verdicts
+
+
 @pytest.mark.slow
 def test_bench_step_compares_dynalign_and_trl_on_tiny(tiny_model_path):
     out = run_benchmark(BENCH_STEP_SMOKE, timeout=900)

@@ -69,7 +69,8 @@ class SamplerBackend:
     def generate(self, conversations: Sequence[Conversation], n: int,
                  params: SamplingParams) -> list[list[str | None]]:
         self._check_not_truncated(conversations)
-        texts = self.sampler.sample(list(conversations), n, params).texts  # [N * n], prompt-major
+        with reusing_prefixes(self.sampler):  # the rubric all judge prompts share is prefilled once
+            texts = self.sampler.sample(list(conversations), n, params).texts  # [N * n], prompt-major
         return [list(texts[i * n:(i + 1) * n]) for i in range(len(conversations))]
 
     def _check_not_truncated(self, conversations: Sequence[Conversation]) -> None:

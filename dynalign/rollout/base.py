@@ -161,12 +161,14 @@ class Sampler(Protocol):
 
 @contextmanager
 def reusing_prefixes(sampler: Sampler, slots: int = 8) -> Iterator[int | None]:
-    """A block in which ``sampler.next_token_logprobs`` reuses the work of shared text prefixes.
+    """A block in which ``sampler.next_token_logprobs`` (and ``sample``) reuse the work of shared
+    text prefixes.
 
     Backends that read each text from scratch offer ``reuse_prefixes(slots)`` (the HF sampler:
-    KV caches of the last ``slots`` texts); the block yields how many texts to ask about at
-    a time. Backends that cache prefixes by themselves (vLLM's prefix caching) need nothing:
-    the block yields None, and callers ask about all their texts at once.
+    KV caches of the last ``slots`` texts; each ``sample`` call prefills the prefix its prompts
+    share once); the block yields how many texts to ask about at a time. Backends that cache
+    prefixes by themselves (vLLM's prefix caching) need nothing: the block yields None, and
+    callers ask about all their texts at once.
     """
     reuse = getattr(sampler, "reuse_prefixes", None)
     if reuse is None:

@@ -30,7 +30,7 @@ from dynalign.rollout.encoding import (
     left_pad,
     prepare_request,
 )
-from dynalign.rollout.prefix_cache import PrefixCache
+from dynalign.rollout.prefix_cache import PrefixCache, SharedPrefix, generation_prefix_length
 from dynalign.zero import gathered, is_partitioned, unhooked, zero3_offload
 
 GatherFactory = Callable[[], AbstractContextManager]
@@ -112,11 +112,26 @@ class HFSampler:
         rows = [ids for ids in prompt_ids for _ in range(n)]  # prompt-major
         completions: list[Completion] = []
         with self._inference(), self._seeded(params.seed):
+            prefix = self._shared_prefix(rows)
             for start in range(0, len(rows), self.batch_size):
-                completions += self._generate(rows[start:start + self.batch_size], params)
+                batch = rows[start:start + self.batch_size]
+                completions += self._generate(batch, params, prefix.past(batch) if prefix else None)
         return build_rollouts(prompt_ids, completions, n, self.pad_id, backend="hf")
 
-    def _generate(self, rows: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _shared_prefix(self, rows: list[list[int]]) -> SharedPrefix | None:
+        """Inside :meth:`reuse_prefixes`, the prefix all ``rows`` share, read once; else None.
+
+        Not under lock-step decoding (a partitioned model that was not gathered): there the
+        extra forward would be a collective that only ranks whose rows share a prefix run.
+        """
+        shared = generation_prefix_length(rows)
+        if self._prefixes is None or self._lockstep or not shared:
+            return None
+        return SharedPrefix(self.model, self.device, rows[0][:shared])
+
+    def _generate(self, rows: list[list[int]], params: SamplingParams, past: Any = None) -> list[Completion]:
+        """Decode a batch with transformers ``generate``; ``past`` (a :meth:`SharedPrefix.past`)
+        holds the KV cache of the batch's first columns, which ``generate`` then skips."""
         input_ids, attention_mask = left_pad(rows, self.pad_id)  # [B, P]
         stopping = None
         if params.stop:
@@ -128,10 +143,8 @@ class HFSampler:
             attention_mask=attention_mask.to(self.device),
             generation_config=self._generation_config(params),
             stopping_criteria=stopping,
-            # Lock-step decoding across ranks is only needed for a partitioned model that was not
-            # gathered; left to transformers, any model in a ZeRO-3 process would get it and a rank
-            # sampling alone (a whole side model: a baseline, a judge) would wait for the others.
-            synced_gpus=self.gather is None and is_partitioned(self.model),
+            past_key_values=past,
+            synced_gpus=self._lockstep,
         )
         new_tokens = out.sequences[:, input_ids.shape[1]:]  # [B, C]
         logprobs: list[list[float] | None] = [None] * len(rows)
@@ -201,9 +214,12 @@ class HFSampler:
         """Within the block, each call of :meth:`next_token_logprobs` / :meth:`token_logprobs`
         is one batched forward on a KV cache (:class:`~dynalign.rollout.prefix_cache.PrefixCache`):
         the prefix all its texts share (a judge's rubric) is encoded once, and texts that extend
-        those of the call before (the next aspect slot) cost their new tokens only. The
-        parameters stay gathered (ZeRO-3) for the whole block. Yields ``slots``: callers ask
-        about at most that many texts at a time (the batch of one forward).
+        those of the call before (the next aspect slot) cost their new tokens only. Each call of
+        :meth:`sample` reads the prefix all its prompts share once (batch 1) and copies its cache
+        under every row (:class:`~dynalign.rollout.prefix_cache.SharedPrefix`): ``generate`` then
+        prefills the rest of each prompt and decodes as it would from scratch. The parameters stay
+        gathered (ZeRO-3) for the whole block. Yields ``slots``: callers ask about at most that
+        many texts at a time (the batch of one forward).
         """
         with self._inference():
             self._prefixes = PrefixCache(self.model, self.device)
@@ -250,6 +266,13 @@ class HFSampler:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def _lockstep(self) -> bool:
+        """Whether ranks decode in lock-step: only for a partitioned model that is not gathered.
+        Left to transformers, any model in a ZeRO-3 process would, and a rank sampling alone (a
+        whole side model: a baseline, a judge) would wait for the others."""
+        return self.gather is None and is_partitioned(self.model)
 
     @contextmanager
     def _inference(self) -> Iterator[None]:

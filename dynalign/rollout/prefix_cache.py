@@ -24,6 +24,11 @@ would drop tokens a cut needs); the model's mask still applies the window.
 The texts are tokenized whole, as without the cache, so the model sees the same tokens at
 the same positions; only the order of the floating-point work changes (log-probs agree to
 ~1e-5 in float32).
+
+:class:`SharedPrefix` does the same for ``generate`` (a judge that writes its verdict): the
+prefix every prompt of a call shares is read once with batch 1 and copied, by the same layout
+rules, under each batch of prompts as :func:`~dynalign.rollout.encoding.left_pad` lays them out,
+so that ``generate`` only prefills the rest of each prompt and then decodes as usual.
 """
 
 from __future__ import annotations
@@ -50,6 +55,15 @@ def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     for row in rows[1:]:
         shared = common_prefix_length(rows[0][:shared], row)
     return shared
+
+
+def generation_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens of the rows of a ``generate`` call to read once: the prefix they
+    all share, short of the shortest row's last token (``generate`` prefills >= 1 token of each
+    row); 0 for a single row, which reads its prefix once either way."""
+    if len(rows) < 2:
+        return 0
+    return max(0, min(shared_prefix_length(rows), min(len(r) for r in rows) - 1))
 
 
 @dataclass(frozen=True)
@@ -200,3 +214,33 @@ class PrefixCache:
                             position_ids=positions.to(self.device), past_key_values=cache,
                             use_cache=True, logits_to_keep=last).logits  # [B, last, V]
         return torch.log_softmax(logits.float(), -1)  # [B, last, V]
+
+
+class SharedPrefix:
+    """The prefix every row of a ``generate`` call shares, read once (batch 1, positions 0..S-1).
+
+    :meth:`past` copies its KV cache under a batch of those rows, left-padded to one width as
+    :func:`~dynalign.rollout.encoding.left_pad` pads them: a row keeps as much of the prefix as
+    ends where its uncached tokens begin (:func:`plan_rows`; the longest row keeps all ``S``),
+    pads masked. Given that past with the same ids and mask, transformers' ``generate`` runs
+    only the last ``width - S`` columns (it continues a cache whose length is shorter than the
+    mask), derives the same positions from the mask, and decodes as from scratch. Callers hold
+    no grad and any ZeRO-3 gather.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, tokens: Sequence[int]) -> None:
+        from transformers import DynamicCache
+
+        self.length = len(tokens)
+        self.cache = DynamicCache()  # [1, H, S, D] per layer, every layer full
+        model(input_ids=torch.tensor([list(tokens)], device=device),
+              attention_mask=torch.ones(1, self.length, dtype=torch.long, device=device),
+              position_ids=torch.arange(self.length, device=device)[None], past_key_values=self.cache,
+              use_cache=True, logits_to_keep=1)
+
+    def past(self, rows: Sequence[Sequence[int]]) -> Any:
+        """DynamicCache [B, H, S, D]: the prefix under each of ``rows`` (each begins with it)."""
+        plan = plan_rows([len(r) for r in rows], [self.length] * len(rows))
+        sources = [0] * len(rows)
+        index, _ = past_index(sources, [self.length], self.length, plan.keep)  # [B, S]
+        return gather_cache(self.cache, sources, index)
