@@ -225,10 +225,15 @@ def set_collective_timeout(timeout: timedelta) -> None:
 
 def close_process_group() -> None:
     """Destroy the process group if :func:`init_distributed` made it; registered to run at exit,
-    after the last job of a sweep (the jobs before it share the group)."""
+    after the last job of a sweep (the jobs before it share the group).
+
+    Every rank waits for the others first: a rank that tore its group down and left while another
+    was still finishing its own work closed the sockets under that rank's gloo threads, which
+    then aborted its exit (``terminate called without an active exception``)."""
     if _GROUP.created and dist.is_initialized():
         import deepspeed.comm
 
+        barrier()
         deepspeed.comm.destroy_process_group()  # DeepSpeed's references to its groups go too
     _GROUP.created = False
 
