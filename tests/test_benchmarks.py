@@ -14,6 +14,8 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
+from dynalign.distributed import LAUNCHER_VARIABLES
+
 # bench_step.py at its smallest: one round of one timed step, no warm-up, the default core only
 BENCH_STEP_SMOKE = ["benchmarks/bench_step.py", "--rounds", "1", "--warmup", "0", "--steps", "1",
                     "--judge-steps", "1", "--zero-stages", "3"]
@@ -21,7 +23,10 @@ VERDICT = r"\((meets|does NOT meet) "
 
 
 def run_benchmark(args: list[str], timeout: int) -> str:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}
+    # without the launcher variables an in-process world of one exported (accelerate, in the TRL
+    # worker, would take LOCAL_RANK for a launched rank)
+    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCHER_VARIABLES, "LOCAL_WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
