@@ -69,6 +69,16 @@ def test_bench_judge_generate_mode_compares_both_paths(tiny_model_path):
 
 
 @pytest.mark.slow
+def test_bench_decode_times_the_sampler_generate_and_the_forward_loop(tiny_model_path):
+    out = run_benchmark(["benchmarks/bench_decode.py", "--model", str(tiny_model_path), "--prompts", "1",
+                         "--samples", "2", "--new-tokens", "4", "--repeats", "1"], timeout=300)
+    rows = {line.split("  ")[1].strip(): line.split() for line in out.splitlines()
+            if line.startswith(("  sampler ", "  generate ", "  forward loop "))}
+    assert set(rows) == {"sampler", "generate", "forward loop"}
+    assert rows["generate"][-2:] == ["8", "1.00x"] and rows["forward loop"][-2] == "8"  # 2 rows x 4 tokens
+    assert re.search(r"the forward loop is \d+% of generate's time", out)
+
+
 def test_bench_step_compares_dynalign_and_trl_on_tiny(tiny_model_path):
     out = run_benchmark(BENCH_STEP_SMOKE, timeout=900)
     assert_peak_rss_column(out, ["dynalign ZeRO-3, python reward", "dynalign ZeRO-3, self-judge",
