@@ -136,6 +136,31 @@ def test_generate_sweeps_with_m_after_an_override(tmp_path):
     assert "Launching 2 jobs locally" in out and "#0 : grpo.group_size=1 seed=1" in out
 
 
+@pytest.mark.slow  # two prompt-writing jobs and two evaluations of the tiny model: ~1-2 min on 2 cores
+def test_generate_and_evaluate_sweep_with_m_after_the_overrides(tmp_path, cache_dir, tiny_model_path):
+    sweep = tmp_path / "generate"
+    proc = _run("dynalign.generate", "generator=ca_prompts", "generator.num_prompts=2",
+                "generator.max_new_tokens=8", "generator.output_dir=prompts", "-m", "seed=1,2",
+                f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}", "hydra.job.chdir=true",
+                cache=cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):  # each job wrote its own dataset, with its own seed
+        summary = json.loads((sweep / job / "prompts" / "summary.json").read_text())
+        assert summary["rows"] == 2
+        config = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())
+        assert config["seed"] == int(job) + 1
+
+    sweep = tmp_path / "evaluate"
+    proc = _run("dynalign.evaluate", f"checkpoint={tiny_model_path}", "eval.num_prompts=2",
+                "eval.max_new_tokens=6", "eval.bootstrap_samples=100", "eval.lm_eval_tasks=[]",
+                "logger.backend=none", "-m", "seed=1,2", f"hydra.sweep.dir={sweep}",
+                "hydra.sweep.subdir=${hydra.job.num}", cache=cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        results = json.loads((sweep / job / "eval_results.json").read_text())
+        assert results["checkpoint"] == str(tiny_model_path) and results["prompts"]["total"] == 2
+
+
 @pytest.mark.slow  # two jobs, each a DeepSpeed engine, one step and a checkpoint: 1-2 min on 2 cores
 def test_documented_sweep_runs_as_written(tmp_path, cache_dir, tiny_model_path):
     """The documented command word for word, then overrides that put its two jobs on the tiny model."""
