@@ -38,6 +38,14 @@ from dynalign.config.schema import TrainConfig
 
 GiB = 1 << 30
 DEVICE, HOST = "device", "host"
+
+
+def fmt_bytes(size: int) -> str:
+    """Bytes in GiB (MiB, KiB below one)."""
+    for unit, scale in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(size) >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
 LOAD, ROLLOUT, JUDGE, UPDATE = "load", "rollout", "judge", "update"
 RUN_PHASES = (ROLLOUT, JUDGE, UPDATE)  # the phases of a step; loading comes before any of them
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -418,6 +426,43 @@ def launch_terms(cfg: TrainConfig, shape: ModelShape, launch: Launch,
     if launch.accelerator:
         terms.append(Term("CUDA context", CUDA_CONTEXT, margin=False))
     return terms + [allocator_margin(terms, cfg.plan.margin)]
+
+
+@dataclass(frozen=True)
+class Disk:
+    """What a run writes to its directory, in bytes (shared storage: all ranks together)."""
+
+    checkpoint: int  # one checkpoint, its KL reference moved
+    kept: int  # checkpoints_to_keep of them
+    export: int  # one iter_<k>/ Hugging Face directory
+    exports: int  # every iteration's (export_each_iteration)
+
+
+def disk_bytes(cfg: TrainConfig, shape: ModelShape) -> Disk:
+    """Checkpoints and exports of ``cfg`` on disk, as DeepSpeed and dynalign write them.
+
+    A checkpoint holds the optimizer shards (fp32 master weights unless stage 0 trains float32
+    weights in place, and Adam's two moments, of the trainable parameters), below stage 3 the
+    module in ``model.dtype`` (frozen weights included; stage 3 keeps its weights only in the
+    shards), with LoRA at stage 3 the frozen base (DeepSpeed saves each rank's part of the
+    frozen parameters), and the moved KL reference (the base model, or the
+    reference adapter). An export is the model in ``model.dtype``, LoRA merged. RNG states,
+    JSON and the tokenizer are left out (kilobytes to megabytes).
+    """
+    b, ds, lora = DTYPE_BYTES[cfg.model.dtype], cfg.deepspeed, cfg.model.lora
+    adapter = lora_params(shape, lora.r, lora.target_modules) if lora.enabled else None
+    trainable = adapter if adapter is not None else shape.num_params
+    master = FP32 if b < FP32 or ds.stage >= 1 else 0
+    checkpoint = trainable * (master + FP32 * ADAM_MOMENTS)
+    if ds.stage < 3:
+        checkpoint += (shape.num_params + (adapter or 0)) * b
+    if ds.stage == 3 and adapter is not None:  # DeepSpeed's frozen_param_fragments: each rank's part
+        checkpoint += shape.num_params * b
+    if cfg.grpo.beta > 0 and cfg.update_reference_each_iteration:
+        checkpoint += (adapter if adapter is not None else shape.num_params) * b
+    export = shape.num_params * b
+    return Disk(checkpoint, checkpoint * min(cfg.checkpoints_to_keep, cfg.iterations), export,
+                export * cfg.iterations if cfg.export_each_iteration else 0)
 
 
 def bucket_terms(cfg: TrainConfig, params: int, dtype_bytes: int) -> list[Term]:

@@ -42,6 +42,7 @@ from dynalign.memory import (
     Launch,
     ModelShape,
     Term,
+    disk_bytes,
     known_architecture,
     launch_terms,
     lora_targets,
@@ -50,6 +51,7 @@ from dynalign.memory import (
     vllm_max_model_len,
     vllm_share,
 )
+from dynalign.memory import fmt_bytes as fmt
 
 register_configs()
 
@@ -366,14 +368,6 @@ def _set(cfg: TrainConfig, world: int, key: str, value: Any) -> Option:
 # ------------------------------------------------------------------ output
 
 
-def fmt(size: int) -> str:
-    """Bytes in GiB (MiB, KiB below one)."""
-    for unit, scale in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(size) >= scale:
-            return f"{size / scale:.2f} {unit}"
-    return f"{size} B"
-
-
 def render(plan: LaunchPlan) -> str:
     """The plan as a table: every term of one rank, then each memory's peak against what it has."""
     lines = [*header(plan), "", f"  {'term':<52} {'per rank':>11}  {'where':<6}  when"]
@@ -386,7 +380,18 @@ def render(plan: LaunchPlan) -> str:
     if plan.vllm_shortfall:
         lines.append(f"  vLLM's share lacks {fmt(plan.vllm_shortfall)} of KV cache for one "
                      f"{vllm_max_model_len(plan.cfg, plan.shape)}-token sequence: DOES NOT FIT")
-    return "\n".join(lines + [f"  note: {note}" for note in plan.notes])
+    return "\n".join(lines + ["", disk_line(plan)] + [f"  note: {note}" for note in plan.notes])
+
+
+def disk_line(plan: LaunchPlan) -> str:
+    """What the run writes to its directory: checkpoints (with the optimizer) and exports."""
+    cfg, disk = plan.cfg, disk_bytes(plan.cfg, plan.shape)
+    exports = (f", exports {fmt(disk.export)} each ({cfg.iterations}: {fmt(disk.exports)})"
+               if disk.exports else "")
+    end = ("checkpoint_optimizer_at_end=false drops" if cfg.checkpoint_optimizer_at_end else "dropped")
+    end = f"; {end} the checkpoints' DeepSpeed states when the run ends"
+    return (f"  disk: a checkpoint {fmt(disk.checkpoint)} (checkpoints_to_keep={cfg.checkpoints_to_keep}: "
+            f"{fmt(disk.kept)}){exports}{end}")
 
 
 def header(plan: LaunchPlan) -> list[str]:

@@ -48,11 +48,13 @@ from dynalign.distributed import (
     gather_strings,
     get_rank,
     init_distributed,
+    is_main_process,
     print0,
     reduce_metrics,
 )
 from dynalign.grpo import group_advantages, zero_spread_groups
 from dynalign.io import cut_jsonl
+from dynalign.memory import fmt_bytes
 from dynalign.rundir import RunDir, RunDirError
 from dynalign.runtime import PhaseTimer, Preemption, seed_everything, step_seed
 from dynalign.teardown import device_free_gib, memory_metrics, release_memory
@@ -381,7 +383,8 @@ def train(cfg: TrainConfig, info: RunInfo, job: ExitStack) -> dict[str, Any]:
                 tracker.log_artifact("policy", [RunDir(info.run_dir).export(iteration + 1)], iteration + 1)
     # the last iteration's end has no step after it to carry its times: the summary does
     summary = {"global_step": position.global_step, "final_reward": metrics.get("reward/mean", math.nan),
-               "skipped_steps": engine.skipped_steps, **between.pop(total=None), **memory_metrics()}
+               "skipped_steps": engine.skipped_steps, **between.pop(total=None), **memory_metrics(),
+               **finish_checkpoints(cfg, engine, info.run_dir)}
     tracker.finish(summary)
     print0(f"dynalign: done: {cfg.iterations} iterations, {position.global_step} steps, "
            f"final reward {summary['final_reward']:.3f}, run dir {info.run_dir}")
@@ -463,7 +466,30 @@ def preempted(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path, position: P
 
 
 def save_checkpoint(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path, position: Position) -> Path:
-    return engine.save(RunDir(run_dir).checkpoints, vars(position), keep=cfg.checkpoints_to_keep)
+    """Checkpoint with the run's position, keep the newest ``checkpoints_to_keep``, report the sizes."""
+    from dynalign.engine import checkpoint_bytes, complete_checkpoints
+
+    path = engine.save(RunDir(run_dir).checkpoints, vars(position), keep=cfg.checkpoints_to_keep)
+    if is_main_process():
+        kept = complete_checkpoints(path.parent)
+        print0(f"dynalign: checkpoint {path}: {fmt_bytes(checkpoint_bytes(path))} "
+               f"({len(kept)} kept, {fmt_bytes(sum(map(checkpoint_bytes, kept)))} in all)")
+    return path
+
+
+def finish_checkpoints(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path) -> dict[str, float]:
+    """The run ended: under ``checkpoint_optimizer_at_end=false`` its checkpoints drop what only a
+    resume would read. Returns the size of the newest checkpoint, for the summary."""
+    from dynalign.engine import checkpoint_bytes, resumable_checkpoint
+
+    root = RunDir(run_dir).checkpoints
+    if not cfg.checkpoint_optimizer_at_end:
+        freed = engine.drop_training_state(root)
+        print0(f"dynalign: checkpoint_optimizer_at_end=false: the checkpoints dropped their optimizer and "
+               f"module states ({fmt_bytes(freed)}); the final weights are "
+               f"{RunDir(run_dir).export(cfg.iterations)}")
+    newest = resumable_checkpoint(root) if is_main_process() else None
+    return {"checkpoint/size_gib": checkpoint_bytes(newest) / 2**30} if newest else {}
 
 
 def resume(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path) -> Position:

@@ -14,6 +14,7 @@ import random
 import shlex
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -403,6 +404,84 @@ def test_a_saved_checkpoint_is_complete_and_lists_its_files(saved):
     assert {"rng_rank0.safetensors", "reference/model.safetensors",
             "zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= set(listed)
     assert not any(name.endswith(".pt") and name.startswith("rng") for name in listed)
+
+
+# ------------------------------------------------------------- the run's end
+
+
+def _sizes(directory: Path) -> dict[str, int]:
+    return {p.relative_to(directory).as_posix(): p.stat().st_size
+            for p in directory.rglob("*") if p.is_file()}
+
+
+def test_dropping_the_training_state_frees_deepspeeds_files_and_refuses_a_resume(saved, tmp_path):
+    entry = saved("zero3_reference")
+    root, step_dir = copy_of(entry, tmp_path)
+    on_disk = _sizes(step_dir)
+    deepspeed = {name for name in on_disk if name.endswith(".pt")}
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in deepspeed
+    assert checkpoint.checkpoint_bytes(step_dir) == sum(on_disk.values())
+
+    assert entry.engine.drop_training_state(root) == sum(on_disk[name] for name in deepspeed)
+    kept = _sizes(step_dir)
+    assert set(kept) == set(on_disk) - deepspeed  # RNG states, the moved reference, the state file
+    assert "reference/model.safetensors" in kept and "rng_rank0.safetensors" in kept
+    assert checkpoint.checkpoint_bytes(step_dir) == sum(kept.values())
+    assert resumable_checkpoint(root) == step_dir  # complete: what resume=auto finds, and refuses
+    state = json.loads((step_dir / STATE_FILE).read_text())
+    assert state["resumable"] is False and state["client_state"] == CLIENT_STATE
+    with pytest.raises(CheckpointError) as error:
+        entry.engine.load(root)
+    assert_names(error, step_dir, "checkpoint_optimizer_at_end=false", "iter_<k>/")
+    assert entry.engine.drop_training_state(root) == 0  # once is enough
+
+
+def _disk_estimate(model: ModelConfig, grpo, ds: DeepSpeedConfig):
+    from dynalign.config import TrainConfig
+    from dynalign.memory import disk_bytes
+    from dynalign.plan import model_shape
+
+    return disk_bytes(TrainConfig(model=model, grpo=grpo, deepspeed=ds), model_shape(model))
+
+
+def _weight_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_the_plans_disk_estimate_is_what_a_checkpoint_and_an_export_take(saved, name, tiny_model_path,
+                                                                          tmp_path):
+    entry = saved(name)
+    model, grpo, ds = ENGINES[name]()
+    disk = _disk_estimate(replace(model, name_or_path=str(tiny_model_path)), grpo, ds)
+    # optimizer shards, the module below stage 3, the moved reference: within DeepSpeed's pickle framing
+    assert checkpoint.checkpoint_bytes(entry.step_dir) == pytest.approx(disk.checkpoint, rel=0.01)
+    assert _weight_bytes(entry.engine.export_hf(tmp_path / "iter_1")) == pytest.approx(disk.export, rel=0.01)
+
+
+def test_the_disk_estimate_of_lora_on_zero3_counts_deepspeeds_frozen_fragments(tiny_model_path, tmp_path):
+    model = ModelConfig(name_or_path=str(tiny_model_path), dtype="bfloat16",
+                        lora=LoraConfig(enabled=True, r=4, alpha=8))
+    grpo, ds = grpo_config(beta=0.1), DeepSpeedConfig(stage=3)
+    engine = PolicyEngine(model, grpo, ds, seed=0)
+    try:
+        engine.train_step(with_reference(engine, make_batch(16, seed=20)))
+        engine.update_reference()
+        path = engine.save(tmp_path / "checkpoints", {})
+        disk = _disk_estimate(model, grpo, ds)
+        # the frozen base is most of it; each of its tensors adds some pickle framing (a few KiB)
+        assert checkpoint.checkpoint_bytes(path) == pytest.approx(disk.checkpoint, abs=256 << 10)
+        assert _weight_bytes(engine.export_hf(tmp_path / "iter_1")) == pytest.approx(disk.export, rel=0.01)
+    finally:
+        engine.close()
+
+
+def test_a_state_whose_resumable_flag_is_not_a_bool_is_named(tmp_path):
+    path = fake_checkpoint(tmp_path, "step_3")
+    state = json.loads((path / STATE_FILE).read_text())
+    (path / STATE_FILE).write_text(json.dumps({**state, "resumable": "no"}))
+    with pytest.raises(CheckpointError, match="resumable is 'no', expected a bool"):
+        checkpoint.read_state(path)
 
 
 # --------------------------------------------------------------- the allowlist

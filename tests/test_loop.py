@@ -4,6 +4,7 @@ GRPO step that moves every trainable parameter."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -269,8 +270,16 @@ class Recorder:
         Path(directory).mkdir(parents=True)
         (Path(directory) / "config.json").write_text("{}")
 
-    def save(self, directory, client_state, *, keep) -> None:
-        self.calls.append(f"save(step {client_state['global_step']})")
+    def save(self, directory, client_state, *, keep) -> Path:
+        """A complete checkpoint of nothing but its state, as the real one is named and found."""
+        step = client_state["global_step"]
+        self.calls.append(f"save(step {step})")
+        path = Path(directory) / f"step_{step}"
+        path.mkdir(parents=True, exist_ok=True)
+        state = {"client_state": client_state, "global_step": step, "skipped_steps": 0,
+                 "reference_updated": False, "world_size": 1, "files": {}}
+        (path / "dynalign_state.json").write_text(json.dumps(state))
+        return path
 
 
 @pytest.mark.parametrize("needs_weight_sync", [True, False], ids=["own-weights", "shared-weights"])
@@ -315,6 +324,13 @@ def test_frozen_judging_over_several_iterations_needs_the_exports(train_cfg):
         train_cfg("judge.source=frozen", "iterations=2", "export_each_iteration=false").validate()
     train_cfg("judge.source=frozen", "export_each_iteration=false", "iterations=1").validate()
     train_cfg("judge.source=self", "iterations=2", "export_each_iteration=false").validate()
+
+
+def test_dropping_the_optimizer_at_the_end_needs_the_final_export(train_cfg):
+    with pytest.raises(ConfigError, match="^export_each_iteration: checkpoint_optimizer_at_end=false"):
+        train_cfg("checkpoint_optimizer_at_end=false", "export_each_iteration=false").validate()
+    train_cfg("checkpoint_optimizer_at_end=false").validate()
+    train_cfg("export_each_iteration=false").validate()
 
 
 def test_end_of_iteration_times_its_phases_and_loads_the_next_frozen_judge(train_cfg, tmp_path, monkeypatch):

@@ -204,6 +204,38 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
+def test_a_run_can_end_without_its_optimizer_state(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    proc = _train(run, "logger=none", "checkpoint_optimizer_at_end=false", "checkpoints_to_keep=1",
+                  cache=cache_dir)
+    out = proc.stdout + proc.stderr
+    # each iteration's checkpoint is reported as written, DeepSpeed's files included
+    reported = [line.split(": ") for line in out.splitlines() if line.startswith("dynalign: checkpoint /")]
+    assert [where for _, where, _ in reported] == [f"checkpoint {run}/checkpoints/step_{n}" for n in (2, 4)]
+    sizes = [size.split(" (")[0] for *_, size in reported]
+    assert [size for *_, size in reported] == [f"{s} (1 kept, {s} in all)" for s in sizes]
+    assert all(s.endswith(" MiB") for s in sizes)  # the tiny model with its optimizer state
+    assert "the checkpoints dropped their optimizer and module states" in out and str(run / "iter_2") in out
+
+    (step_dir,) = (run / "checkpoints").glob("step_*")
+    assert step_dir.name == "step_4" and not list(step_dir.glob("*.pt"))
+    on_disk = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["checkpoint/size_gib"] == pytest.approx(on_disk / 2**30)
+    assert on_disk < 2**20 and (run / "iter_2" / "model.safetensors").is_file()  # the final weights
+
+    # continuing the run is refused in one line naming the checkpoint and why
+    cmd = [sys.executable, "-m", "dynalign.train", f"hydra.run.dir={run}", *FAST, "logger=none",
+           "iterations=3", "resume=auto"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(cache_dir), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert str(step_dir) in last and "checkpoint_optimizer_at_end=false" in last
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
 def test_unreachable_wandb_does_not_stop_training(tmp_path, cache_dir):
     run = tmp_path / "run"
     proc = _train(run, "iterations=1", "steps_per_iteration=1", "logger.mode=online",

@@ -539,6 +539,10 @@ class TrainConfig:
     resume: str = "never"  # never | auto (latest checkpoint of the run dir) | a checkpoint path
     overwrite: bool = False  # resume=never where an earlier run left files: delete them (true) or refuse
     checkpoints_to_keep: int = 2  # newest K checkpoints are kept
+    # false: when the run ends, its checkpoints drop DeepSpeed's optimizer and module states (full
+    # fine-tuning: ~16 bytes a parameter); the final weights are the last iter_<k>/ export, and
+    # the run can no longer be resumed (a new run starts from that export)
+    checkpoint_optimizer_at_end: bool = True
     update_reference_each_iteration: bool = True  # move the KL reference to the policy per iteration
     export_each_iteration: bool = True  # write a Hugging Face directory iter_<k>/ after iteration k
     checkpoint: Optional[str] = None  # dynalign.evaluate: an HF model dir or a run dir (newest iter_<k>/)
@@ -558,6 +562,9 @@ class TrainConfig:
         require(self.resume in RESUME_MODES or bool(self.resume.strip()), "resume",
                 f"must be one of {RESUME_MODES} or a checkpoint path")
         positive(self.checkpoints_to_keep, "checkpoints_to_keep")
+        require(self.checkpoint_optimizer_at_end or self.export_each_iteration, "export_each_iteration",
+                "checkpoint_optimizer_at_end=false leaves the final weights in the last iter_<k>/ export "
+                "only: set it true")
         require(self.eval.every_n_iterations == 0 or self.export_each_iteration, "export_each_iteration",
                 "eval.every_n_iterations > 0 evaluates the exported iter_<k>/ directories: set it true")
         require(self.judge.source != "frozen" or self.iterations == 1 or self.export_each_iteration,

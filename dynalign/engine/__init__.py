@@ -12,6 +12,8 @@ from dynalign.engine.batch import TrainBatch
 from dynalign.engine.checkpoint import (
     LATEST_FILE,
     CheckpointError,
+    checkpoint_bytes,
+    complete_checkpoints,
     newest_complete_checkpoint,
     read_safetensors_dir,
     record_client_state,
@@ -23,7 +25,7 @@ from dynalign.engine.ds_config import deepspeed_config, gradient_accumulation_st
 from dynalign.engine.policy import PolicyEngine
 from dynalign.zero import hf_zero3_init
 
-__all__ = ["LATEST_FILE", "CheckpointError", "PolicyEngine", "TrainBatch", "deepspeed_config",
-           "gradient_accumulation_steps", "hf_zero3_init", "newest_complete_checkpoint",
-           "read_safetensors_dir", "record_client_state", "resolve_checkpoint", "resumable_checkpoint",
-           "warmup_constant", "write_safetensors_shards"]
+__all__ = ["LATEST_FILE", "CheckpointError", "PolicyEngine", "TrainBatch", "checkpoint_bytes",
+           "complete_checkpoints", "deepspeed_config", "gradient_accumulation_steps", "hf_zero3_init",
+           "newest_complete_checkpoint", "read_safetensors_dir", "record_client_state", "resolve_checkpoint",
+           "resumable_checkpoint", "warmup_constant", "write_safetensors_shards"]

@@ -37,6 +37,14 @@ else cannot run code:
 
 Every missing, truncated, corrupt or refused file raises :class:`CheckpointError`, whose message
 is one line that starts with the file's path.
+
+At a run's end
+--------------
+A run that ends with ``checkpoint_optimizer_at_end=false`` calls :func:`drop_training_state`:
+its checkpoints give up DeepSpeed's files (for full fine-tuning ~16 bytes a parameter: fp32
+master weights and the two AdamW moments, plus the 16-bit module) and keep the run's record
+(counters, position, RNG states, the moved reference). Their state says ``"resumable": false``
+and :func:`load` refuses them; the run's final weights are its last ``iter_<k>/`` export.
 """
 
 from __future__ import annotations
@@ -409,18 +417,24 @@ def checkpoint_complete(path: Path) -> bool:
     return state["global_step"] == checkpoint_step(path)
 
 
-def newest_complete_checkpoint(root: Path) -> Path | None:
-    """The complete ``<root>/step_<n>`` with the largest ``n``, ignoring ``latest``; None if none.
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete ``<root>/step_<n>`` by ascending ``n``, ignoring ``latest``.
 
     ``.tmp-step_<n>`` (a save in progress or crashed) and ``.trash-step_<n>`` (a replaced one)
-    never count. For a root whose ``latest`` is missing: a crash before it was first written,
-    or it was deleted.
+    never count.
     """
     if not root.is_dir():
-        return None
-    steps = sorted(((step, p) for p in root.iterdir()
-                    if (step := checkpoint_step(p)) is not None and p.is_dir()), reverse=True)
-    return next((p for _, p in steps if checkpoint_complete(p)), None)
+        return []
+    steps = sorted((step, p) for p in root.iterdir()
+                   if (step := checkpoint_step(p)) is not None and p.is_dir())
+    return [p for _, p in steps if checkpoint_complete(p)]
+
+
+def newest_complete_checkpoint(root: Path) -> Path | None:
+    """The complete ``<root>/step_<n>`` with the largest ``n``, ignoring ``latest``; None if none:
+    what a root whose ``latest`` is missing (a crash before it was first written, or it was
+    deleted) resumes from."""
+    return next(reversed(complete_checkpoints(root)), None)
 
 
 def resumable_checkpoint(root: Path) -> Path | None:
@@ -466,6 +480,7 @@ def rotate(root: Path, tag: str, keep: int | None) -> None:
 # dynalign_state.json: key -> type (bool is no int here, though Python says it is)
 _STATE_TYPES: dict[str, type] = {"client_state": dict, "global_step": int, "skipped_steps": int,
                                  "reference_updated": bool, "world_size": int, "files": dict}
+RESUMABLE = "resumable"  # optional bool, absent = true: false once drop_training_state ran
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -481,6 +496,8 @@ def read_state(path: Path) -> dict[str, Any]:
         value = state.get(key)
         if type(value) is not kind or (isinstance(value, int) and value < 0):
             raise CheckpointError(file, f"{key} is {value!r}, expected a {kind.__name__}")
+    if type(state.get(RESUMABLE, True)) is not bool:
+        raise CheckpointError(file, f"{RESUMABLE} is {state[RESUMABLE]!r}, expected a bool")
     files = state["files"]
     if not all(_plain_name(name) and type(size) is int for name, size in files.items()):
         raise CheckpointError(file, "files must map relative paths inside the checkpoint to sizes")
@@ -491,6 +508,11 @@ def file_sizes(path: Path) -> dict[str, int]:
     """Size of every file under ``path`` by relative POSIX path, the state file left out."""
     return {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*"))
             if p.is_file() and p.name != STATE_FILE}
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Size on disk of the checkpoint ``path``: the files its state lists, and the state file."""
+    return sum(read_state(path)["files"].values()) + (path / STATE_FILE).stat().st_size
 
 
 def check_files(path: Path, state: dict[str, Any]) -> None:
@@ -560,6 +582,11 @@ def load(engine: PolicyEngine, directory: str | os.PathLike) -> dict[str, Any]:
     root, tag = resolve_checkpoint(directory)
     path = root / tag
     state = read_state(path)
+    if not state.get(RESUMABLE, True):
+        raise CheckpointError(path, "keeps no optimizer or module state (its run ended with "
+                                    "checkpoint_optimizer_at_end=false), so training cannot continue "
+                                    "from it; the run's final weights are its last iter_<k>/ export: "
+                                    "start a new run from it with model.name_or_path=<run>/iter_<k>")
     if state["world_size"] != engine.world_size:
         raise CheckpointError(path / STATE_FILE,
                               f"written by {state['world_size']} rank(s), this run has {engine.world_size}: "
@@ -607,6 +634,29 @@ def _load_reference(engine: PolicyEngine, directory: Path) -> None:
     if targets:
         raise CheckpointError(directory, f"reference weights missing: {sorted(targets)[:5]}")
     engine.reference_updated = True
+
+
+def drop_training_state(engine: PolicyEngine, root: str | os.PathLike) -> int:
+    """Drop DeepSpeed's files from every complete checkpoint under ``root``: what a run that ended
+    needs no more to continue (module docstring, *At a run's end*); collective, rank 0 deletes.
+
+    The state is rewritten first (``"resumable": false``, the dropped files no longer listed),
+    then the files go, so a crash in between leaves a complete, refused checkpoint. Returns
+    the bytes freed (0 on ranks other than 0, and for checkpoints already dropped).
+    """
+    freed = 0
+    if engine.rank == 0:
+        for path in complete_checkpoints(Path(root)):
+            state = read_state(path)
+            state["files"] = {name: size for name, size in state["files"].items()
+                              if "/" in name or not name.endswith(".pt")}
+            state[RESUMABLE] = False
+            write_json(path / STATE_FILE, state, indent=2, sort_keys=True, ensure_ascii=True)
+            for file in path.glob("*.pt"):  # DeepSpeed's: module states, ZeRO optimizer shards
+                freed += file.stat().st_size
+                file.unlink()
+    barrier()
+    return freed
 
 
 def record_client_state(engine: PolicyEngine, directory: str | os.PathLike,

@@ -339,6 +339,12 @@ class PolicyEngine:
         :class:`~dynalign.engine.checkpoint.CheckpointError` naming it."""
         return checkpoint.load(self, directory)
 
+    def drop_training_state(self, directory: str | os.PathLike) -> int:
+        """At a run's end: the checkpoints under ``directory`` drop the optimizer and module states
+        they hold for resuming (:func:`~dynalign.engine.checkpoint.drop_training_state`); collective;
+        returns the bytes freed."""
+        return checkpoint.drop_training_state(self, directory)
+
     def close(self) -> None:
         """Drop the DeepSpeed engines (hooks included); the process group stays for other users."""
         destroy_engine(self.ds_engine)
