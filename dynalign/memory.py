@@ -38,14 +38,6 @@ from dynalign.config.schema import TrainConfig
 
 GiB = 1 << 30
 DEVICE, HOST = "device", "host"
-
-
-def fmt_bytes(size: int) -> str:
-    """Bytes in GiB (MiB, KiB below one)."""
-    for unit, scale in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(size) >= scale:
-            return f"{size / scale:.2f} {unit}"
-    return f"{size} B"
 LOAD, ROLLOUT, JUDGE, UPDATE = "load", "rollout", "judge", "update"
 RUN_PHASES = (ROLLOUT, JUDGE, UPDATE)  # the phases of a step; loading comes before any of them
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -62,6 +54,14 @@ CHARS_PER_TOKEN = 3.0
 VLLM_PROFILE_TOKENS = 8192  # tokens of vLLM's start-up profiling forward (its max_num_batched_tokens)
 VERDICT_TOKENS_PER_ASPECT = 8  # "name: s" lines and the verdict tag, in logprob mode
 LOGIT_COPIES = 3  # training keeps the kept logits, their gradient and the head output's gradient
+
+
+def fmt_bytes(size: int) -> str:
+    """Bytes in GiB (MiB, KiB below one)."""
+    for unit, scale in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(size) >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
 
 
 @dataclass(frozen=True)

@@ -539,9 +539,9 @@ class TrainConfig:
     resume: str = "never"  # never | auto (latest checkpoint of the run dir) | a checkpoint path
     overwrite: bool = False  # resume=never where an earlier run left files: delete them (true) or refuse
     checkpoints_to_keep: int = 2  # newest K checkpoints are kept
-    # false: when the run ends, its checkpoints drop DeepSpeed's optimizer and module states (full
-    # fine-tuning: ~16 bytes a parameter); the final weights are the last iter_<k>/ export, and
-    # the run can no longer be resumed (a new run starts from that export)
+    # false: when the run ends, its checkpoints drop DeepSpeed's optimizer and module states (12
+    # bytes a trainable parameter, more below ZeRO-3); the final weights are the last iter_<k>/
+    # export, and the run can no longer be resumed (a new run starts from that export)
     checkpoint_optimizer_at_end: bool = True
     update_reference_each_iteration: bool = True  # move the KL reference to the policy per iteration
     export_each_iteration: bool = True  # write a Hugging Face directory iter_<k>/ after iteration k

@@ -41,8 +41,8 @@ is one line that starts with the file's path.
 At a run's end
 --------------
 A run that ends with ``checkpoint_optimizer_at_end=false`` calls :func:`drop_training_state`:
-its checkpoints give up DeepSpeed's files (for full fine-tuning ~16 bytes a parameter: fp32
-master weights and the two AdamW moments, plus the 16-bit module) and keep the run's record
+its checkpoints give up DeepSpeed's files (12 bytes a trainable parameter: fp32 master weights
+and the two AdamW moments; below ZeRO-3 also the module) and keep the run's record
 (counters, position, RNG states, the moved reference). Their state says ``"resumable": false``
 and :func:`load` refuses them; the run's final weights are its last ``iter_<k>/`` export.
 """
