@@ -233,6 +233,15 @@ def test_a_run_can_end_without_its_optimizer_state(tmp_path, cache_dir):
     last = proc.stderr.strip().splitlines()[-1]
     assert str(step_dir) in last and "checkpoint_optimizer_at_end=false" in last
     assert "Traceback" not in proc.stderr
+    # named as resume=PATH, it is refused before any model loads
+    cmd = [sys.executable, "-m", "dynalign.train", f"hydra.run.dir={tmp_path / 'next'}", *FAST, "logger=none",
+           f"resume={step_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(tmp_path / "empty-cache"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"dynalign: invalid config: resume: {step_dir} keeps no optimizer or module state")
+    assert not (tmp_path / "empty-cache").exists()  # nothing was built or loaded
 
 
 @pytest.mark.slow

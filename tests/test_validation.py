@@ -323,6 +323,18 @@ def test_resume_accepts_a_checkpoint_root_or_one_checkpoint(tmp_path):
         check_resume(str(root))
 
 
+def test_resume_refuses_a_checkpoint_whose_run_dropped_its_training_state(tmp_path):
+    root = checkpoint_root(tmp_path / "run" / "checkpoints")
+    (root / "step_4" / CHECKPOINT_STATE).write_text(json.dumps({"resumable": False, "global_step": 4}))
+    for value in (str(root), str(root / "step_4")):
+        with pytest.raises(ConfigError, match=r"step_4 keeps no optimizer or module state .*"
+                                              r"checkpoint_optimizer_at_end=false") as info:
+            check_resume(value)
+        assert info.value.key == "resume"
+    (root / "step_4" / CHECKPOINT_STATE).write_text(json.dumps({"resumable": True, "global_step": 4}))
+    check_resume(str(root))
+
+
 def test_checkpoint_file_names_match_the_engine():
     from dynalign.engine.checkpoint import LATEST_FILE, STATE_FILE
 

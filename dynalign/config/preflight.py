@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,12 +229,28 @@ def check_resume(resume: str) -> None:
         tag = latest.read_text(encoding="utf-8").strip()
         require((path / tag / CHECKPOINT_STATE).is_file(), "resume",
                 f"{latest} names {tag!r}, which holds no {CHECKPOINT_STATE}")
+        check_resumable(path / tag)
         return
     if (path / CHECKPOINT_STATE).is_file():
+        check_resumable(path)
         return
     run_checkpoints = path / "checkpoints"  # a run directory given for its checkpoint root
     hint = f"; did you mean {run_checkpoints}?" if (run_checkpoints / CHECKPOINT_LATEST).is_file() else ""
     raise ConfigError("resume", f"{resume} is not a checkpoint ({expected}){hint}")
+
+
+def check_resumable(checkpoint: Path) -> None:
+    """A checkpoint whose run ended with ``checkpoint_optimizer_at_end=false`` keeps nothing to
+    train on from (its state says ``"resumable": false``). A state that does not read is left
+    to the load, which names what is wrong with it."""
+    try:
+        state = json.loads((checkpoint / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    require(not isinstance(state, dict) or state.get("resumable", True) is not False, "resume",
+            f"{checkpoint} keeps no optimizer or module state (its run ended with "
+            "checkpoint_optimizer_at_end=false): start a new run from that run's last iter_<k>/ "
+            "export (model.name_or_path=<run>/iter_<k>)")
 
 
 # ----------------------------------------------------------------------- datasets
