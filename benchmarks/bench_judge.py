@@ -50,12 +50,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def judge_inputs(rubric, prompts: int, answers: int, reasoning: bool):
-    from dynalign.judge import render_judge_prompt
+    from dynalign.judge import render_judge_prompts
 
-    rng = random.Random(0)
-    rendered = [render_judge_prompt(rubric, QUESTIONS[p % len(QUESTIONS)], ANSWERS[(p + a) % len(ANSWERS)],
-                                    reasoning=reasoning, rng=rng)
-                for p in range(prompts) for a in range(answers)]
+    pairs = [(QUESTIONS[p % len(QUESTIONS)], ANSWERS[(p + a) % len(ANSWERS)])
+             for p in range(prompts) for a in range(answers)]
+    rendered = render_judge_prompts(rubric, [q for q, _ in pairs], [a for _, a in pairs], reasoning=reasoning,
+                                    rng=random.Random(0))
     return [m for m, _ in rendered], [n for _, n in rendered]
 
 

@@ -96,3 +96,23 @@ def test_seeded_nonces_are_reproducible_and_distinct():
     rng = random.Random(7)
     drawn = {new_nonce(rng) for _ in range(1000)}
     assert len(drawn) == 1000 and all(len(n) == len(new_nonce()) for n in drawn)
+
+
+def test_the_candidates_of_one_prompt_share_a_nonce_none_of_them_holds():
+    from dynalign.judge import render_judge_prompts
+
+    rubric = load_rubric("ca_rubric")
+    prompts = ["q1", "q2", "q1", "q2", "q3"]
+    candidates = ["a", "b", "c", "d", "e"]
+    rendered = render_judge_prompts(rubric, prompts, candidates, rng=random.Random(3))
+    nonces = [nonce for _, nonce in rendered]
+    assert nonces[0] == nonces[2] and nonces[1] == nonces[3]  # one nonce per user prompt
+    assert len({nonces[0], nonces[1], nonces[4]}) == 3  # and another for each other prompt
+    assert nonces == [n for _, n in render_judge_prompts(rubric, prompts, candidates, rng=random.Random(3))]
+    for (messages, nonce), candidate in zip(rendered, candidates, strict=True):
+        assert f"<answer-{nonce}>\n{candidate}\n</answer-{nonce}>" in messages[1]["content"]
+    # a nonce is never one that a candidate of its prompt could have written
+    rng = random.Random(3)
+    first = render_judge_prompts(rubric, ["q"], ["x"], rng=random.Random(3))[0][1]
+    rendered = render_judge_prompts(rubric, ["q", "q"], ["x", f"I guess {first.upper()}"], rng=rng)
+    assert rendered[0][1] == rendered[1][1] != first

@@ -28,7 +28,12 @@ from dynalign.judge.parse import (
     parse_pairwise_verdict,
     parse_verdict,
 )
-from dynalign.judge.prompt import format_verdict, render_judge_prompt, render_pairwise_prompt
+from dynalign.judge.prompt import (
+    format_verdict,
+    render_judge_prompt,
+    render_judge_prompts,
+    render_pairwise_prompt,
+)
 from dynalign.judge.rubric import COMBINE_FUNCTIONS, Aspect, Rubric, load_rubric, shipped_rubrics
 from dynalign.judge.scoring import SCORING_MODES, Judge, JudgeResult
 from dynalign.judge.stats import judge_stats, length_correlations
@@ -41,5 +46,5 @@ __all__ = [
     "choice_logprobs", "expected_scores", "format_verdict", "judge_pairs", "judge_stats",
     "length_correlations", "load_rubric", "resolve_judge_model",
     "parse_failure_stats", "parse_pairwise_verdict", "parse_verdict", "render_judge_prompt",
-    "render_pairwise_prompt", "score_slots", "shipped_rubrics", "verdict_prefix",
+    "render_judge_prompts", "render_pairwise_prompt", "score_slots", "shipped_rubrics", "verdict_prefix",
 ]

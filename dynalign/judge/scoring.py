@@ -19,7 +19,7 @@ import torch
 
 from dynalign.judge.backends import JudgeBackend, SamplerBackend
 from dynalign.judge.parse import BACKEND_ERROR, failed, most_common_failure, parse_verdict
-from dynalign.judge.prompt import render_judge_prompt
+from dynalign.judge.prompt import render_judge_prompts
 from dynalign.judge.rubric import Rubric, RubricLike, load_rubric
 from dynalign.rollout.base import Prompt, SamplingParams
 
@@ -33,7 +33,7 @@ class JudgeResult:
     reasons: list[str]  # [N] "ok" or the failure code that left the candidate without a reward
     judgement_reasons: list[list[str]]  # [N][k] reason of every single judgement (k = 1 in logprob mode)
     texts: list[list[str]]  # [N][k] the judge's raw outputs, rationales included ("" if none generated)
-    nonces: list[str]  # [N] the per-call nonce of each judge prompt
+    nonces: list[str]  # [N] the nonce of each judge prompt (one per user prompt of the call)
     aspect_names: tuple[str, ...]
     scale: tuple[int, int] = (0, 5)  # the rubric's (scale_min, scale_max)
     score_mass: torch.Tensor | None = None  # [N, A] logprob mode: probability on the score tokens
@@ -50,7 +50,7 @@ def score_by_generation(judge: Judge, prompts: Sequence[Prompt], candidates: Seq
                         seed: int | None = None) -> JudgeResult:
     rubric, k = judge.rubric, judge.num_samples
     rng = None if seed is None else random.Random(seed)
-    rendered = [render_judge_prompt(rubric, p, c, rng=rng) for p, c in zip(prompts, candidates, strict=True)]
+    rendered = render_judge_prompts(rubric, prompts, candidates, rng=rng)
     params = judge.params if seed is None else replace(judge.params, seed=seed)
     outputs = judge.backend.generate([m for m, _ in rendered], k, params)  # [N][k]
     rows, rewards, reasons, judgement_reasons, texts = [], [], [], [], []
@@ -77,8 +77,7 @@ def score_by_logprob(judge: Judge, prompts: Sequence[Prompt], candidates: Sequen
                      seed: int | None = None) -> JudgeResult:
     rubric = judge.rubric
     rng = None if seed is None else random.Random(seed)
-    rendered = [render_judge_prompt(rubric, p, c, reasoning=False, rng=rng)
-                for p, c in zip(prompts, candidates, strict=True)]
+    rendered = render_judge_prompts(rubric, prompts, candidates, reasoning=False, rng=rng)
     nonces = [n for _, n in rendered]
     slots = judge.backend.verdict_distributions([m for m, _ in rendered], nonces, rubric, judge.params)
     values = torch.tensor([float(s) for s in rubric.scores])  # [S]
