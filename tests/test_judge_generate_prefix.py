@@ -1,4 +1,4 @@
-"""Generate-mode judging on the HF sampler with the shared prefix prefilled once (SharedPrefix).
+"""Generate-mode judging on the HF sampler with shared prefixes prefilled once (read_prefixes).
 
 Every decode that reuses the prefix is compared with the from-scratch ``generate`` of the same
 rows: the cache may change the order of the float work, never the tokens the model reads or
@@ -16,7 +16,7 @@ import torch
 
 from dynalign.rollout import HFSampler, Rollouts, SamplingParams
 from dynalign.rollout.encoding import encode_prompts
-from dynalign.rollout.prefix_cache import generation_prefix_length
+from dynalign.rollout.prefix_cache import plan_prefixes
 
 TOL = 1e-4  # float32 log-probs through a different order of the same work
 SHARED = "# Rubric\n" + "Score how far the answer lets everyone involved act meaningfully. " * 12
@@ -103,12 +103,16 @@ def assert_same_answers(plain: Rollouts, reused: Rollouts) -> None:
     assert torch.allclose(plain.logprobs, reused.logprobs, atol=TOL, rtol=0)  # per decoded token
 
 
-def test_the_reused_prefix_leaves_every_row_a_token_of_its_own():
-    assert generation_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 9]]) == 2
-    assert generation_prefix_length([[1, 2], [1, 2, 3]]) == 1  # the shorter row prefills its last token
-    assert generation_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # n samples of one prompt
-    assert generation_prefix_length([[4, 2], [5, 2]]) == 0  # nothing shared
-    assert generation_prefix_length([[1, 2, 3]]) == 0  # one row reads its prefix once anyway
+def test_the_reused_prefixes_leave_every_row_a_token_of_its_own():
+    def plan(rows):
+        return plan_prefixes(rows, [len(r) - 1 for r in rows])  # what the sampler reads once
+
+    assert plan([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 9]]).shared == 2
+    assert plan([[1, 2], [1, 2, 3]]).shared == 1  # the shorter row prefills its last token
+    samples = plan([[1, 2, 3], [1, 2, 3], [1, 4, 5], [1, 4, 5]])  # 2 samples of 2 prompts
+    assert samples.shared == 1 and samples.reusable == (2, 2, 2, 2)  # each prompt but its last token
+    assert [(list(rows), n) for rows, n in samples.runs] == [([0, 1], 2), ([2, 3], 2)]
+    assert plan([[4, 2], [5, 2]]).reusable == (0, 0)  # nothing shared
 
 
 def test_greedy_decoding_reads_the_prefix_once_and_decodes_the_same_tokens(model):
@@ -120,14 +124,16 @@ def test_greedy_decoding_reads_the_prefix_once_and_decodes_the_same_tokens(model
     # answers differ between prompts and tokens within an answer: nothing constant is compared
     assert len(set(plain.texts)) > 1 and len(set(plain.completion_ids[0].tolist())) > 1
     rows = encode_prompts(tokenizer, PROMPTS)
-    shared = generation_prefix_length(rows)
-    assert shared >= len(encode_prompts(tokenizer, [SHARED])[0]) - 1  # the rubric (its last token may merge)
-    assert shapes[0] == (1, shared)  # read once, batch 1
-    prefills = [s for s in shapes[1:] if s[1] > 1]  # generate's first forward of each batch
     repeated = [r for r in rows for _ in range(2)]  # prompt-major, as sampled
-    batches = [repeated[i:i + BATCH] for i in range(0, len(repeated), BATCH)]
-    assert prefills == [(len(b), max(map(len, b)) - shared) for b in batches]  # each row's own tokens
-    assert all(s[0] > 1 for s in shapes[1:])  # no other batch-1 read
+    plan = plan_prefixes(repeated, [len(r) - 1 for r in repeated])
+    shared = plan.shared
+    assert shared >= len(encode_prompts(tokenizer, [SHARED])[0]) - 1  # the rubric (its last token may merge)
+    assert plan.reusable == tuple(len(r) - 1 for r in repeated)  # each prompt's 2 samples: one run
+    assert shapes[0] == (1, shared)  # the rubric, read once with batch 1
+    assert shapes[1] == (len(rows), max(map(len, rows)) - 1 - shared)  # each prompt's own tokens, once
+    sizes = [len(repeated[i:i + BATCH]) for i in range(0, len(repeated), BATCH)]
+    assert all(width == 1 for _, width in shapes[2:])  # generate prefills each row's last token only
+    assert [b for b, _ in shapes[2:]] == [b for b in sizes for _ in range(12)]  # then decodes 12 tokens
 
 
 def test_rows_ended_early_by_eos_or_a_stop_string_end_alike(model, monkeypatch):

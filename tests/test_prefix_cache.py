@@ -14,7 +14,9 @@ import torch
 from dynalign.rollout.prefix_cache import (
     PrefixCache,
     common_prefix_length,
+    group_rows,
     past_index,
+    plan_prefixes,
     plan_rows,
     shared_prefix_length,
 )
@@ -88,6 +90,40 @@ def test_every_kind_of_reuse_matches_a_full_forward_under_a_sliding_window(slidi
     assert_reads_match(sliding_model, cache, [shared + [1], shared + [2, 3]])  # another batch size
 
 
+def test_runs_of_rows_that_share_more_than_every_row_shares():
+    rows = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 3, 7], [1, 8, 8, 8], [1, 8, 8, 9], [1, 5]]
+    caps = [len(r) - 1 for r in rows]
+    # the third row shortens the first run to 3 tokens, which still saves more (2 x 2 > 1 x 3);
+    # the fourth shares only the common token: a run of its own
+    assert group_rows(rows, 1, caps) == [(range(0, 3), 3), (range(3, 5), 3), (range(5, 6), 1)]
+    plan = plan_prefixes(rows, caps)
+    assert plan.shared == 1 and plan.reusable == (3, 3, 3, 3, 3, 1)
+    assert plan.prefix_rows == [3, 3, 1]  # a cache row holding the shared token alone, for the last row
+    assert plan.cost == 1 + 3 * 2  # batch 1, then 2 new tokens on each of 3 rows
+    # a row in no run that needs many new tokens anyway makes the runs' pass pure cost
+    long_loner = rows[:5] + [[1] + [9] * 20]
+    assert plan_prefixes(long_loner, [len(r) - 1 for r in long_loner]).runs == ()
+
+
+def test_runs_read_their_prefix_once_and_match_a_full_forward(sliding_model):
+    rng = random.Random(1)
+    shared = [rng.randrange(97) for _ in range(30)]  # longer than the window of 8
+    groups = [[11] + [rng.randrange(97) for _ in range(11)], [12] + [rng.randrange(97) for _ in range(9)]]
+    # the answers of a group differ from their first token on
+    answers = [[[20 + a] + [rng.randrange(97) for _ in range(n - 1)] for a, n in enumerate(sizes)]
+               for sizes in ((3, 9, 1), (4, 2))]
+    rows = [shared + groups[g] + a for g, group in enumerate(answers) for a in group]
+    rows.append(shared + [13, 1, 2, 3, 4])  # in no group
+    cache = PrefixCache(sliding_model, torch.device("cpu"))
+    assert_reads_match(sliding_model, cache, rows)
+    # the rubric with batch 1, each group's 12 and 10 tokens and the rubric's last 12 for the
+    # row in no group (one block of 12), then the 9 tokens the longest answer needs on all 6 rows
+    assert cache.passes == 3 and cache.tokens_read == 30 + 3 * 12 + 6 * 9
+    assert cache.tokens_read < 30 + 6 * max(len(r) - 30 for r in rows)  # the rubric alone: 156
+    assert_reads_match(sliding_model, cache, [r + [5, 6] for r in rows], last=2)  # and continues from there
+    assert cache.passes == 4
+
+
 def test_a_query_needs_its_read_positions(sliding_model):
     cache = PrefixCache(sliding_model, torch.device("cpu"))
     with pytest.raises(ValueError, match="at least 1 token"):
@@ -112,14 +148,13 @@ class WithoutReuse:
 
 def judged_both_ways(sampler, rubric, n=5, slots=2):
     """Logprob-mode slot distributions of n judge prompts, with and without prefix reuse."""
-    from dynalign.judge import SamplerBackend, render_judge_prompt
+    from dynalign.judge import SamplerBackend, render_judge_prompts
     from dynalign.rollout.base import SamplingParams
 
-    rng = random.Random(0)
     answers = ["Share surplus food with neighbours.", "No.", "Compost, donate, and plan meals together.",
                "Ignore it.", "Ask the council for a shared fridge."][:n]
-    question = "How can our town reduce food waste?"
-    rendered = [render_judge_prompt(rubric, question, a, reasoning=False, rng=rng) for a in answers]
+    questions = ["How can our town reduce food waste?"] * 3 + ["What should our town do with food waste?"] * 2
+    rendered = render_judge_prompts(rubric, questions[:n], answers, reasoning=False, rng=random.Random(0))
     conversations, nonces = [m for m, _ in rendered], [x for _, x in rendered]
     params = SamplingParams(max_new_tokens=8)
     plain = SamplerBackend(WithoutReuse(sampler)).verdict_distributions(conversations, nonces, rubric, params)

@@ -30,7 +30,7 @@ from dynalign.rollout.encoding import (
     left_pad,
     prepare_request,
 )
-from dynalign.rollout.prefix_cache import PrefixCache, SharedPrefix, generation_prefix_length
+from dynalign.rollout.prefix_cache import PrefixCache, Prefixes, plan_prefixes, read_prefixes
 from dynalign.zero import gathered, is_partitioned, unhooked, zero3_offload
 
 GatherFactory = Callable[[], AbstractContextManager]
@@ -112,25 +112,37 @@ class HFSampler:
         rows = [ids for ids in prompt_ids for _ in range(n)]  # prompt-major
         completions: list[Completion] = []
         with self._inference(), self._seeded(params.seed):
-            prefix = self._shared_prefix(rows)
+            prefixes = self._read_prefixes(rows)
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start:start + self.batch_size]
-                completions += self._generate(batch, params, prefix.past(batch) if prefix else None)
+                indices = range(start, start + len(batch))
+                past = prefixes.past(indices, prefixes.keep(batch, indices))[0] if prefixes else None
+                completions += self._generate(batch, params, past)
         return build_rollouts(prompt_ids, completions, n, self.pad_id, backend="hf")
 
-    def _shared_prefix(self, rows: list[list[int]]) -> SharedPrefix | None:
-        """Inside :meth:`reuse_prefixes`, the prefix all ``rows`` share, read once; else None.
+    def _read_prefixes(self, rows: list[list[int]]) -> Prefixes | None:
+        """Inside :meth:`reuse_prefixes`, the prefixes ``rows`` share (all of them, then each run of
+        rows: one group's judge prompts, the samples of one prompt), read once; else None.
 
-        Not under lock-step decoding (a partitioned model that was not gathered): there the
-        extra forward would be a collective that only ranks whose rows share a prefix run.
+        Each row keeps its last token to prefill: ``generate`` runs at least one column. Not under
+        lock-step decoding (a partitioned model that was not gathered): there the extra forwards
+        would be collectives that only ranks whose rows share a prefix run.
         """
-        shared = generation_prefix_length(rows)
-        if self._prefixes is None or self._lockstep or not shared:
+        if self._prefixes is None or self._lockstep or len(rows) < 2:
             return None
-        return SharedPrefix(self.model, self.device, rows[0][:shared])
+        plan = plan_prefixes(rows, [len(r) - 1 for r in rows])
+        if not plan.shared and not plan.runs:
+            return None
+
+        def forward(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> None:
+            self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                       position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                       logits_to_keep=1)
+
+        return read_prefixes(forward, rows, plan)
 
     def _generate(self, rows: list[list[int]], params: SamplingParams, past: Any = None) -> list[Completion]:
-        """Decode a batch with transformers ``generate``; ``past`` (a :meth:`SharedPrefix.past`)
+        """Decode a batch with transformers ``generate``; ``past`` (a :meth:`Prefixes.past`)
         holds the KV cache of the batch's first columns, which ``generate`` then skips."""
         input_ids, attention_mask = left_pad(rows, self.pad_id)  # [B, P]
         stopping = None
@@ -213,11 +225,13 @@ class HFSampler:
     def reuse_prefixes(self, slots: int = 8) -> Iterator[int]:
         """Within the block, each call of :meth:`next_token_logprobs` / :meth:`token_logprobs`
         is one batched forward on a KV cache (:class:`~dynalign.rollout.prefix_cache.PrefixCache`):
-        the prefix all its texts share (a judge's rubric) is encoded once, and texts that extend
-        those of the call before (the next aspect slot) cost their new tokens only. Each call of
-        :meth:`sample` reads the prefix all its prompts share once (batch 1) and copies its cache
-        under every row (:class:`~dynalign.rollout.prefix_cache.SharedPrefix`): ``generate`` then
-        prefills the rest of each prompt and decodes as it would from scratch. The parameters stay
+        the prefix all its texts share (a judge's rubric) is encoded once, then the longer one each
+        run of consecutive texts shares (one group's user prompt), and texts that extend those of
+        the call before (the next aspect slot) cost their new tokens only. Each call of
+        :meth:`sample` reads the same prefixes of its prompts once
+        (:func:`~dynalign.rollout.prefix_cache.read_prefixes`) and copies their cache under each
+        row: ``generate`` then prefills the rest of each prompt and decodes as it would from
+        scratch. The parameters stay
         gathered (ZeRO-3) for the whole block. Yields ``slots``: callers ask about at most that
         many texts at a time (the batch of one forward).
         """

@@ -9,8 +9,11 @@ with logits at the last ``last`` positions of each row only. Its past comes eith
 
 * from the previous query (the same N rows, each a few tokens longer: the judge's next
   aspect slot), by cropping the cache, or
-* from the prefix all N sequences share (the rubric, and the user prompt when the rows
-  are one group's answers), encoded once with batch 1 and copied under every row.
+* from the prefixes the N sequences share (:func:`read_prefixes`): the one all of them share
+  (the rubric), encoded once with batch 1, then the longer one each run of consecutive rows
+  shares (one group's user prompt: its judge prompts carry one nonce), encoded in one batched
+  pass on copies of the first; each row's past is a copy of its run's. A plan picks this or
+  the shared prefix alone, whichever runs fewer token positions (:func:`plan_prefixes`).
 
 Layout: rows are LEFT-padded so that they all end at the last column, and every row's
 tokens are contiguous (pads precede them all). Then the distance between two tokens of a
@@ -25,15 +28,16 @@ The texts are tokenized whole, as without the cache, so the model sees the same 
 the same positions; only the order of the floating-point work changes (log-probs agree to
 ~1e-5 in float32).
 
-:class:`SharedPrefix` does the same for ``generate`` (a judge that writes its verdict): the
-prefix every prompt of a call shares is read once with batch 1 and copied, by the same layout
-rules, under each batch of prompts as :func:`~dynalign.rollout.encoding.left_pad` lays them out,
-so that ``generate`` only prefills the rest of each prompt and then decodes as usual.
+:func:`read_prefixes` does the same for ``generate`` (a judge that writes its verdict): the
+prefixes of a call's prompts are read once each and copied, by the same layout rules, under each
+batch of prompts as :func:`~dynalign.rollout.encoding.left_pad` lays them out, so that
+``generate`` only prefills the rest of each prompt (at least its last token) and then decodes as
+usual; the k samples of one judge prompt are one run, so the whole prompt is read once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,15 +59,6 @@ def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     for row in rows[1:]:
         shared = common_prefix_length(rows[0][:shared], row)
     return shared
-
-
-def generation_prefix_length(rows: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens of the rows of a ``generate`` call to read once: the prefix they
-    all share, short of the shortest row's last token (``generate`` prefills >= 1 token of each
-    row); 0 for a single row, which reads its prefix once either way."""
-    if len(rows) < 2:
-        return 0
-    return max(0, min(shared_prefix_length(rows), min(len(r) for r in rows) - 1))
 
 
 @dataclass(frozen=True)
@@ -123,6 +118,150 @@ def gather_cache(cache: Any, sources: Sequence[int], index: torch.Tensor) -> Any
     return DynamicCache(layers)
 
 
+def group_rows(rows: Sequence[Sequence[int]], shared: int, caps: Sequence[int]) -> list[tuple[range, int]]:
+    """Runs of consecutive rows, each with how many leading tokens its rows share (at most each
+    row's ``caps[i]``), ``shared`` being what every row shares: ``[(rows, length)]``.
+
+    The judge prompts of one group (same user prompt, same nonce) and the samples of one prompt
+    follow each other. A run of k rows sharing L tokens reads L - ``shared`` of them once instead
+    of k times; a row joins the run before it when that makes the run save more, else it starts
+    a run of its own.
+    """
+    runs: list[tuple[range, int]] = []
+    start, length = 0, caps[0] if rows else 0
+    for i in range(1, len(rows) + 1):
+        if i < len(rows):
+            joined = min(common_prefix_length(rows[start][:length], rows[i]), caps[i])
+            size = i - start  # rows in the run so far
+            if size * (joined - shared) > (size - 1) * (length - shared):
+                length = joined
+                continue
+        runs.append((range(start, i), length))
+        if i < len(rows):
+            start, length = i, caps[i]
+    return runs
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """Which prefixes of a batch of rows to read once: the ``shared`` tokens every row shares
+    (batch 1), then, in one batched pass on copies of it, the longer prefix each run of rows
+    shares (``runs``: row indices and length, 2 rows or more each). Row i then continues from
+    its first ``reusable[i]`` tokens."""
+
+    shared: int
+    runs: tuple[tuple[range, int], ...]
+    reusable: tuple[int, ...]  # [N]
+
+    @property
+    def prefix_rows(self) -> list[int]:
+        """Tokens held by each row of the prefix cache: one per run, then one holding the shared
+        tokens alone when some row belongs to no run (none needed when nothing is shared)."""
+        if not self.runs:
+            return [self.shared]
+        held = [length for _, length in self.runs]
+        loners = len(self.reusable) - sum(len(rows) for rows, _ in self.runs)
+        return held + [self.shared] if loners and self.shared else held
+
+    @property
+    def cost(self) -> int:
+        """Token positions the prefix passes run."""
+        if not self.runs:
+            return self.shared
+        held = self.prefix_rows
+        return self.shared + plan_rows(held, [self.shared] * len(held)).cost
+
+
+def plan_prefixes(rows: Sequence[Sequence[int]], caps: Sequence[int]) -> PrefixPlan:
+    """The cheaper way to read ``rows`` from scratch: the shared prefix alone, or it and then each
+    run's longer prefix (:func:`group_rows`), with at most ``caps[i]`` tokens of row i from them."""
+    shared = min(shared_prefix_length(rows), min(caps, default=0))
+    flat = PrefixPlan(shared, (), (shared,) * len(rows))
+    runs = tuple((members, length) for members, length in group_rows(rows, shared, caps)
+                 if len(members) > 1 and length > shared)
+    if not runs:
+        return flat
+    reusable = [shared] * len(rows)
+    for members, length in runs:
+        for i in members:
+            reusable[i] = length
+    grouped = PrefixPlan(shared, runs, tuple(reusable))
+    lengths = [len(r) for r in rows]
+    costs = [p.cost + plan_rows(lengths, p.reusable).cost for p in (flat, grouped)]
+    return grouped if costs[1] < costs[0] else flat
+
+
+def new_block(rows: Sequence[Sequence[int]], plan: Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's tokens past ``plan.keep``, right-aligned in one block: ids, positions and mask,
+    [B, plan.new] each (only a row with nothing kept is shorter than the block: pads precede it)."""
+    ids = torch.zeros((len(rows), plan.new), dtype=torch.long)
+    positions = torch.zeros((len(rows), plan.new), dtype=torch.long)
+    mask = torch.zeros((len(rows), plan.new), dtype=torch.long)
+    for i, (row, k) in enumerate(zip(rows, plan.keep, strict=True)):
+        tokens = row[k:]
+        ids[i, plan.new - len(tokens):] = torch.as_tensor(list(tokens), dtype=torch.long)
+        positions[i, plan.new - len(tokens):] = torch.arange(k, k + len(tokens))
+        mask[i, plan.new - len(tokens):] = 1
+    return ids, positions, mask
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], None]  # ids, mask, positions, cache
+
+
+@dataclass(frozen=True)
+class Prefixes:
+    """The KV cache of a :class:`PrefixPlan`'s prefixes: row r of ``cache`` holds ``held[r]``
+    tokens ending at its last column ``width``; row i of the batch continues from cache row
+    ``source[i]``, of which it may keep the first ``plan.reusable[i]`` tokens."""
+
+    plan: PrefixPlan
+    cache: Any  # DynamicCache [R, H, width, D], every layer full
+    width: int
+    held: tuple[int, ...]  # [R]
+    source: tuple[int, ...]  # [N]
+
+    def past(self, rows: Sequence[int], keep: Plan) -> tuple[Any, torch.Tensor]:
+        """The past of the batch rows ``rows`` (indices) as ``keep`` keeps them: DynamicCache
+        [B, H, P, D] with each row's kept tokens ending at its last column, and its mask [B, P]."""
+        from transformers import DynamicCache
+
+        sources = [self.source[i] for i in rows]
+        index, mask = past_index(sources, self.held, self.width, keep.keep)
+        return (gather_cache(self.cache, sources, index) if self.width else DynamicCache()), mask
+
+    def keep(self, rows: Sequence[Sequence[int]], indices: Sequence[int]) -> Plan:
+        """How the batch ``rows`` (the rows ``indices`` of the plan) keeps these prefixes."""
+        return plan_rows([len(r) for r in rows], [self.plan.reusable[i] for i in indices])
+
+
+def read_prefixes(forward: Forward, rows: Sequence[Sequence[int]], plan: PrefixPlan) -> Prefixes:
+    """Run ``plan``'s prefix passes over ``rows`` with ``forward`` (which extends the cache it is
+    given): the shared tokens with batch 1, then every run's own tokens in one batched pass on
+    copies of them, laid out as :class:`PrefixCache` lays a query out."""
+    from transformers import DynamicCache
+
+    shared = list(rows[0][:plan.shared]) if rows else []
+    cache = DynamicCache()
+    if shared:
+        forward(torch.tensor([shared]), torch.ones(1, len(shared), dtype=torch.long),
+                torch.arange(len(shared))[None], cache)
+    if not plan.runs:
+        return Prefixes(plan, cache, len(shared), (len(shared),), (0,) * len(plan.reusable))
+    held = plan.prefix_rows
+    prefixes = [rows[members[0]][:length] for members, length in plan.runs]
+    prefixes += [shared] * (len(held) - len(plan.runs))  # the shared tokens alone, for rows in no run
+    keep = plan_rows(held, [len(shared)] * len(held))
+    index, past_mask = past_index([0] * len(held), [len(shared)], len(shared), keep.keep)
+    past = gather_cache(cache, [0] * len(held), index) if shared else DynamicCache()
+    ids, positions, mask = new_block(prefixes, keep)
+    forward(ids, torch.cat([past_mask, mask], 1), positions, past)
+    source = [len(held) - 1] * len(plan.reusable)  # no run: the row holding the shared tokens
+    for r, (members, _) in enumerate(plan.runs):
+        for i in members:
+            source[i] = r
+    return Prefixes(plan, past, past_mask.shape[1] + keep.new, tuple(held), tuple(source))
+
+
 class PrefixCache:
     """One batched KV cache of the rows last read by ``model`` (callers hold no grad and any
     ZeRO-3 gather: see :meth:`dynalign.rollout.hf_sampler.HFSampler.reuse_prefixes`)."""
@@ -146,12 +285,13 @@ class PrefixCache:
         self.tokens_asked += sum(len(r) for r in rows)
         # every read position is run, so at most len - last tokens of a row come from a cache
         continued = self._continue_plan(rows, last)
-        shared = min(shared_prefix_length(rows), min(len(r) for r in rows) - last)
-        fresh = plan_rows([len(r) for r in rows], [shared] * len(rows))
-        if continued is not None and continued.cost <= shared + fresh.cost:
+        prefixes = plan_prefixes(rows, [len(r) - last for r in rows])
+        fresh = plan_rows([len(r) for r in rows], prefixes.reusable)
+        if continued is not None and continued.cost <= prefixes.cost + fresh.cost:
             self._reuse_rows(continued)
             return self._read(rows, continued, last)
-        self._encode_shared(rows[0][:shared], len(rows), fresh)
+        read = read_prefixes(lambda *args: self._forward(*args, last=1), rows, prefixes)
+        self._cache, self._mask = read.past(range(len(rows)), fresh)
         return self._read(rows, fresh, last)
 
     def _continue_plan(self, rows: list[list[int]], last: int) -> Plan | None:
@@ -178,29 +318,9 @@ class PrefixCache:
         index, self._mask = past_index(sources, [len(r) for r in self._rows], width, plan.keep)
         self._cache = gather_cache(self._cache, sources, index)
 
-    def _encode_shared(self, shared: list[int], batch: int, plan: Plan) -> None:
-        """Read the prefix every row shares once, and copy it under each row as ``plan`` keeps it."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        if shared:
-            self._forward(torch.tensor([shared]), torch.ones(1, len(shared), dtype=torch.long),
-                          torch.arange(len(shared))[None], cache, last=1)
-        sources = [0] * batch
-        index, self._mask = past_index(sources, [len(shared)], len(shared), plan.keep)
-        self._cache = gather_cache(cache, sources, index) if shared else DynamicCache()
-
     def _read(self, rows: list[list[int]], plan: Plan, last: int) -> torch.Tensor:
         """Run each row's new tokens (right-aligned in the new block) on the prepared past."""
-        new = [r[k:] for r, k in zip(rows, plan.keep, strict=True)]
-        ids = torch.full((len(rows), plan.new), 0, dtype=torch.long)  # [B, M]
-        positions = torch.zeros((len(rows), plan.new), dtype=torch.long)  # [B, M]
-        mask = torch.zeros((len(rows), plan.new), dtype=torch.long)  # [B, M]
-        for i, (tokens, k) in enumerate(zip(new, plan.keep, strict=True)):
-            # only a row with nothing kept is shorter than the block: its pads precede it all
-            ids[i, plan.new - len(tokens):] = torch.as_tensor(tokens)
-            positions[i, plan.new - len(tokens):] = torch.arange(k, k + len(tokens))
-            mask[i, plan.new - len(tokens):] = 1
+        ids, positions, mask = new_block(rows, plan)  # [B, M] each
         self._mask = torch.cat([self._mask, mask], 1)  # [B, P + M]
         logprobs = self._forward(ids, self._mask, positions, self._cache, last)
         self._rows = rows
@@ -214,33 +334,3 @@ class PrefixCache:
                             position_ids=positions.to(self.device), past_key_values=cache,
                             use_cache=True, logits_to_keep=last).logits  # [B, last, V]
         return torch.log_softmax(logits.float(), -1)  # [B, last, V]
-
-
-class SharedPrefix:
-    """The prefix every row of a ``generate`` call shares, read once (batch 1, positions 0..S-1).
-
-    :meth:`past` copies its KV cache under a batch of those rows, left-padded to one width as
-    :func:`~dynalign.rollout.encoding.left_pad` pads them: a row keeps as much of the prefix as
-    ends where its uncached tokens begin (:func:`plan_rows`; the longest row keeps all ``S``),
-    pads masked. Given that past with the same ids and mask, transformers' ``generate`` runs
-    only the last ``width - S`` columns (it continues a cache whose length is shorter than the
-    mask), derives the same positions from the mask, and decodes as from scratch. Callers hold
-    no grad and any ZeRO-3 gather.
-    """
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, tokens: Sequence[int]) -> None:
-        from transformers import DynamicCache
-
-        self.length = len(tokens)
-        self.cache = DynamicCache()  # [1, H, S, D] per layer, every layer full
-        model(input_ids=torch.tensor([list(tokens)], device=device),
-              attention_mask=torch.ones(1, self.length, dtype=torch.long, device=device),
-              position_ids=torch.arange(self.length, device=device)[None], past_key_values=self.cache,
-              use_cache=True, logits_to_keep=1)
-
-    def past(self, rows: Sequence[Sequence[int]]) -> Any:
-        """DynamicCache [B, H, S, D]: the prefix under each of ``rows`` (each begins with it)."""
-        plan = plan_rows([len(r) for r in rows], [self.length] * len(rows))
-        sources = [0] * len(rows)
-        index, _ = past_index(sources, [self.length], self.length, plan.keep)  # [B, S]
-        return gather_cache(self.cache, sources, index)
