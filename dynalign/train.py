@@ -533,6 +533,17 @@ def auto_checkpoint(root: Path) -> Path | None:
     return source
 
 
+def check_auto_resume(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse ``resume=auto`` of a checkpoint its run dropped the training state of, before any
+    model is built or loaded: the checkpoint :func:`auto_checkpoint` finds, refused as the load
+    would refuse it. Only reads, so every rank checks for itself and all of them stop."""
+    from dynalign.engine.checkpoint import check_resumable, read_state
+
+    source = auto_checkpoint(RunDir(run_dir).checkpoints) if cfg.resume == "auto" else None
+    if source is not None:
+        check_resumable(source, read_state(source))
+
+
 def cut_logs(run_dir: Path, position: Position) -> int:
     """Drop the records logged after ``position`` (they are logged again, identically) and torn
     lines, on rank 0; with the iteration's evaluation pending, its records go too. Returns how
@@ -611,7 +622,8 @@ def claim_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
 def owned_train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     """``train`` holding the run directory (rank 0 locks it for the whole run; the other ranks of
     the launch share it). A directory or checkpoint it may not use ends the process with one
-    line naming it, before any model is loaded (or, for a checkpoint, when it is read)."""
+    line naming it, before any model is loaded (or, for a checkpoint that is broken rather than
+    refused, when it is read)."""
     from dynalign.engine import CheckpointError
 
     try:
@@ -632,6 +644,7 @@ def train_job(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     stays for it (it is destroyed at exit)."""
     try:
         with ExitStack() as job:  # closes what train() opens, newest first
+            check_auto_resume(cfg, info.run_dir)  # before join_launch builds the embedded model
             join_launch(cfg, info)
             return train(cfg, info, job)
     except BaseException as err:
