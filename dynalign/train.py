@@ -298,20 +298,44 @@ def grpo_step(cfg: TrainConfig, parts: Parts, prompts: list[str], position: Posi
     return metrics, step_samples(cfg, position, answered, rollouts, judged)
 
 
-def step_metrics(judged: JudgeResult, rollouts: Rollouts, adv_stats: dict[str, float]) -> dict[str, float]:
-    """Judge, completion and advantage statistics of the whole step, from every rank's share."""
+def step_metrics(judged: JudgeResult, rollouts: Rollouts, adv_stats: dict[str, float], *,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Judge, completion and advantage statistics of the whole step, from every rank's share.
+
+    Means and stds of the reward and of each aspect are exact over the step's parsed values:
+    each rank gives its mean and mean of squares, weighted by how many it parsed. The length
+    correlations are the mean of the ranks' own. ``reduce`` is :func:`reduce_metrics`'.
+    """
     from dynalign.judge import judge_stats
 
     lengths = rollouts.completion_lengths.float()  # [N]
     local = judge_stats(judged, lengths) | adv_stats
-    local["reward/mean"] = local["judge/reward_mean"]
     local["completions/length_mean"] = float(lengths.mean())
     local["completions/truncated_frac"] = float(rollouts.truncated.float().mean())
-    # means over parsed rewards weigh each rank by how many it has
-    scored = float(torch.isfinite(judged.rewards).sum())
-    weighted = ["reward/mean", "judge/reward_mean", *(f"judge/{a}_mean" for a in judged.aspect_names)]
-    return reduce_metrics(local, summed=lambda key: key.startswith(SUMMED_METRICS),
-                          weights=dict.fromkeys(weighted, scored))
+    spread = {"judge/reward": judged.rewards,  # [N] each
+              **{f"judge/{a}": judged.scores[:, i] for i, a in enumerate(judged.aspect_names)}}
+    weights: dict[str, float] = {}
+    for name, values in spread.items():
+        moments = parsed_moments(values)
+        local[f"{name}_mean"], local[f"{name}_meansq"] = moments[1:]
+        weights[f"{name}_mean"] = weights[f"{name}_meansq"] = moments[0]
+        del local[f"{name}_std"]  # from the moments, once they are the whole step's
+    local["reward/mean"], weights["reward/mean"] = local["judge/reward_mean"], weights["judge/reward_mean"]
+    step = reduce_metrics(local, summed=lambda key: key.startswith(SUMMED_METRICS), weights=weights,
+                          reduce=reduce)
+    for name in spread:
+        meansq, mean = step.pop(f"{name}_meansq"), step[f"{name}_mean"]
+        step[f"{name}_std"] = math.sqrt(max(0.0, meansq - mean**2)) if math.isfinite(meansq) else math.nan
+    return dict(sorted(step.items()))
+
+
+def parsed_moments(values: torch.Tensor) -> tuple[float, float, float]:
+    """(count, mean, mean of squares) of the finite ``values`` [N], in float64 so that the step's
+    variance E[x^2] - E[x]^2 keeps its digits; the moments are NaN when none is finite."""
+    parsed = values[torch.isfinite(values)].double()  # [n]
+    if parsed.numel() == 0:
+        return 0.0, math.nan, math.nan
+    return float(parsed.numel()), float(parsed.mean()), float(parsed.square().mean())
 
 
 def step_samples(cfg: TrainConfig, position: Position, answered: list[str], rollouts: Rollouts,
@@ -533,6 +557,17 @@ def auto_checkpoint(root: Path) -> Path | None:
     return source
 
 
+def check_auto_resume(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse ``resume=auto`` of a checkpoint its run dropped the training state of, before any
+    model is built or loaded: the checkpoint :func:`auto_checkpoint` finds, refused as the load
+    would refuse it. Only reads, so every rank checks for itself and all of them stop."""
+    from dynalign.engine.checkpoint import check_resumable, read_state
+
+    source = auto_checkpoint(RunDir(run_dir).checkpoints) if cfg.resume == "auto" else None
+    if source is not None:
+        check_resumable(source, read_state(source))
+
+
 def cut_logs(run_dir: Path, position: Position) -> int:
     """Drop the records logged after ``position`` (they are logged again, identically) and torn
     lines, on rank 0; with the iteration's evaluation pending, its records go too. Returns how
@@ -611,7 +646,8 @@ def claim_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
 def owned_train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     """``train`` holding the run directory (rank 0 locks it for the whole run; the other ranks of
     the launch share it). A directory or checkpoint it may not use ends the process with one
-    line naming it, before any model is loaded (or, for a checkpoint, when it is read)."""
+    line naming it, before any model is loaded (or, for a checkpoint that is broken rather than
+    refused, when it is read)."""
     from dynalign.engine import CheckpointError
 
     try:
@@ -632,6 +668,7 @@ def train_job(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
     stays for it (it is destroyed at exit)."""
     try:
         with ExitStack() as job:  # closes what train() opens, newest first
+            check_auto_resume(cfg, info.run_dir)  # before join_launch builds the embedded model
             join_launch(cfg, info)
             return train(cfg, info, job)
     except BaseException as err:

@@ -396,6 +396,23 @@ def test_resumable_checkpoint_prefers_a_complete_latest(tmp_path):
     assert resumable_checkpoint(tmp_path / "empty") is None
 
 
+def test_resume_auto_refuses_a_dropped_checkpoint_before_any_model_loads(tmp_path):
+    from dynalign.config import TrainConfig
+    from dynalign.train import check_auto_resume
+
+    root = tmp_path / "checkpoints"  # RunDir(tmp_path).checkpoints
+    auto, never = TrainConfig(resume="auto"), TrainConfig(resume="never")
+    check_auto_resume(auto, tmp_path)  # no checkpoint: starts from step 0
+    step_dir = fake_checkpoint(root, "step_4")
+    check_auto_resume(auto, tmp_path)  # a resumable one
+    state = json.loads((step_dir / STATE_FILE).read_text())
+    (step_dir / STATE_FILE).write_text(json.dumps(state | {"resumable": False}))
+    with pytest.raises(CheckpointError) as error:
+        check_auto_resume(auto, tmp_path)
+    assert_names(error, step_dir, "checkpoint_optimizer_at_end=false", "iter_<k>/")
+    check_auto_resume(never, tmp_path)  # a fresh run reads no checkpoint
+
+
 def test_a_saved_checkpoint_is_complete_and_lists_its_files(saved):
     entry = saved("zero3_reference")
     assert checkpoint.checkpoint_complete(entry.step_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -186,28 +187,62 @@ def test_reduce_metrics_sums_counts_and_averages_the_rest_over_finite_ranks():
         assert rank["mean"] == (1.0 * 1 + 3.0 * 3) / 4 and math.isnan(rank["none"])
 
 
-def test_step_metrics_combine_the_ranks_shares(monkeypatch):
-    """Two ranks' judgements of one step: counts add up, rates and means are the whole step's."""
-    import dynalign.distributed
+def step_world(shares: list[tuple[JudgeResult, Rollouts]], adv: list[dict]) -> list[dict]:
+    """``step_metrics`` on every rank of a fake world, handed the sum of what they pack (``fake_world``)."""
+    packed: list[torch.Tensor] = []
+    for (judged, rolled), stats in zip(shares, adv, strict=True):
+        step_metrics(judged, rolled, stats, reduce=lambda t: packed.append(t.clone()) or t)
+    total = torch.stack(packed).sum(0)
+    return [step_metrics(judged, rolled, stats, reduce=lambda t: total.clone())
+            for (judged, rolled), stats in zip(shares, adv, strict=True)]
 
+
+def test_step_metrics_combine_the_ranks_shares():
+    """Two ranks' judgements of one step: counts add up, rates and means are the whole step's."""
     shares = [(judgement([1.0, math.nan, 2.0, 2.0]), rollouts(["stop", "length", "stop", "stop"])),
               (judgement([4.0, 5.0, 4.0, 4.0]), rollouts(["stop"] * 4))]
     adv = [{"groups/zero_spread_dropped": 1.0, "batch/rows_kept_frac": 0.5},
            {"groups/zero_spread_dropped": 2.0, "batch/rows_kept_frac": 0.0}]
-    packed: list[torch.Tensor] = []
-    monkeypatch.setattr(dynalign.distributed, "all_reduce", lambda t: packed.append(t.clone()) or t)
-    for (judged, rolled), stats in zip(shares, adv, strict=True):
-        step_metrics(judged, rolled, stats)
-    total = torch.stack(packed).sum(0)
-    monkeypatch.setattr(dynalign.distributed, "all_reduce", lambda t: total.clone())
-    metrics = step_metrics(*shares[0], adv[0])
+    metrics, other = step_world(shares, adv)
 
+    assert metrics == other
     assert metrics["groups/zero_spread_dropped"] == 3.0 and metrics["batch/rows_kept_frac"] == 0.25
     assert metrics["judge/judgements"] == 8.0 and metrics["judge/hist/reward/4"] == 3.0
     assert metrics["judge/reward_nan_rate"] == 1 / 8 and metrics["completions/truncated_frac"] == 1 / 8
     assert metrics["reward/mean"] == pytest.approx(22 / 7)  # the 7 parsed rewards, not (5/3 + 17/4) / 2
     assert metrics["judge/knowledge_mean"] == pytest.approx(22 / 7)
     assert metrics["completions/length_mean"] == pytest.approx((1 + 2 + 3 + 1) / 4)
+
+
+def test_step_metrics_stds_are_the_whole_steps():
+    """The std of the 7 parsed rewards of two ranks, not the mean of the ranks' stds; an aspect's
+    ranks are weighted by that aspect's parsed scores."""
+    nan = math.nan
+    rewards = [[1.0, nan, 2.0, 2.0], [4.0, 5.0, 4.0, 4.0]]
+    style = [[3.0, 3.0, nan, nan], [0.0, 1.0, 2.0, 3.0]]
+    shares = []
+    for r, s in zip(rewards, style, strict=True):
+        scores = torch.tensor([r, s]).T  # [4, 2]
+        judged = replace(judgement(r), aspect_names=("knowledge", "style"), scores=scores)
+        shares.append((judged, rollouts(["stop"] * 4)))
+    metrics, other = step_world(shares, [{}, {}])
+
+    assert metrics == other and not any("meansq" in key for key in metrics)
+    parsed = torch.tensor([1.0, 2.0, 2.0, 4.0, 5.0, 4.0, 4.0])
+    # E[x^2] - E[x]^2 = 82/7 - (22/7)^2 = 90/49; the ranks' stds average to (sqrt(2/9) + sqrt(3/16)) / 2
+    assert metrics["judge/reward_std"] == pytest.approx(math.sqrt(90) / 7)
+    assert metrics["judge/reward_std"] == pytest.approx(parsed.std(unbiased=False).item())
+    assert metrics["judge/knowledge_std"] == pytest.approx(math.sqrt(90) / 7)
+    # style: 3, 3 | 0, 1, 2, 3 -> mean 2 (ranks weighted 2 : 4, not 3 : 4), E[x^2] - 4 = 32/6 - 4
+    assert metrics["judge/style_mean"] == pytest.approx(2.0)
+    assert metrics["judge/style_std"] == pytest.approx(math.sqrt(4 / 3))
+    style_parsed = torch.tensor([3.0, 3.0, 0.0, 1.0, 2.0, 3.0])
+    assert metrics["judge/style_std"] == pytest.approx(style_parsed.std(unbiased=False).item())
+    # a world of one: judge_stats' own std; no parsed reward at all: NaN
+    alone = step_metrics(*shares[1], {}, reduce=lambda t: t)
+    assert alone["judge/reward_std"] == pytest.approx(math.sqrt(3 / 16))
+    unparsed = step_metrics(judgement([nan, nan]), rollouts(["stop"] * 2), {}, reduce=lambda t: t)
+    assert math.isnan(unparsed["judge/reward_std"]) and math.isnan(unparsed["reward/mean"])
 
 
 def test_the_console_shows_the_reward_spread_and_how_the_policy_moves_not_the_loss():

@@ -224,15 +224,16 @@ def test_a_run_can_end_without_its_optimizer_state(tmp_path, cache_dir):
     assert summary["checkpoint/size_gib"] == pytest.approx(on_disk / 2**30)
     assert on_disk < 2**20 and (run / "iter_2" / "model.safetensors").is_file()  # the final weights
 
-    # continuing the run is refused in one line naming the checkpoint and why
+    # continuing the run is refused in one line naming the checkpoint and why, before any model loads
     cmd = [sys.executable, "-m", "dynalign.train", f"hydra.run.dir={run}", *FAST, "logger=none",
            "iterations=3", "resume=auto"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(cache_dir), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(tmp_path / "empty-cache"), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert str(step_dir) in last and "checkpoint_optimizer_at_end=false" in last
-    assert "Traceback" not in proc.stderr
+    assert last.startswith(f"dynalign: {step_dir}: keeps no optimizer or module state")
+    assert "checkpoint_optimizer_at_end=false" in last and "Traceback" not in proc.stderr
+    assert not (tmp_path / "empty-cache").exists()  # nothing was built or loaded
     # named as resume=PATH, it is refused before any model loads
     cmd = [sys.executable, "-m", "dynalign.train", f"hydra.run.dir={tmp_path / 'next'}", *FAST, "logger=none",
            f"resume={step_dir}"]

@@ -44,7 +44,8 @@ A run that ends with ``checkpoint_optimizer_at_end=false`` calls :func:`drop_tra
 its checkpoints give up DeepSpeed's files (12 bytes a trainable parameter: fp32 master weights
 and the two AdamW moments; below ZeRO-3 also the module) and keep the run's record
 (counters, position, RNG states, the moved reference). Their state says ``"resumable": false``
-and :func:`load` refuses them; the run's final weights are its last ``iter_<k>/`` export.
+and :func:`load` refuses them (:func:`check_resumable`); the run's final weights are its last
+``iter_<k>/`` export.
 """
 
 from __future__ import annotations
@@ -504,6 +505,17 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def check_resumable(path: Path, state: dict[str, Any]) -> None:
+    """Refuse the checkpoint ``path`` (its checked ``state``) when its run dropped DeepSpeed's files
+    (:func:`drop_training_state`): nothing is left to train on from. One message for the load and
+    for ``resume=auto``'s check before any model loads."""
+    if not state.get(RESUMABLE, True):
+        raise CheckpointError(path, "keeps no optimizer or module state (its run ended with "
+                                    "checkpoint_optimizer_at_end=false), so training cannot continue "
+                                    "from it; the run's final weights are its last iter_<k>/ export: "
+                                    "start a new run from it with model.name_or_path=<run>/iter_<k>")
+
+
 def file_sizes(path: Path) -> dict[str, int]:
     """Size of every file under ``path`` by relative POSIX path, the state file left out."""
     return {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*"))
@@ -582,11 +594,7 @@ def load(engine: PolicyEngine, directory: str | os.PathLike) -> dict[str, Any]:
     root, tag = resolve_checkpoint(directory)
     path = root / tag
     state = read_state(path)
-    if not state.get(RESUMABLE, True):
-        raise CheckpointError(path, "keeps no optimizer or module state (its run ended with "
-                                    "checkpoint_optimizer_at_end=false), so training cannot continue "
-                                    "from it; the run's final weights are its last iter_<k>/ export: "
-                                    "start a new run from it with model.name_or_path=<run>/iter_<k>")
+    check_resumable(path, state)
     if state["world_size"] != engine.world_size:
         raise CheckpointError(path / STATE_FILE,
                               f"written by {state['world_size']} rank(s), this run has {engine.world_size}: "
