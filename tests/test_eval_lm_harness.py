@@ -225,6 +225,29 @@ def test_backend_rule(compose_cfg, monkeypatch):
         assert err.value.key == "eval.lm_eval_backend" and "not installed" in str(err.value)
 
 
+def test_tasks_that_score_with_an_lm_eval_extra_need_its_modules(compose_cfg):
+    import importlib.util
+
+    from dynalign.config.preflight import LM_EVAL_EXTRAS, check_lm_eval_setup, missing_task_extras
+
+    assert missing_task_extras(["arc_easy", "hellaswag"]) == {}  # scored by lm-eval's own code
+    installed = {extra: all(importlib.util.find_spec(m) for m in modules)
+                 for extra, modules in LM_EVAL_EXTRAS.items()}
+    expected = {task: [e for e in extras if not installed[e]]
+                for task, extras in {"ifeval": ["ifeval"], "leaderboard": ["ifeval", "math"]}.items()}
+    missing = missing_task_extras(["ifeval", "arc_easy", "leaderboard"])
+    assert missing == {task: extras for task, extras in expected.items() if extras}
+    cfg = to_train_config(compose_cfg(["eval.lm_eval_tasks=[arc_easy,ifeval]"]))
+    if installed["ifeval"]:
+        check_lm_eval_setup(cfg)
+        return
+    with pytest.raises(ConfigError) as err:  # not installed by the pinned install (this machine, CI)
+        check_lm_eval_setup(cfg)
+    assert err.value.key == "eval.lm_eval_tasks"
+    assert str(err.value).startswith("eval.lm_eval_tasks: ifeval scores with ")
+    assert "pip install 'lm_eval[ifeval]', or leave it out" in str(err.value)
+
+
 class Recorder:
     """The texts of every forward pass the model runs: what lm-eval really sends it."""
 

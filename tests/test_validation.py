@@ -112,6 +112,8 @@ CLI_CASES: list[tuple[str, str, Overrides, str]] = [
      "p.jsonl has no prompts in its train split"),
     ("empty_train_split", "dynalign.train", lambda d: [f"generator.dataset={empty_train_split(d / 'set')}"],
      "set has no prompts in its train split"),
+    ("lm_eval_task_extras", "dynalign.train", lambda d: ["eval=full", EVAL_DUE],  # ifeval: lm_eval[ifeval]
+     "eval.lm_eval_tasks: ifeval scores with immutabledict, langdetect, not installed in this Python"),
     ("resume_missing", "dynalign.train", lambda d: ["resume=/nonexistent/checkpoints"],
      "resume: /nonexistent/checkpoints does not exist"),
     ("model_missing", "dynalign.train", lambda d: ["model.name_or_path=/nonexistent/model"],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,14 +289,44 @@ def check_evaluation_files(cfg: TrainConfig) -> None:
         check_lm_eval_setup(cfg)
 
 
+# lm-eval's extras (pip install "lm_eval[EXTRA]") -> the modules they install, and the tasks (or
+# groups holding them) that score with those modules, which lm-eval itself does not install
+LM_EVAL_EXTRAS: dict[str, tuple[str, ...]] = {
+    "ifeval": ("langdetect", "immutabledict", "nltk"),
+    "math": ("sympy", "antlr4", "math_verify"),
+}
+TASK_EXTRAS: dict[str, tuple[str, ...]] = {
+    "ifeval": ("ifeval",), "leaderboard_ifeval": ("ifeval",),
+    "minerva_math": ("math",), "leaderboard_math_hard": ("math",),
+    "leaderboard": ("ifeval", "math"),
+}
+
+
+def missing_task_extras(tasks: Sequence[str]) -> dict[str, list[str]]:
+    """The lm-eval extras each of ``tasks`` needs whose modules this Python lacks."""
+    needs = {task: [extra for extra in TASK_EXTRAS.get(task, ())
+                    if any(importlib.util.find_spec(m) is None for m in LM_EVAL_EXTRAS[extra])]
+             for task in tasks}
+    return {task: extras for task, extras in needs.items() if extras}
+
+
 def check_lm_eval_setup(cfg: TrainConfig) -> None:
-    """What the model's name decides of lm-eval's prompt format, and the backend being installed
-    (whether the tokenizer has a chat template is only known once it is loaded)."""
+    """What the model's name decides of lm-eval's prompt format, the packages the tasks score
+    with, and the backend being installed (whether the tokenizer has a chat template is only
+    known once it is loaded). A task missing a package would fail at the first evaluation,
+    after the training before it."""
     import importlib.metadata
 
     from dynalign.eval.lm_harness import lm_eval_backend, prompt_format
 
     prompt_format(cfg.eval, cfg.model.name_or_path, has_chat_template=True)
+    if missing := missing_task_extras(cfg.eval.lm_eval_tasks):
+        extras = ",".join(sorted({e for needed in missing.values() for e in needed}))
+        modules = sorted({m for needed in missing.values() for e in needed for m in LM_EVAL_EXTRAS[e]
+                          if importlib.util.find_spec(m) is None})
+        raise ConfigError("eval.lm_eval_tasks", f"{', '.join(missing)} scores with {', '.join(modules)}, "
+                          f"not installed in this Python: pip install 'lm_eval[{extras}]', or leave "
+                          f"{'it' if len(missing) == 1 else 'them'} out")
     if lm_eval_backend(cfg) != "vllm":
         return
     check_backend_packages([("eval.lm_eval_backend", "vllm")])
