@@ -8,8 +8,9 @@ self-judge. The same judge prompts (same nonces) are judged twice per round, rea
 from scratch (the path every sampler had before, and the one vLLM still takes, which caches
 prefixes itself) and with :meth:`~dynalign.rollout.hf_sampler.HFSampler.reuse_prefixes`; the
 order alternates between rounds so both see the same machine load. Printed: seconds per answer
-of each, their ratio, and the largest difference of an expected score between the two (logprob)
-or how many verdict texts they wrote alike (generate).
+of each and the token positions the model's forwards ran per answer (pads included: the work,
+as a count that no machine load changes), their ratio, and the largest difference of an expected
+score between the two (logprob) or how many verdict texts they wrote alike (generate).
 
     .venv/bin/python benchmarks/bench_judge.py                       # tiny model, ca_rubric
     .venv/bin/python benchmarks/bench_judge.py --model gemma3_270m --rubric ca_compact --rounds 1
@@ -84,15 +85,26 @@ def main() -> None:
             return [texts[0] for texts in backend.generate(conversations, 1, params)]  # [N] verdicts
         return backend.verdict_distributions(conversations, nonces, rubric, params).probs @ values  # [N, A]
 
+    read = [0]  # token positions the model's forwards ran (pads included): the work, as a count
+
+    def count(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        read[0] += ids.numel()
+
+    sampler.model.register_forward_pre_hook(count, with_kwargs=True)
+    positions: dict[bool, int] = {}
+
     def run(with_reuse: bool):
         if not with_reuse:
             sampler.reuse_prefixes = None  # reusing_prefixes() then reads every text from scratch
+        read[0] = 0
         start = time.perf_counter()
         try:
             out = judge()
         finally:
             if not with_reuse:
                 del sampler.reuse_prefixes
+        positions[with_reuse] = read[0]
         return time.perf_counter() - start, out
 
     times: dict[bool, list[float]] = {False: [], True: []}
@@ -113,8 +125,10 @@ def main() -> None:
           + (f" ({args.max_new_tokens} new tokens)" if generate else "")
           + f", {args.prompts} prompts x {args.answers} answers, {args.rounds} rounds")
     runs = {k: ", ".join(f"{t:.2f}" for t in v) for k, v in times.items()}
-    print(f"from scratch     {plain / n:8.3f} s/answer   runs: {runs[False]} s")
-    print(f"prefix reuse     {reused / n:8.3f} s/answer   runs: {runs[True]} s")
+    print(f"from scratch     {plain / n:8.3f} s/answer   runs: {runs[False]} s   "
+          f"{positions[False] / n:,.0f} token positions/answer")
+    print(f"prefix reuse     {reused / n:8.3f} s/answer   runs: {runs[True]} s   "
+          f"{positions[True] / n:,.0f} token positions/answer")
     print(f"speed-up         {plain / reused:8.2f}x")
     if generate:
         print(f"verdict texts alike {alike}/{n}")
