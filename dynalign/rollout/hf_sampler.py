@@ -30,7 +30,7 @@ from dynalign.rollout.encoding import (
     left_pad,
     prepare_request,
 )
-from dynalign.rollout.prefix_cache import PrefixCache, Prefixes, plan_prefixes, read_prefixes
+from dynalign.rollout.prefix_cache import PrefixCache, PrefixPlan, plan_prefixes, read_prefixes
 from dynalign.zero import gathered, is_partitioned, unhooked, zero3_offload
 
 GatherFactory = Callable[[], AbstractContextManager]
@@ -112,17 +112,21 @@ class HFSampler:
         rows = [ids for ids in prompt_ids for _ in range(n)]  # prompt-major
         completions: list[Completion] = []
         with self._inference(), self._seeded(params.seed):
-            prefixes = self._read_prefixes(rows)
+            plan, shared = self._prefix_plan(rows), None
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start:start + self.batch_size]
-                indices = range(start, start + len(batch))
-                past = prefixes.past(indices, prefixes.keep(batch, indices))[0] if prefixes else None
+                past = None
+                if plan is not None:  # this batch's prefixes, on the prefix every row shares read once
+                    indices = range(start, start + len(batch))
+                    prefixes = read_prefixes(self._prefill, rows, plan, indices, shared)
+                    past, shared = prefixes.past(indices, prefixes.keep(batch, indices))[0], prefixes.shared
                 completions += self._generate(batch, params, past)
         return build_rollouts(prompt_ids, completions, n, self.pad_id, backend="hf")
 
-    def _read_prefixes(self, rows: list[list[int]]) -> Prefixes | None:
-        """Inside :meth:`reuse_prefixes`, the prefixes ``rows`` share (all of them, then each run of
-        rows: one group's judge prompts, the samples of one prompt), read once; else None.
+    def _prefix_plan(self, rows: list[list[int]]) -> PrefixPlan | None:
+        """Inside :meth:`reuse_prefixes`, which prefixes of ``rows`` to read once (the one all of
+        them share, then each run of rows': one group's judge prompts, the samples of one prompt);
+        else None.
 
         Each row keeps its last token to prefill: ``generate`` runs at least one column. Not under
         lock-step decoding (a partitioned model that was not gathered): there the extra forwards
@@ -131,15 +135,13 @@ class HFSampler:
         if self._prefixes is None or self._lockstep or len(rows) < 2:
             return None
         plan = plan_prefixes(rows, [len(r) - 1 for r in rows])
-        if not plan.shared and not plan.runs:
-            return None
+        return plan if plan.shared or plan.runs else None
 
-        def forward(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> None:
-            self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                       position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
-                       logits_to_keep=1)
-
-        return read_prefixes(forward, rows, plan)
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> None:
+        """Extend ``cache`` by ``ids`` (a :data:`~dynalign.rollout.prefix_cache.Forward`)."""
+        self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                   position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
 
     def _generate(self, rows: list[list[int]], params: SamplingParams, past: Any = None) -> list[Completion]:
         """Decode a batch with transformers ``generate``; ``past`` (a :meth:`Prefixes.past`)

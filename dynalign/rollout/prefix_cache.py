@@ -205,20 +205,28 @@ def new_block(rows: Sequence[Sequence[int]], plan: Plan) -> tuple[torch.Tensor, 
     return ids, positions, mask
 
 
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], None]  # ids, mask, positions, cache
+# runs the model on ids, mask, positions, extending the cache it is given (what it returns is unused)
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], object]
 
 
 @dataclass(frozen=True)
 class Prefixes:
-    """The KV cache of a :class:`PrefixPlan`'s prefixes: row r of ``cache`` holds ``held[r]``
-    tokens ending at its last column ``width``; row i of the batch continues from cache row
-    ``source[i]``, of which it may keep the first ``plan.reusable[i]`` tokens."""
+    """The KV cache of a :class:`PrefixPlan`'s prefixes for some of its rows: row r of ``cache``
+    holds ``held[r]`` tokens ending at its last column ``width``; row i continues from cache row
+    ``source[i]``, of which it may keep the first ``plan.reusable[i]`` tokens. ``shared`` is the
+    batch-1 cache of the tokens every row shares, for the next batch of the same plan.
+
+    Given a :meth:`past` with the batch's left-padded ids and mask, transformers' ``generate``
+    runs only the columns the past does not hold (it continues a cache shorter than the mask),
+    derives the same positions from the mask, and decodes as from scratch.
+    """
 
     plan: PrefixPlan
+    shared: Any  # DynamicCache [1, H, plan.shared, D]
     cache: Any  # DynamicCache [R, H, width, D], every layer full
     width: int
     held: tuple[int, ...]  # [R]
-    source: tuple[int, ...]  # [N]
+    source: dict[int, int]  # row index -> cache row
 
     def past(self, rows: Sequence[int], keep: Plan) -> tuple[Any, torch.Tensor]:
         """The past of the batch rows ``rows`` (indices) as ``keep`` keeps them: DynamicCache
@@ -234,32 +242,41 @@ class Prefixes:
         return plan_rows([len(r) for r in rows], [self.plan.reusable[i] for i in indices])
 
 
-def read_prefixes(forward: Forward, rows: Sequence[Sequence[int]], plan: PrefixPlan) -> Prefixes:
-    """Run ``plan``'s prefix passes over ``rows`` with ``forward`` (which extends the cache it is
-    given): the shared tokens with batch 1, then every run's own tokens in one batched pass on
-    copies of them, laid out as :class:`PrefixCache` lays a query out."""
+def read_prefixes(forward: Forward, rows: Sequence[Sequence[int]], plan: PrefixPlan,
+                  indices: Sequence[int] | None = None, shared: Any = None) -> Prefixes:
+    """Run ``plan``'s prefix passes with ``forward`` (which extends the cache it is given) for the
+    rows ``indices`` of ``rows`` (default: all): the tokens every row shares with batch 1 (unless
+    ``shared`` holds them: a :attr:`Prefixes.shared` of the same plan), then the own tokens of
+    every run with a row among them, in one batched pass on copies of it, laid out as
+    :class:`PrefixCache` lays a query out. A batch at a time keeps the cache to its rows."""
     from transformers import DynamicCache
 
-    shared = list(rows[0][:plan.shared]) if rows else []
-    cache = DynamicCache()
-    if shared:
-        forward(torch.tensor([shared]), torch.ones(1, len(shared), dtype=torch.long),
-                torch.arange(len(shared))[None], cache)
-    if not plan.runs:
-        return Prefixes(plan, cache, len(shared), (len(shared),), (0,) * len(plan.reusable))
-    held = plan.prefix_rows
-    prefixes = [rows[members[0]][:length] for members, length in plan.runs]
-    prefixes += [shared] * (len(held) - len(plan.runs))  # the shared tokens alone, for rows in no run
-    keep = plan_rows(held, [len(shared)] * len(held))
-    index, past_mask = past_index([0] * len(held), [len(shared)], len(shared), keep.keep)
-    past = gather_cache(cache, [0] * len(held), index) if shared else DynamicCache()
+    wanted = range(len(rows)) if indices is None else indices
+    tokens = list(rows[0][:plan.shared]) if rows else []
+    if shared is None:
+        shared = DynamicCache()
+        if tokens:
+            forward(torch.tensor([tokens]), torch.ones(1, len(tokens), dtype=torch.long),
+                    torch.arange(len(tokens))[None], shared)
+    runs = [(members, length) for members, length in plan.runs if any(i in members for i in wanted)]
+    if not runs:
+        return Prefixes(plan, shared, shared, len(tokens), (len(tokens),), dict.fromkeys(wanted, 0))
+    held = [length for _, length in runs]
+    prefixes = [rows[members[0]][:length] for members, length in runs]
+    source = dict.fromkeys(wanted, len(held))  # a row in no run: the row holding the shared tokens alone
+    for r, (members, _) in enumerate(runs):
+        source.update({i: r for i in members if i in source})
+    if tokens and len(held) in source.values():
+        held.append(len(tokens))
+        prefixes.append(tokens)
+    else:  # nothing shared: such a row keeps nothing, and any cache row serves
+        source = {i: min(r, len(runs) - 1) for i, r in source.items()}
+    keep = plan_rows(held, [len(tokens)] * len(held))
+    index, past_mask = past_index([0] * len(held), [len(tokens)], len(tokens), keep.keep)
+    past = gather_cache(shared, [0] * len(held), index) if tokens else DynamicCache()
     ids, positions, mask = new_block(prefixes, keep)
     forward(ids, torch.cat([past_mask, mask], 1), positions, past)
-    source = [len(held) - 1] * len(plan.reusable)  # no run: the row holding the shared tokens
-    for r, (members, _) in enumerate(plan.runs):
-        for i in members:
-            source[i] = r
-    return Prefixes(plan, past, past_mask.shape[1] + keep.new, tuple(held), tuple(source))
+    return Prefixes(plan, shared, past, past_mask.shape[1] + keep.new, tuple(held), source)
 
 
 class PrefixCache:
@@ -290,7 +307,7 @@ class PrefixCache:
         if continued is not None and continued.cost <= prefixes.cost + fresh.cost:
             self._reuse_rows(continued)
             return self._read(rows, continued, last)
-        read = read_prefixes(lambda *args: self._forward(*args, last=1), rows, prefixes)
+        read = read_prefixes(self._prefill, rows, prefixes)
         self._cache, self._mask = read.past(range(len(rows)), fresh)
         return self._read(rows, fresh, last)
 
@@ -325,6 +342,10 @@ class PrefixCache:
         logprobs = self._forward(ids, self._mask, positions, self._cache, last)
         self._rows = rows
         return logprobs
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> None:
+        """Extend ``cache`` by ``ids`` (a :data:`Forward`)."""
+        self._forward(ids, mask, positions, cache, last=1)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
                  last: int) -> torch.Tensor:
