@@ -33,11 +33,13 @@ import os
 import re
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -168,6 +170,28 @@ COLLECTIVE_TIMEOUT = re.compile(r"timed out waiting \d+ ?ms|application timeout 
                                 r"collective operation timeout", re.IGNORECASE)
 
 
+SHM_OP = "deepspeed_shm_comm"  # the op DeepSpeed's comm layer JIT-builds (or loads) at every init
+STALE_BUILD_LOCK_S = 600.0  # torch's JIT build of it takes about a minute; a lock 10 min old is left over
+
+
+def stale_build_lock(op: str = SHM_OP, now: float | None = None) -> tuple[Path, float] | None:
+    """The lock file of torch's JIT build directory of ``op`` and its age in seconds, when it is
+    older than :data:`STALE_BUILD_LOCK_S`; else None.
+
+    torch takes that lock to build or even to load a built op, and a process that waits for it
+    polls until the file is gone. A build killed midway (Ctrl-C during a first run) leaves it,
+    and every later run then waits forever without a word.
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(op, verbose=False)) / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except OSError:
+        return None
+    return (lock, age) if age > STALE_BUILD_LOCK_S else None
+
+
 def init_distributed(timeout: timedelta | None = None) -> DistInfo:
     """Initialise (or join) the process group through DeepSpeed's comm layer; idempotent.
 
@@ -195,6 +219,10 @@ def init_distributed(timeout: timedelta | None = None) -> DistInfo:
         torch.cuda.set_device(local)
     import deepspeed  # after ensure_ds_accelerator()
 
+    if stale := stale_build_lock():
+        print(f"dynalign: DeepSpeed waits for {stale[0]} ({stale[1] / 60:.0f} min old) to go before it "
+              f"loads its {SHM_OP} op; an interrupted build leaves it behind: if no DeepSpeed build is "
+              "running, delete it", file=sys.stderr, flush=True)
     limit: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     if existed or launched:
         deepspeed.init_distributed(verbose=False, **limit)

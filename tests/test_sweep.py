@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from dataclasses import replace
@@ -398,3 +399,35 @@ def test_a_sweep_gives_each_job_the_memory_of_the_first(tmp_path, cache_dir):
     rss = [s["mem/rss_gib"] for s in summaries]
     assert all(s["mem/peak_rss_gib"] >= s["mem/rss_gib"] for s in summaries)
     assert rss[2] == pytest.approx(rss[0], rel=0.10), rss
+
+
+def test_a_stale_deepspeed_build_lock_is_named_while_deepspeed_waits_for_it(tmp_path, monkeypatch):
+    """torch waits forever for a JIT build lock an interrupted build left; the launch says so."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from dynalign.distributed import SHM_OP, STALE_BUILD_LOCK_S, stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    lock = Path(_get_build_directory(SHM_OP, verbose=False)) / "lock"
+    assert stale_build_lock() is None  # no lock
+    lock.touch()
+    assert stale_build_lock() is None  # a build may be running
+    made = lock.stat().st_mtime
+    assert stale_build_lock(now=made + STALE_BUILD_LOCK_S - 1) is None
+    assert stale_build_lock(now=made + 3600) == (lock, 3600)
+    os.utime(lock, (made - 3600, made - 3600))
+    # a real launch with that lock: DeepSpeed hangs on it, after the one line naming it
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-c", "from dynalign.distributed import init_distributed; "
+                             "init_distributed()"], cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, proc.kill)  # no line at all: the pipe closes when it is killed
+    watchdog.start()
+    try:
+        assert proc.stderr is not None
+        line = next((line for line in proc.stderr if line.startswith("dynalign:")), "")
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
+    assert line.startswith(f"dynalign: DeepSpeed waits for {lock} (60 min old) to go before it loads")
+    assert "if no DeepSpeed build is running, delete it" in line
