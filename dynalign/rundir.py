@@ -37,6 +37,8 @@ ITER_DIR = re.compile(r"iter_(\d+)")
 LATEST = "latest"  # DeepSpeed's (and dynalign's) marker of the newest complete checkpoint
 MODEL_CONFIG = "config.json"  # what makes a directory a Hugging Face model
 LOCK_FILE = ".dynalign.lock"
+# dynalign.io's temporary siblings (.NAME.<pid>-<8 hex>.tmp) and a swap's old copy (.NAME.old-<pid>)
+LEFTOVER = re.compile(r"\..+\.(\d+-[0-9a-f]{8}\.tmp|old-\d+)")
 
 
 class RunDirError(RuntimeError):
@@ -167,6 +169,24 @@ class RunDir:
         found = [p.name for p in (self.checkpoints, self.metrics, self.samples, self.summary)
                  if (p.is_dir() and any(p.iterdir())) or (p.is_file() and p.stat().st_size > 0)]
         return found + [d.name for _, d in _iterations(self.path, MODEL_CONFIG)]
+
+    def clear_leftovers(self) -> int:
+        """Delete what interrupted writes left in the run directory, ``prompts/`` and ``eval/``:
+        the temporary siblings of :func:`~dynalign.io.replace_dir` and :func:`~dynalign.io.atomic_write`
+        (an export of an 8B policy is 16 GB) and the old copies of a swap. Only the run owning the
+        directory may call it (no write of another process is in flight). Returns the bytes freed."""
+        freed = 0
+        for parent in (self.path, self.prompts, self.path / "eval"):
+            for path in parent.iterdir() if parent.is_dir() else ():
+                if not LEFTOVER.fullmatch(path.name):
+                    continue
+                files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+                freed += sum(p.stat().st_size for p in files)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        return freed
 
     def clear_previous_run(self) -> None:
         """Delete what :meth:`previous_run` finds, with the prompts and evaluations of that run, and

@@ -630,9 +630,12 @@ def run_info(cfg: DictConfig) -> RunInfo:
 
 
 def claim_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse a fresh run (``resume=never``) in a directory an earlier run used, unless
-    ``overwrite=true`` deletes what that run left; called under the directory's lock."""
+    """Delete what interrupted writes left there, then refuse a fresh run (``resume=never``) in a
+    directory an earlier run used, unless ``overwrite=true`` deletes what that run left; called
+    under the directory's lock."""
     layout = RunDir(run_dir)
+    if freed := layout.clear_leftovers():
+        print0(f"dynalign: deleted {fmt_bytes(freed)} that interrupted writes left in {run_dir}")
     found = layout.previous_run()
     if cfg.resume != "never" or not found:
         return

@@ -532,3 +532,23 @@ def test_the_allowlist_is_what_deepspeed_writes_and_loads_every_stage(tiny_model
     allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in checkpoint.deepspeed_safe_globals()}
     assert needed == allowed
     assert calls and all(weights_only is True for weights_only in calls), calls
+
+
+def test_the_leftovers_of_interrupted_writes_are_found_by_name(tmp_path):
+    from dynalign.rundir import RunDir
+
+    layout = RunDir(tmp_path / "run")
+    keep = [layout.path / "iter_1", layout.path / ".hydra", layout.prompts / "iter_1.json",
+            layout.path / "eval" / "iter_1", layout.path / ".dynalign.lock", layout.path / ".iter_3.tmp"]
+    gone = [layout.path / ".iter_2.4242-0a1b2c3d.tmp", layout.path / ".iter_1.old-4242",
+            layout.prompts / ".iter_2.json.17-deadbeef.tmp", layout.path / "eval" / ".iter_2.9-00ff00ff.tmp"]
+    for path in keep + gone:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json" or path.name.startswith(".dynalign") or ".json." in path.name:
+            path.write_bytes(b"x" * 10)
+        else:
+            path.mkdir()
+            (path / "weights").write_bytes(b"x" * 100)
+    assert layout.clear_leftovers() == 100 + 100 + 10 + 100
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in gone)
+    assert layout.clear_leftovers() == 0

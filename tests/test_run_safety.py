@@ -83,8 +83,15 @@ def test_a_missing_latest_resumes_from_the_newest_complete_checkpoint(finished_r
     run = _copy(finished_run, tmp_path)
     (run / "checkpoints" / "latest").unlink()
     (run / "checkpoints" / ".tmp-step_3").mkdir()  # a save that crashed half-way never counts
+    # what a kill during an export's swap left: its temporary directory and the old copy
+    half = run / ".iter_2.4242-0a1b2c3d.tmp"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 2**20)
+    shutil.copytree(run / "iter_1", run / ".iter_1.old-4242")
     proc = _train(run, NO_LOGGER, "iterations=2", "resume=auto", cache=cache_dir)
     assert f"resumed from {run / 'checkpoints' / 'step_2'}" in proc.stdout + proc.stderr
+    assert f"that interrupted writes left in {run}" in proc.stdout
+    assert not half.exists() and not (run / ".iter_1.old-4242").exists()
     assert _steps(run) == [1, 2, 3, 4]
     assert (run / "iter_2" / "model.safetensors").exists()
 
