@@ -210,10 +210,14 @@ def test_seed_gives_determinism_and_leaves_global_rng_alone(sampler):
 
 def test_sampling_is_untruncated_and_ignores_the_models_generation_defaults(model, tokenizer):
     """top_k=0 means the full vocabulary (transformers' default would be 50), and a model's
-    generation_config (here top_k=1, a repetition penalty) does not leak into sampling."""
+    generation_config (here top_k=1, min_p=0.5, a repetition penalty) does not leak into sampling."""
+    params = SamplingParams(max_new_tokens=8, seed=0)
+    assert HFSampler(model, tokenizer)._generation_config(params).min_p is None  # unset: no warper at all
     opinionated = copy.deepcopy(model)
-    opinionated.generation_config.update(top_k=1, top_p=0.1, repetition_penalty=5.0, do_sample=True)
+    opinionated.generation_config.update(top_k=1, top_p=0.1, min_p=0.5, repetition_penalty=5.0,
+                                         do_sample=True)
     sampler = HFSampler(opinionated, tokenizer)
+    assert sampler._generation_config(params).min_p == 0.0  # the model's 0.5 overridden
     out = sampler.sample(PROMPTS, 4, SamplingParams(max_new_tokens=8, seed=0, logprobs=True))
     assert not torch.equal(out.completion_ids[0], out.completion_ids[1])
     inputs = out.model_inputs()

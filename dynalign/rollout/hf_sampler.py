@@ -180,11 +180,20 @@ class HFSampler:
         sampling: dict[str, Any] = {"do_sample": False}
         if not params.greedy:
             sampling = dict(do_sample=True, temperature=params.temperature, top_k=params.top_k,
-                            top_p=params.top_p, **NEUTRAL_SAMPLING)
+                            top_p=params.top_p, **self._neutral_sampling())
         return GenerationConfig(
             max_new_tokens=params.max_new_tokens, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
             **sampling, **NEUTRAL_DECODING, use_cache=True, return_dict_in_generate=True,
             output_logits=params.logprobs)
+
+    def _neutral_sampling(self) -> dict[str, Any]:
+        """:data:`NEUTRAL_SAMPLING`, each field left unset where the model's generation config
+        leaves it unset (transformers then applies nothing): ``min_p=0`` removes no token but still
+        adds a warper that takes a softmax over the whole vocabulary at every step, 4% of a Gemma
+        270M decode."""
+        model_defaults = getattr(self.model, "generation_config", None)
+        return {key: None if getattr(model_defaults, key, None) is None else value
+                for key, value in NEUTRAL_SAMPLING.items()}
 
     # -------------------------------------------------------------- judge scores
 
