@@ -6,12 +6,14 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dynalign.config import ConfigError, TrainConfig, to_train_config
 from dynalign.config.preflight import preflight
+from dynalign.io import atomic_write_text
 
 
 def validated_config(cfg: DictConfig, world_size: int | None = None, entry: str | None = None) -> TrainConfig:
@@ -33,6 +35,32 @@ def validated_config(cfg: DictConfig, world_size: int | None = None, entry: str 
         print(f"dynalign: invalid config: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return config
+
+
+LAUNCH_RECORD_DIR = ".hydra"  # in a run's directory: the launch's config, Hydra config and overrides
+
+
+def launch_record(cfg: DictConfig) -> dict[str, str]:
+    """The files Hydra writes to ``<output>/.hydra/`` for the running job, by name: the composed
+    config (``config.yaml``), Hydra's own (``hydra.yaml``) and the command line's overrides
+    (``overrides.yaml``), each as Hydra renders it.
+
+    conf/train.yaml sets ``hydra.output_subdir: null``, so Hydra writes none of them before the
+    job starts: a launch refused a directory (another run holds it, or an earlier run's records
+    are there) would otherwise replace that run's record with its own. Each entry point saves
+    them (:func:`save_launch_record`) once the output directory is its own.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.instance().cfg  # {"hydra": ...}, as Hydra saves it
+    return {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+            "overrides.yaml": OmegaConf.to_yaml(HydraConfig.get().overrides.task)}
+
+
+def save_launch_record(out_dir: Path, record: dict[str, str]) -> None:
+    """Write :func:`launch_record`'s files to ``out_dir/.hydra/`` (each whole or not at all)."""
+    for name, text in record.items():
+        atomic_write_text(out_dir / LAUNCH_RECORD_DIR / name, text)
 
 
 def entry_point() -> str:

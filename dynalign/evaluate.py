@@ -29,7 +29,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dynalign.cli import run_main, validated_config
+from dynalign.cli import launch_record, run_main, save_launch_record, validated_config
 from dynalign.config import ConfigError, TrainConfig, register_configs
 from dynalign.eval.settings import CHECKPOINT_KEY
 from dynalign.rundir import iteration_of, resolve_model_dir
@@ -73,6 +73,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
     from dynalign.eval.settings import resolve_eval
 
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    save_launch_record(out_dir, launch_record(cfg))
     config = validated_config(cfg)
     checkpoint = config.checkpoint
     try:
@@ -90,7 +92,6 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: the ranks share the evaluation
         init_distributed()
     _warn_on_base_mismatch(policy, config)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
     info = _run_info(out_dir, config, policy)
     tracker = build_tracker(replace(config.logger, job_type="eval"), info, rank=get_rank())
     try:

@@ -15,11 +15,12 @@ Exit status 2 and a message naming the key for a bad config value.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from dynalign.cli import run_main, validated_config
+from dynalign.cli import launch_record, run_main, save_launch_record, validated_config
 from dynalign.config import ConfigError, TrainConfig, register_configs
 from dynalign.datagen.settings import validate_generator
 
@@ -44,6 +45,9 @@ def _fail(err: ConfigError) -> None:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    save_launch_record(Path(HydraConfig.get().runtime.output_dir), launch_record(cfg))
     config = validated_config(cfg)
     try:
         validate_generator(config.generator)

@@ -38,7 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from dynalign.cli import run_main, validated_config
+from dynalign.cli import launch_record, run_main, save_launch_record, validated_config
 from dynalign.config import TrainConfig, register_configs
 from dynalign.distributed import (
     adopt_slurm_launch,
@@ -646,9 +646,10 @@ def claim_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     print0(f"dynalign: overwrite=true: deleted the earlier run in {run_dir} ({', '.join(found)})")
 
 
-def owned_train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
+def owned_train(cfg: TrainConfig, info: RunInfo, record: dict[str, str]) -> dict[str, Any]:
     """``train`` holding the run directory (rank 0 locks it for the whole run; the other ranks of
-    the launch share it). A directory or checkpoint it may not use ends the process with one
+    the launch share it), the launch's ``record`` (:func:`~dynalign.cli.launch_record`) saved in it
+    once it is the run's. A directory or checkpoint it may not use ends the process with one
     line naming it, before any model is loaded (or, for a checkpoint that is broken rather than
     refused, when it is read)."""
     from dynalign.engine import CheckpointError
@@ -658,20 +659,23 @@ def owned_train(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
             return train_job(cfg, info)
         with RunDir(info.run_dir).owned():
             claim_run_dir(cfg, info.run_dir)
-            return train_job(cfg, info)
+            return train_job(cfg, info, record)
     except (RunDirError, CheckpointError) as err:
         print(f"dynalign: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def train_job(cfg: TrainConfig, info: RunInfo) -> dict[str, Any]:
+def train_job(cfg: TrainConfig, info: RunInfo, record: dict[str, str] | None = None) -> dict[str, Any]:
     """``train`` as one job of a launch: the run, or one job of a sweep, which runs in this process
-    (on every rank) after the jobs before it. What the job opened is closed when it ends, on error
-    too, and its memory given back, so the next job starts as the first did; the process group
-    stays for it (it is destroyed at exit)."""
+    (on every rank) after the jobs before it; rank 0 saves the launch's ``record`` once nothing
+    refuses the run. What the job opened is closed when it ends, on error too, and its memory given
+    back, so the next job starts as the first did; the process group stays for it (it is destroyed
+    at exit)."""
     try:
         with ExitStack() as job:  # closes what train() opens, newest first
             check_auto_resume(cfg, info.run_dir)  # before join_launch builds the embedded model
+            if record is not None:
+                save_launch_record(info.run_dir, record)
             join_launch(cfg, info)
             return train(cfg, info, job)
     except BaseException as err:
@@ -710,7 +714,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     with failure_ends_launch():
         config = validated_config(cfg)
         check_launch(config)  # a run whose memory plan does not fit stops here, before anything loads
-        return owned_train(config, run_info(cfg))
+        return owned_train(config, run_info(cfg), launch_record(cfg))
 
 
 if __name__ == "__main__":

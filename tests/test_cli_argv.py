@@ -181,3 +181,25 @@ def test_documented_sweep_runs_as_written(tmp_path, cache_dir, tiny_model_path):
         assert config["generator"]["num_prompts"] == 2000  # the llama3_8b preset, shrunk only where told
         (metrics,) = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
         assert metrics["train/lr"] == pytest.approx(lr)
+
+
+def test_the_launch_record_is_what_hydra_itself_writes(tmp_path):
+    """conf/train.yaml turns Hydra's own .hydra/ off (a refused launch would replace an earlier
+    run's record); what dynalign writes instead is the same files, byte for byte."""
+    out = tmp_path / "run"
+    overrides = ["model=llama3_8b", "grpo.lr=3e-6", "+experiment=preset_tiny", f"hydra.run.dir={out}",
+                 "hydra.output_subdir=hydra_own", "hydra/job_logging=none"]
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "dist" / "record_app.py"), *overrides],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in (out / "hydra_own").iterdir())
+    assert names == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    for name in names:
+        assert (out / ".hydra" / name).read_text() == (out / "hydra_own" / name).read_text(), name
+    assert yaml.safe_load((out / ".hydra" / "overrides.yaml").read_text()) == overrides[:3]
+    assert yaml.safe_load((out / ".hydra" / "config.yaml").read_text())["grpo"]["lr"] == 3e-6
+
+
+def test_conf_train_leaves_the_launch_record_to_dynalign():
+    assert yaml.safe_load((REPO_ROOT / "conf" / "train.yaml").read_text())["hydra"]["output_subdir"] is None

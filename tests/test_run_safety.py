@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO_ROOT
 from test_train import FAST, _env, _metrics, _same_weights, _train, _weights
 
@@ -36,6 +37,11 @@ def _refusal(proc: subprocess.CompletedProcess) -> str:
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
     assert len(lines) == 1, proc.stderr[-3000:]
     return lines[0]
+
+
+def _record(run_dir: Path) -> dict[str, str]:
+    """The run's launch record (``.hydra/``), by file name."""
+    return {p.name: p.read_text() for p in sorted((run_dir / ".hydra").iterdir())}
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -108,14 +114,17 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(finished_run, tmp_path, c
 @pytest.mark.slow
 def test_a_fresh_run_in_a_used_directory_refuses_unless_told_to_overwrite(finished_run, tmp_path, cache_dir):
     run = _copy(finished_run, tmp_path)
-    line = _refusal(_run(run, "iterations=1", cache=tmp_path / "no-models"))
+    record = _record(run)
+    line = _refusal(_run(run, "iterations=1", "seed=7", cache=tmp_path / "no-models"))
     assert str(run) in line and "resume=auto" in line and "overwrite=true" in line
     assert not (tmp_path / "no-models").exists() or not any((tmp_path / "no-models").iterdir())
-    assert _steps(run) == [1, 2]  # untouched
+    assert _steps(run) == [1, 2]  # untouched, its launch record too
+    assert _record(run) == record
 
     proc = _train(run, NO_LOGGER, "iterations=1", "steps_per_iteration=1", "overwrite=true", cache=cache_dir)
     assert "deleted the earlier run" in proc.stdout + proc.stderr
     assert _steps(run) == [1] and not (run / "checkpoints" / "step_2").exists()
+    assert "overwrite=true" in yaml.safe_load(_record(run)["overrides.yaml"])  # the new run's record
 
 
 @pytest.mark.slow
@@ -128,12 +137,15 @@ def test_a_second_run_in_the_same_directory_refuses_and_names_the_first(tmp_path
     try:
         lock = run / ".dynalign.lock"
         deadline = time.time() + 300
-        while not lock.exists() or f"process {first.pid}" not in lock.read_text():
+        written = run / ".hydra" / "overrides.yaml"  # the last file of its launch record
+        while not lock.exists() or f"process {first.pid}" not in lock.read_text() or not written.exists():
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.05)
-        line = _refusal(_run(run, "resume=auto", cache=cache_dir))
+        record = _record(run)
+        line = _refusal(_run(run, "resume=auto", "seed=7", cache=cache_dir))
         assert f"is in use by process {first.pid}" in line and str(run) in line
-        assert first.poll() is None  # the first run goes on
+        assert first.poll() is None  # the first run goes on, its launch record as it wrote it
+        assert _record(run) == record
     finally:
         first.kill()
         first.wait()
