@@ -3,18 +3,26 @@
 On the tiny model, generation is most of a GRPO step (``benchmarks/bench_step.py``), and both
 dynalign and TRL generate with transformers. This benchmark times, on bench_step's tiny
 workload (the embedded tiny Llama, 4 chat prompts x 4 samples x 32 new tokens, temperature 1,
-1 thread), three ways to produce the same number of tokens:
+1 thread), the ways to produce the same number of tokens:
 
 * ``sampler``: dynalign's ``HFSampler.sample``, what the training loop runs (chat template,
   tokenization, ``generate``, completions decoded and masked);
 * ``generate``: transformers ``generate`` on the same left-padded token batch;
 * ``forward loop``: one prefill and one forward per new token on a ``DynamicCache``, sampling
   by ``multinomial`` over the softmax -- no logits processors, stopping criteria or bookkeeping:
-  the least any sampler that calls the model's forward once per token can take.
+  the least any sampler that calls the model's forward once per token can take;
+* ``hand-written`` (Llama-architecture models): the prefill by the model, then each decoding
+  step written out in torch ops on the model's own weights -- a static KV cache, q/k/v and
+  gate/up each one matmul, no transformers code at all: what a per-architecture decoder (the
+  way vLLM implements each model) would take. It checks that it draws the same tokens as
+  ``generate`` at the same seed (the line says how many of them);
+* ``draws``: the ``softmax`` and ``multinomial`` of every decoding step alone, on logits of the
+  same shape. Every sampler that keeps transformers' (and TRL's) samples at a seed pays it.
 
 It prints each median with its time per decoding step and each one's ratio to ``generate``.
 A forward loop close to ``generate`` means the time is the model's forward (transformers'
-per-call work on a model this small), not the sampling loop around it::
+per-call work on a model this small), not the sampling loop around it; the hand-written row is
+about the least a decoder in eager torch can take for this model on this machine::
 
     .venv/bin/python benchmarks/bench_decode.py
     .venv/bin/python benchmarks/bench_decode.py --new-tokens 128 --repeats 9
@@ -53,6 +61,69 @@ def median_seconds(run: Callable[[int], int], repeats: int) -> tuple[float, int]
         tokens = run(seed)
         times.append(time.perf_counter() - start)
     return statistics.median(times), tokens
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm, the same operations in the same order as transformers'."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, -1)
+    return torch.cat((-second, first), -1)
+
+
+def handwritten_llama_decode(model, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
+    """[B, new] tokens sampled (temperature 1, no filtering) from a transformers Llama: the prompt
+    prefilled by the model, each later step in plain torch ops on a static KV cache."""
+    from torch.nn import functional as F
+    from transformers import DynamicCache
+
+    config, layers = model.config, model.model.layers
+    rows, width = ids.shape
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    eps = config.rms_norm_eps
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=DynamicCache(),
+                use_cache=True, logits_to_keep=1)
+    total = width + new
+    keys = torch.zeros(len(layers), rows, kv_heads, total, dim)  # [L, B, KV, T, D]
+    values = torch.zeros_like(keys)
+    for i, layer in enumerate(out.past_key_values.layers):
+        keys[i, :, :, :width], values[i, :, :, :width] = layer.keys, layer.values
+    weights = [(torch.cat([lay.self_attn.q_proj.weight, lay.self_attn.k_proj.weight, lay.self_attn.v_proj.weight]),
+                lay.self_attn.o_proj.weight, torch.cat([lay.mlp.gate_proj.weight, lay.mlp.up_proj.weight]),
+                lay.mlp.down_proj.weight, lay.input_layernorm.weight, lay.post_attention_layernorm.weight)
+               for lay in layers]
+    embed, head, norm = model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight
+    cos, sin = model.model.rotary_emb(embed[None, :1], torch.arange(total)[None])  # [1, T, D] each
+    attend = torch.zeros(rows, 1, 1, total, dtype=torch.bool)  # [B, 1, 1, T] key columns a row sees
+    attend[:, 0, 0, :width] = mask.bool()
+    position = positions[:, -1] + 1  # [B] each row's next position
+    logits = out.logits[:, -1].float()  # [B, V]
+    tokens = []
+    for t in range(new):
+        tokens.append(torch.multinomial(logits.softmax(-1), 1))  # [B, 1]
+        if t == new - 1:
+            break
+        column = width + t
+        attend[..., column] = True
+        c, s = cos[0, position, None, None], sin[0, position, None, None]  # [B, 1, 1, D]
+        x = F.embedding(tokens[-1], embed)  # [B, 1, H]
+        for i, (qkv_w, o_w, gate_up_w, down_w, norm1, norm2) in enumerate(weights):
+            qkv = F.linear(rms_norm(x, norm1, eps), qkv_w).view(rows, 1, heads + 2 * kv_heads, dim).transpose(1, 2)
+            q, k, v = qkv.split([heads, kv_heads, kv_heads], 1)  # [B, heads|KV, 1, D]
+            keys[i, :, :, column:column + 1] = k * c + rotate_half(k) * s
+            values[i, :, :, column:column + 1] = v
+            attn = F.scaled_dot_product_attention(q * c + rotate_half(q) * s, keys[i, :, :, :column + 1],
+                                                  values[i, :, :, :column + 1], attn_mask=attend[..., :column + 1],
+                                                  scale=dim ** -0.5, enable_gqa=True)  # [B, heads, 1, D]
+            x = x + F.linear(attn.transpose(1, 2).reshape(rows, 1, heads * dim), o_w)
+            gate, up = F.linear(rms_norm(x, norm2, eps), gate_up_w).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, down_w)
+        logits = F.linear(rms_norm(x[:, -1], norm, eps), head)  # [B, V]
+        position = position + 1
+    return torch.cat(tokens, 1)
 
 
 def main() -> None:
@@ -105,19 +176,42 @@ def main() -> None:
             tokens.append(torch.multinomial(out.logits[:, -1].softmax(-1), 1))
         return torch.cat(tokens, 1).numel()
 
+    @torch.no_grad()
+    def run_handwritten(seed: int) -> int:
+        torch.manual_seed(seed)
+        return handwritten_llama_decode(model, ids, mask, new).numel()
+
+    def run_draws(seed: int) -> int:
+        torch.manual_seed(seed)
+        logits = torch.randn(len(rows), model.config.vocab_size)  # [B, V]
+        return sum(torch.multinomial(logits.softmax(-1), 1).numel() for _ in range(new))
+
+    ways = [("sampler", run_sampler), ("generate", run_generate), ("forward loop", run_forward_loop)]
+    agreement = ""
+    config_of = model.config
+    if config_of.model_type == "llama" and not (config_of.attention_bias or config_of.mlp_bias):
+        ways.append(("hand-written", run_handwritten))
+        with torch.no_grad():
+            torch.manual_seed(0)
+            reference = model.generate(input_ids=ids, attention_mask=mask, generation_config=config).sequences
+            torch.manual_seed(0)
+            drawn = handwritten_llama_decode(model, ids, mask, new)
+        same = int((drawn == reference[:, ids.shape[1]:]).sum())
+        agreement = f"; the hand-written decoder drew {same}/{drawn.numel()} of generate's tokens at seed 0"
+    ways.append(("draws", run_draws))
+
     load, params = os.getloadavg()[0], sum(p.numel() for p in model.parameters())
     print(f"bench_decode: {args.model} ({params / 1e6:.2f} M parameters), "
           f"{args.prompts} prompts x {args.samples} samples x {new} new tokens, {args.threads} thread(s), "
           f"{platform.processor() or platform.machine()}, load average {load:.2f}")
-    results = {name: median_seconds(run, args.repeats) for name, run in
-               (("sampler", run_sampler), ("generate", run_generate), ("forward loop", run_forward_loop))}
+    results = {name: median_seconds(run, args.repeats) for name, run in ways}
     base = results["generate"][0]
     print(f"  {'way':<14} {'median s':>9} {'ms / step':>10} {'tokens':>7} {'vs generate':>12}")
     for name, (seconds, tokens) in results.items():
         per_step = seconds / new * 1e3
         print(f"  {name:<14} {seconds:>9.4f} {per_step:>10.2f} {tokens:>7} {seconds / base:>11.2f}x")
     print(f"  load average {os.getloadavg()[0]:.2f} after; the forward loop is "
-          f"{results['forward loop'][0] / base:.0%} of generate's time")
+          f"{results['forward loop'][0] / base:.0%} of generate's time{agreement}")
 
 
 if __name__ == "__main__":
