@@ -91,9 +91,10 @@ def handwritten_llama_decode(model, ids: torch.Tensor, mask: torch.Tensor, new: 
     values = torch.zeros_like(keys)
     for i, layer in enumerate(out.past_key_values.layers):
         keys[i, :, :, :width], values[i, :, :, :width] = layer.keys, layer.values
-    weights = [(torch.cat([lay.self_attn.q_proj.weight, lay.self_attn.k_proj.weight, lay.self_attn.v_proj.weight]),
-                lay.self_attn.o_proj.weight, torch.cat([lay.mlp.gate_proj.weight, lay.mlp.up_proj.weight]),
-                lay.mlp.down_proj.weight, lay.input_layernorm.weight, lay.post_attention_layernorm.weight)
+    weights = [(torch.cat([lay.self_attn.q_proj.weight, lay.self_attn.k_proj.weight,
+                           lay.self_attn.v_proj.weight]), lay.self_attn.o_proj.weight,
+                torch.cat([lay.mlp.gate_proj.weight, lay.mlp.up_proj.weight]), lay.mlp.down_proj.weight,
+                lay.input_layernorm.weight, lay.post_attention_layernorm.weight)
                for lay in layers]
     embed, head, norm = model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight
     cos, sin = model.model.rotary_emb(embed[None, :1], torch.arange(total)[None])  # [1, T, D] each
@@ -111,12 +112,14 @@ def handwritten_llama_decode(model, ids: torch.Tensor, mask: torch.Tensor, new: 
         c, s = cos[0, position, None, None], sin[0, position, None, None]  # [B, 1, 1, D]
         x = F.embedding(tokens[-1], embed)  # [B, 1, H]
         for i, (qkv_w, o_w, gate_up_w, down_w, norm1, norm2) in enumerate(weights):
-            qkv = F.linear(rms_norm(x, norm1, eps), qkv_w).view(rows, 1, heads + 2 * kv_heads, dim).transpose(1, 2)
+            qkv = F.linear(rms_norm(x, norm1, eps), qkv_w).view(rows, 1, heads + 2 * kv_heads, dim)
+            qkv = qkv.transpose(1, 2)
             q, k, v = qkv.split([heads, kv_heads, kv_heads], 1)  # [B, heads|KV, 1, D]
             keys[i, :, :, column:column + 1] = k * c + rotate_half(k) * s
             values[i, :, :, column:column + 1] = v
-            attn = F.scaled_dot_product_attention(q * c + rotate_half(q) * s, keys[i, :, :, :column + 1],
-                                                  values[i, :, :, :column + 1], attn_mask=attend[..., :column + 1],
+            seen = slice(0, column + 1)
+            attn = F.scaled_dot_product_attention(q * c + rotate_half(q) * s, keys[i, :, :, seen],
+                                                  values[i, :, :, seen], attn_mask=attend[..., seen],
                                                   scale=dim ** -0.5, enable_gqa=True)  # [B, heads, 1, D]
             x = x + F.linear(attn.transpose(1, 2).reshape(rows, 1, heads * dim), o_w)
             gate, up = F.linear(rms_norm(x, norm2, eps), gate_up_w).chunk(2, -1)
