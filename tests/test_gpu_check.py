@@ -7,6 +7,7 @@ gloo and the tiny model, in real subprocesses, as ``make gpu-check`` starts them
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from dynalign import gpu_check
+from dynalign.config import TinyModelConfig
 from dynalign.gpu_check import FAIL, PASS, SKIP, CheckFailed, Result, Worker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +168,18 @@ def test_bf16_steps_fail_when_the_loss_does_not_fall(tmp_path):
         gpu_check.train_and_report(w, model(), ids, lr=1e-3, first_loss=(0.0, 1.0), expectation="test")
 
 
+def test_the_gpu_loop_trains_its_46m_shape_at_its_own_learning_rate(tmp_path, compose_cfg):
+    """On a GPU the tiny loop runs a 46 M shape in bf16 at GPU_TINY_LR, not the 0.43 M preset's 3e-2."""
+    from dynalign.config import to_train_config
+
+    cpu = to_train_config(compose_cfg(gpu_check.loop_overrides(Worker(cpu=True, out=tmp_path), "tiny")))
+    gpu = to_train_config(compose_cfg(gpu_check.loop_overrides(Worker(cpu=False, out=tmp_path), "tiny")))
+    assert cpu.grpo.lr == 3e-2 and cpu.model.tiny == TinyModelConfig()
+    assert gpu.grpo.lr == gpu_check.GPU_TINY_LR < cpu.grpo.lr
+    assert gpu.model.dtype == "bfloat16"
+    assert gpu.model.tiny.hidden_size == gpu_check.GPU_TINY_SHAPE["hidden_size"]
+
+
 def test_a_failing_loop_reports_the_entry_points_own_error(tmp_path, monkeypatch):
     """The row of a loop that did not run names why (here a refused config, before any model)."""
     monkeypatch.setattr(gpu_check, "loop_overrides", lambda w, model: ["model=tiny", "grpo.loss_type=ppo"])
@@ -235,8 +249,10 @@ def test_the_loop_through_the_entry_point_on_the_cpu(tmp_path, tiny_model_path):
     assert rows["vllm_sync"] == (SKIP if gpu_check.missing_module(["vllm"]) else PASS)
     detail = results(out)["loop"]["detail"]
     assert detail.startswith("tiny model, fp32, 1 rank(s), 4 prompts x 4 answers per step: reward ")
-    rewards = [float(v) for v in detail.split("reward ")[1].split(";")[0].split()]
+    rewards = [float(v) for v in detail.split("reward ")[1].split(",")[0].split()]
     assert len(rewards) == 3 and all(0.0 <= r <= 5.0 for r in rewards)  # the rubric's scale
+    entropies = [float(v) for v in detail.split("policy entropy ")[1].split(" nats")[0].split()]
+    assert len(entropies) == 3 and all(0.0 < e <= math.log(1024) for e in entropies)  # tiny vocabulary: 1024
     metrics = (out / "loop" / "run_tiny" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(m)["step"] for m in metrics] == [1, 2, 3]
 
