@@ -7,6 +7,8 @@ workload (the embedded tiny Llama, 4 chat prompts x 4 samples x 32 new tokens, t
 
 * ``sampler``: dynalign's ``HFSampler.sample``, what the training loop runs (chat template,
   tokenization, ``generate``, completions decoded and masked);
+* ``sampler, multinomial``: the same with its draws made by ``torch.multinomial`` (the check of
+  :mod:`dynalign.rollout.draws` made to fail), the same tokens: what the race saves;
 * ``generate``: transformers ``generate`` on the same left-padded token batch;
 * ``forward loop``: one prefill and one forward per new token on a ``DynamicCache``, sampling
   by ``multinomial`` over the softmax -- no logits processors, stopping criteria or bookkeeping:
@@ -16,8 +18,10 @@ workload (the embedded tiny Llama, 4 chat prompts x 4 samples x 32 new tokens, t
   gate/up each one matmul, no transformers code at all: what a per-architecture decoder (the
   way vLLM implements each model) would take. It checks that it draws the same tokens as
   ``generate`` at the same seed (the line says how many of them);
-* ``draws``: the ``softmax`` and ``multinomial`` of every decoding step alone, on logits of the
-  same shape. Every sampler that keeps transformers' (and TRL's) samples at a seed pays it.
+* ``multinomial``: the ``softmax`` and ``torch.multinomial`` of every decoding step alone, on
+  logits of the same shape: the draws of transformers' sampling (and TRL's);
+* ``race``: the same draws by :func:`dynalign.rollout.draws.draw` (the same tokens, the
+  exponential variates made in one vectorized pass), which dynalign's sampler uses.
 
 It prints each median with its time per decoding step and each one's ratio to ``generate``.
 A forward loop close to ``generate`` means the time is the model's forward (transformers'
@@ -134,7 +138,8 @@ def main() -> None:
 
     from dynalign.config import ModelConfig
     from dynalign.models import resolve_model_path
-    from dynalign.rollout import HFSampler, SamplingParams
+    from dynalign.rollout import HFSampler, SamplingParams, draws
+    from dynalign.rollout.draws import draw
     from dynalign.rollout.encoding import left_pad, prepare_request
 
     args = parse_args()
@@ -184,12 +189,23 @@ def main() -> None:
         torch.manual_seed(seed)
         return handwritten_llama_decode(model, ids, mask, new).numel()
 
-    def run_draws(seed: int) -> int:
-        torch.manual_seed(seed)
-        logits = torch.randn(len(rows), model.config.vocab_size)  # [B, V]
-        return sum(torch.multinomial(logits.softmax(-1), 1).numel() for _ in range(new))
+    def timed_draws(pick: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[int], int]:
+        def run(seed: int) -> int:
+            torch.manual_seed(seed)
+            logits = torch.randn(len(rows), model.config.vocab_size)  # [B, V]
+            return sum(pick(logits.softmax(-1)).numel() for _ in range(new))
+        return run
 
-    ways = [("sampler", run_sampler), ("generate", run_generate), ("forward loop", run_forward_loop)]
+    def run_sampler_multinomial(seed: int) -> int:
+        checked = draws.matches_multinomial
+        draws.matches_multinomial = lambda shape, dtype: False  # type: ignore[assignment]
+        try:
+            return run_sampler(seed)
+        finally:
+            draws.matches_multinomial = checked
+
+    ways = [("sampler", run_sampler), ("sampler, multinomial", run_sampler_multinomial),
+            ("generate", run_generate), ("forward loop", run_forward_loop)]
     agreement = ""
     config_of = model.config
     if config_of.model_type == "llama" and not (config_of.attention_bias or config_of.mlp_bias):
@@ -201,7 +217,8 @@ def main() -> None:
             drawn = handwritten_llama_decode(model, ids, mask, new)
         same = int((drawn == reference[:, ids.shape[1]:]).sum())
         agreement = f"; the hand-written decoder drew {same}/{drawn.numel()} of generate's tokens at seed 0"
-    ways.append(("draws", run_draws))
+    ways += [("multinomial", timed_draws(lambda probs: torch.multinomial(probs, 1))),
+             ("race", timed_draws(draw))]
 
     load, params = os.getloadavg()[0], sum(p.numel() for p in model.parameters())
     print(f"bench_decode: {args.model} ({params / 1e6:.2f} M parameters), "
@@ -209,10 +226,10 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, load average {load:.2f}")
     results = {name: median_seconds(run, args.repeats) for name, run in ways}
     base = results["generate"][0]
-    print(f"  {'way':<14} {'median s':>9} {'ms / step':>10} {'tokens':>7} {'vs generate':>12}")
+    print(f"  {'way':<20} {'median s':>9} {'ms / step':>10} {'tokens':>7} {'vs generate':>12}")
     for name, (seconds, tokens) in results.items():
         per_step = seconds / new * 1e3
-        print(f"  {name:<14} {seconds:>9.4f} {per_step:>10.2f} {tokens:>7} {seconds / base:>11.2f}x")
+        print(f"  {name:<20} {seconds:>9.4f} {per_step:>10.2f} {tokens:>7} {seconds / base:>11.2f}x")
     print(f"  load average {os.getloadavg()[0]:.2f} after; the forward loop is "
           f"{results['forward loop'][0] / base:.0%} of generate's time{agreement}")
 

@@ -43,6 +43,23 @@ def test_gemma_directory_adds_bos_and_renders_questions(gemma_path):
         assert render_prompt(tokenizer, chat).endswith(f"Question: {chat[0]['content']}\nAnswer:")
 
 
+def test_gemma_samples_are_the_tokens_transformers_sampling_draws(gemma_path):
+    """On a 262k vocabulary too (the draw's largest shape), with top-p: the sampler's tokens are
+    those of transformers' ``generate(do_sample=True)`` at the same seed."""
+    from test_rollout import transformers_sampling
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dynalign.rollout import HFSampler, SamplingParams
+
+    model = AutoModelForCausalLM.from_pretrained(gemma_path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gemma_path)
+    sampler = HFSampler(model, tokenizer)
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.95, seed=3)
+    out = sampler.sample(chats, 2, params)
+    assert torch.equal(out.completion_ids, transformers_sampling(model, tokenizer, sampler, chats, 2, params))
+
+
 def test_one_step_on_gemma_judges_english_and_exports_a_reloadable_policy(compose_cfg, gemma_path, tmp_path):
     from dynalign.engine import PolicyEngine
     from dynalign.models import load_hf_sampler

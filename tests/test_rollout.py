@@ -14,10 +14,17 @@ from dynalign.rollout import (
     Sampler,
     SamplingParams,
     build_sampler,
+    draws,
     sampling_params,
     zero3_gather,
 )
-from dynalign.rollout.encoding import encode_prompts, eos_token_ids, finish_completion
+from dynalign.rollout.encoding import (
+    encode_prompts,
+    eos_token_ids,
+    finish_completion,
+    left_pad,
+    prepare_request,
+)
 
 CHAT = [{"role": "user", "content": "What is a good way to learn?"}]
 PROMPTS = ["def fibonacci(n):", CHAT, "The quick brown fox"]
@@ -211,13 +218,10 @@ def test_seed_gives_determinism_and_leaves_global_rng_alone(sampler):
 def test_sampling_is_untruncated_and_ignores_the_models_generation_defaults(model, tokenizer):
     """top_k=0 means the full vocabulary (transformers' default would be 50), and a model's
     generation_config (here top_k=1, min_p=0.5, a repetition penalty) does not leak into sampling."""
-    params = SamplingParams(max_new_tokens=8, seed=0)
-    assert HFSampler(model, tokenizer)._generation_config(params).min_p is None  # unset: no warper at all
     opinionated = copy.deepcopy(model)
     opinionated.generation_config.update(top_k=1, top_p=0.1, min_p=0.5, repetition_penalty=5.0,
                                          do_sample=True)
     sampler = HFSampler(opinionated, tokenizer)
-    assert sampler._generation_config(params).min_p == 0.0  # the model's 0.5 overridden
     out = sampler.sample(PROMPTS, 4, SamplingParams(max_new_tokens=8, seed=0, logprobs=True))
     assert not torch.equal(out.completion_ids[0], out.completion_ids[1])
     inputs = out.model_inputs()
@@ -225,6 +229,43 @@ def test_sampling_is_untruncated_and_ignores_the_models_generation_defaults(mode
         logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits[:, -9:-1]
     ranks = (logits > logits.gather(-1, out.completion_ids[..., None])).sum(-1)  # [N, C] 0 = argmax
     assert int(ranks.max()) > 50  # tokens from outside the top 50 are sampled
+
+
+def transformers_sampling(model, tokenizer, sampler, prompts, n, params) -> torch.Tensor:
+    """[N, C] what transformers' own ``generate(do_sample=True)`` draws for the sampler's token
+    batch at the params' seed (its warpers, its softmax, its ``torch.multinomial``)."""
+    from transformers import GenerationConfig
+
+    params, prompt_ids = prepare_request(tokenizer, prompts, n, params)
+    ids, mask = left_pad([row for row in prompt_ids for _ in range(n)], sampler.pad_id)
+    config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=True,
+                              temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                              eos_token_id=sorted(sampler.eos_ids), pad_token_id=sampler.pad_id)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("knobs", [{}, {"temperature": 0.7, "top_k": 20}, {"temperature": 1.3, "top_p": 0.9},
+                                   {"temperature": 0.5, "top_k": 5, "top_p": 0.5}])
+def test_samples_are_the_tokens_transformers_sampling_draws_at_the_seed(model, tokenizer, knobs,
+                                                                        monkeypatch):
+    """The sampler runs ``generate`` greedy with its own last processor (warpers, then a cheaper
+    draw than ``torch.multinomial``): the tokens are still exactly those of ``do_sample=True``."""
+    races = []
+    race = draws.exponential_race
+    def counted(probs, generator=None):  # the sampler's draws (the one-off check brings its own generator)
+        races.extend([probs.shape] if generator is None else [])
+        return race(probs, generator=generator)
+
+    monkeypatch.setattr(draws, "exponential_race", counted)
+    sampler = HFSampler(model, tokenizer)
+    params = SamplingParams(max_new_tokens=12, seed=7, **knobs)
+    out = sampler.sample(PROMPTS, 3, params)
+    assert len(races) == out.completion_ids.shape[1]  # every step drew by the race, not by multinomial
+    expected = transformers_sampling(model, tokenizer, sampler, PROMPTS, 3, params)  # [N, C']
+    assert out.completion_ids.shape[1] == expected.shape[1]  # the same longest answer
+    assert torch.equal(out.completion_ids, expected)  # pads where EOS ended a row, in both
 
 
 def test_greedy_and_train_mode_restored(sampler, model):

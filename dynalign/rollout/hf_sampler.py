@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dynalign.rollout.base import Prompt, Rollouts, SamplingParams
+from dynalign.rollout.draws import draw
 from dynalign.rollout.encoding import (
     Completion,
     build_rollouts,
@@ -37,7 +38,6 @@ GatherFactory = Callable[[], AbstractContextManager]
 # Values that switch off the other logits processors a model's generation_config may enable.
 NEUTRAL_DECODING: dict[str, Any] = dict(num_beams=1, num_return_sequences=1, min_new_tokens=0,
                                         repetition_penalty=1.0, no_repeat_ngram_size=0)
-NEUTRAL_SAMPLING: dict[str, Any] = dict(min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
 
 
 def zero3_gather(model: torch.nn.Module) -> GatherFactory | None:
@@ -73,6 +73,33 @@ class _StopOnStrings:
         tail = input_ids[:, self.prompt_length:][:, -self.window:]  # [B, <=window]
         texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
         return torch.tensor([find_stop(t, self.stops) >= 0 for t in texts], device=input_ids.device)
+
+
+class _DrawLast:
+    """Logits processor that samples: the warpers transformers' sampling mode would add for
+    ``params`` (temperature, top-k, top-p: its own classes, in its order), then one draw per row
+    (:func:`~dynalign.rollout.draws.draw`, ``torch.multinomial``'s draw at less cost); it returns
+    scores that are 0 at the drawn token and -inf elsewhere. ``generate`` runs greedy with it
+    last, so its argmax takes the drawn token: the tokens ``do_sample=True`` would give at the
+    same seed, without ``multinomial``'s one-at-a-time exponential variates."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.warpers: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = []
+        if params.temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k != 0:
+            self.warpers.append(TopKLogitsWarper(top_k=params.top_k, min_tokens_to_keep=1))
+        if params.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=1))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)  # [B, V]
+        tokens = draw(torch.softmax(scores, dim=-1))  # [B]
+        return torch.full_like(scores, -torch.inf).index_put_((torch.arange(len(tokens)), tokens),
+                                                               scores.new_zeros(()))  # [B, V]
 
 
 class HFSampler:
@@ -156,6 +183,7 @@ class HFSampler:
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=self._generation_config(params),
+            logits_processor=None if params.greedy else [_DrawLast(params)],
             stopping_criteria=stopping,
             past_key_values=past,
             synced_gpus=self._lockstep,
@@ -169,31 +197,19 @@ class HFSampler:
                 for ids, lp in zip(new_tokens.tolist(), logprobs, strict=True)]
 
     def _generation_config(self, params: SamplingParams) -> Any:
-        """Every field that shapes the distribution set explicitly.
+        """Greedy decoding, every other field that shapes the tokens set neutral.
 
-        transformers fills the fields a config leaves unset from the model's
-        ``generation_config`` and then from global defaults, which include ``top_k=50``: an
-        unset top-k would silently truncate sampling (and suppress rare tokens such as EOS).
+        A sampling call gets its warpers and its draw from :class:`_DrawLast`, run last by the
+        greedy step, so none of the sampling fields transformers would fill from the model's
+        ``generation_config`` (a ``top_k``, a ``min_p``) or from its own defaults (``top_k=50``)
+        takes part.
         """
         from transformers import GenerationConfig
 
-        sampling: dict[str, Any] = {"do_sample": False}
-        if not params.greedy:
-            sampling = dict(do_sample=True, temperature=params.temperature, top_k=params.top_k,
-                            top_p=params.top_p, **self._neutral_sampling())
         return GenerationConfig(
             max_new_tokens=params.max_new_tokens, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
-            **sampling, **NEUTRAL_DECODING, use_cache=True, return_dict_in_generate=True,
+            do_sample=False, **NEUTRAL_DECODING, use_cache=True, return_dict_in_generate=True,
             output_logits=params.logprobs)
-
-    def _neutral_sampling(self) -> dict[str, Any]:
-        """:data:`NEUTRAL_SAMPLING`, each field left unset where the model's generation config
-        leaves it unset (transformers then applies nothing): ``min_p=0`` removes no token but still
-        adds a warper that takes a softmax over the whole vocabulary at every step, 4% of a Gemma
-        270M decode."""
-        model_defaults = getattr(self.model, "generation_config", None)
-        return {key: None if getattr(model_defaults, key, None) is None else value
-                for key, value in NEUTRAL_SAMPLING.items()}
 
     # -------------------------------------------------------------- judge scores
 
