@@ -98,8 +98,7 @@ class _DrawLast:
         for warp in self.warpers:
             scores = warp(input_ids, scores)  # [B, V]
         tokens = draw(torch.softmax(scores, dim=-1))  # [B]
-        return torch.full_like(scores, -torch.inf).index_put_((torch.arange(len(tokens)), tokens),
-                                                               scores.new_zeros(()))  # [B, V]
+        return torch.full_like(scores, -torch.inf).scatter_(1, tokens[:, None], 0.0)  # [B, V]
 
 
 class HFSampler:
