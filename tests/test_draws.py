@@ -75,6 +75,17 @@ def test_draw_falls_back_to_multinomial_where_the_race_is_not_its_draw(monkeypat
     assert torch.equal(draw(half), expected)
 
 
+def test_a_transposed_batch_is_drawn_by_multinomial(monkeypatch):
+    """multinomial fills its variates in memory order: for another layout the race would pair
+    them with other entries, so it does not run."""
+    monkeypatch.setattr(draws, "exponential_race", lambda *a, **k: pytest.fail("the race ran"))
+    probs = distributions(64, 4, seed=6).t().contiguous().t()  # [64, 4], column-major
+    torch.manual_seed(4)
+    expected = torch.multinomial(probs, 1)[:, 0]
+    torch.manual_seed(4)
+    assert torch.equal(draw(probs), expected)
+
+
 def test_a_row_that_is_no_distribution_is_refused_by_multinomial():
     probs = distributions(3, 32, seed=1)
     probs[1] = torch.nan  # a model that produced NaN logits

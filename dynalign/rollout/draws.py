@@ -44,9 +44,11 @@ def matches_multinomial(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 
 def draw(probs: torch.Tensor) -> torch.Tensor:
     """[B] one draw from each row of ``probs`` [B, V] on the default generator: exactly
     ``torch.multinomial(probs, 1)[:, 0]``, by :func:`exponential_race` where that is checked
-    to be the same draw. Rows that are not distributions (NaN, inf, all zero) go to
+    to be the same draw (a contiguous float CPU tensor: ``multinomial`` fills its variates in
+    memory order). Rows that are not distributions (NaN, inf, all zero) go to
     ``torch.multinomial``, which refuses them with its own error."""
-    if (probs.device.type == "cpu" and probs.dim() == 2 and probs.dtype in (torch.float32, torch.float64)
+    if (probs.device.type == "cpu" and probs.dim() == 2 and probs.is_contiguous()
+            and probs.dtype in (torch.float32, torch.float64)
             and matches_multinomial(tuple(probs.shape), probs.dtype)):
         total = probs.sum(-1)  # [B]
         if bool((torch.isfinite(total) & (total > 0)).all()):
