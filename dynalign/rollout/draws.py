@@ -1,9 +1,9 @@
-"""One categorical draw per row: ``torch.multinomial``'s samples, at less than half its CPU cost.
+"""One categorical draw per row: ``torch.multinomial``'s samples, at about half its CPU cost.
 
 For one sample, torch draws by an exponential race: ``argmax(p / q)`` with ``q ~ Exp(1)``
 independent per vocabulary entry. On the CPU its exponential variates come one at a time from
-the generator under a lock (25 ns each): a quarter of Gemma 3 270M's decoding step (8 rows x
-262k entries, 55 ms), a sixth of the tiny model's. :func:`exponential_race` reads the same
+the generator under a lock (about 25 ns each): a quarter of Gemma 3 270M's decoding step (8
+rows x 262k entries, 55-68 ms), a sixth of the tiny model's. :func:`exponential_race` reads the same
 uniform doubles from the generator in one ``torch.rand`` call and turns them into the same
 variates with vectorized ops (``-log1p(-u)``, rounded to the probabilities' dtype as torch
 rounds it), so it picks the same tokens and leaves the generator in the same state.
