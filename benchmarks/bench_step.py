@@ -4,7 +4,7 @@ Models (``--model``; ``make bench`` runs ``tiny``, then ``gemma3_270m``), each w
 workload defaults (every one of them can be overridden on the command line):
 
 * ``tiny``: the embedded tiny Llama (0.43 M random parameters; ``small``: 3.2 M), full
-  fine-tuning. 4 chat prompts x 4 generations x 32 new tokens; 2 rounds x (2 warm-up + 5 timed)
+  fine-tuning. 4 chat prompts x 4 generations x 32 new tokens; 4 rounds x (2 warm-up + 5 timed)
   steps; 3 self-judge steps with the CA rubric; 1 thread. A random model almost never emits EOS,
   so answers are 32 tokens long.
 * ``gemma3_270m``: Gemma 3 270M base (268 M parameters, 262k vocabulary), the converted local
@@ -42,9 +42,20 @@ dynalign's reference and sampler-sync phases and loop; TRL's update is the rest 
 0 there) and the peak resident memory of the framework's process (``ru_maxrss``; a self-judge
 row's includes the python-reward steps before it). The update's achieved FLOP/s (6 x parameters
 x prompt+completion tokens / update time; 4 x with LoRA, whose frozen weights get no gradient)
-is put against the fp32 matmul peak measured in the same run. Each measurement runs in a fresh
-subprocess (DeepSpeed's process group and accelerate's state never meet), the frameworks take
-turns round after round so both see the same machine load, and the load average is printed.
+is put against the fp32 matmul peak measured in the same run, and the load average is printed.
+
+Each framework runs in its own subprocess (DeepSpeed's process group and accelerate's state never
+meet). The frameworks take turns step by step: each round starts, for each dynalign ZeRO stage, a
+fresh dynalign process and a fresh TRL process together; once both are set up, each waits at every
+step (warm-up included) for its turn, so exactly one of them runs at a time and each step follows
+the other framework's directly. A shared machine's speed drifts over tens of seconds (the same
+``generate`` call took 85 ms for a while, then 100, then 138, in one process of this 2-core host):
+turns step by step put that drift on both sides of each ratio, where processes run one after the
+other would put it on one. The bench checks from the workers' own clocks that no two steps
+overlapped, and says so. Fresh processes also differ among themselves (the same ``generate``
+phase by up to ~20% between processes stepping in turns), so each pair's own ratio is printed
+and the medians pool several rounds.
+
 Goals, each printed with its ratio and verdict: dynalign ZeRO-3 with the python reward at least
 2x TRL's throughput on tiny and ahead of TRL (> 1x) on Gemma; the self-judge phase at most
 1.7 s per 16 answers on tiny and no longer than the generation phase of the same step on Gemma.
@@ -67,11 +78,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH_RESULT "
+TURN_TAG = "BENCH_TURN"  # a worker's line: set up and about to step; it then waits for "go" on stdin
 PROMPTS = (
     "How can a neighbourhood start a tool library that everyone can use?",
     "What should I consider before adopting a rescue dog?",
@@ -97,7 +110,7 @@ class BenchModel:
     tiny: dict[str, Any] = field(default_factory=dict)  # TinyModelConfig fields of a tiny model
 
 
-TINY_DEFAULTS = dict(prompts=4, generations=4, new_tokens=32, warmup=2, steps=5, judge_steps=3, rounds=2,
+TINY_DEFAULTS = dict(prompts=4, generations=4, new_tokens=32, warmup=2, steps=5, judge_steps=3, rounds=4,
                      threads=1, finetune="full", zero_stages="3,2")
 TINY_OVERRIDES = ("model=tiny", "judge=ca_rubric", "judge.mode=logprob")
 MODELS = {
@@ -136,8 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dynalign's DeepSpeed ZeRO stages to measure, comma-separated (3: the default "
                              "training core; 2: no parameter partitioning, the faster one on one process)")
     parser.add_argument("--rounds", type=int,
-                        help="alternate the frameworks this many times (each round: fresh processes, "
-                             "warm-up, timed steps); medians pool the rounds, so both see the same load")
+                        help="measure this many times, each round in fresh processes (per dynalign stage, "
+                             "one dynalign and one TRL process taking turns step by step); medians pool "
+                             "the rounds, and each pair's own ratio is printed")
     parser.add_argument("--threads", type=int,
                         help="torch/OpenMP threads in both frameworks; 0: torch's default (one per core). "
                              "1 on tiny: a 0.4 M model gains nothing from more, and on a shared machine "
@@ -188,6 +202,11 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 8) -> float:
     return 2 * size**3 / best
 
 
+def tokens_per_s(steps: list[dict[str, float]]) -> float:
+    """Median throughput of steps: completion tokens / step wall time."""
+    return statistics.median(s["completion_tokens"] / s["wall"] for s in steps)
+
+
 def median_phases(steps: list[dict[str, float]]) -> dict[str, float]:
     keys = sorted({k for s in steps for k in s})
     return {k: statistics.median(s.get(k, 0.0) for s in steps) for k in keys}
@@ -200,6 +219,15 @@ def peak_rss_gib() -> float:
 
 def emit(result: dict[str, Any]) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def wait_turn() -> float:
+    """Tell the orchestrator this worker is about to step, wait for its turn; returns the turn's
+    start on the wall clock (shared by the processes, for the orchestrator's overlap check)."""
+    print(TURN_TAG, flush=True)
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("bench_step: the orchestrator closed the lockstep channel")
+    return time.time()
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -251,18 +279,23 @@ def _dynalign_config(args: argparse.Namespace):
         return to_train_config(compose(config_name="train", overrides=overrides))
 
 
-def _time_dynalign(cfg, parts, prompts: list[str], warmup: int, steps: int) -> list[dict[str, float]]:
+def _time_dynalign(cfg, parts, prompts: list[str], warmup: int, steps: int,
+                   spans: list[list[float]]) -> list[dict[str, float]]:
+    """Phases of ``steps`` timed steps after ``warmup`` untimed ones, each step on its turn (its
+    wall-clock span appended to ``spans``)."""
     from dynalign.runtime import PhaseTimer
     from dynalign.train import Position, grpo_step
 
     timer, timed = PhaseTimer(), []
     for i in range(warmup + steps):
         position = Position(iteration=0, step=i, global_step=i)
+        turn = wait_turn()
         start = time.perf_counter()
         metrics, _ = grpo_step(cfg, parts, prompts, position, 0, timer)
         # the loop's phase names; its judge phase is the reward phase, whatever computes the reward
         phases = {k.removeprefix("time/").replace("judge", "reward"): v for k, v in timer.pop().items()}
         phases["wall"] = time.perf_counter() - start
+        spans.append([turn, time.time()])
         phases["completion_tokens"] = metrics["train/tokens"]
         if i >= warmup:
             timed.append(phases)
@@ -286,13 +319,14 @@ def run_dynalign(args: argparse.Namespace) -> None:
     engine = PolicyEngine.from_config(cfg)
     with tempfile.TemporaryDirectory() as run_dir:
         parts = build_parts(cfg, engine, Path(run_dir), iteration=0)
-    prompts = list(PROMPTS[: args.prompts])
+    prompts, spans = list(PROMPTS[: args.prompts]), []
     cheap = _time_dynalign(cfg, replace(parts, judge=PythonRewardJudge(cheap_reward)), prompts,
-                           args.warmup, args.steps)
+                           args.warmup, args.steps, spans)
     cheap_rss = peak_rss_gib()  # before the judge steps, which may need more
-    judged = (_time_dynalign(cfg, parts, prompts, min(1, args.warmup), args.judge_steps)
+    judged = (_time_dynalign(cfg, parts, prompts, min(1, args.warmup), args.judge_steps, spans)
               if args.judge_steps else [])
-    emit({"framework": "dynalign", "cheap": cheap, "judge": judged, "threads": torch.get_num_threads(),
+    emit({"framework": "dynalign", "cheap": cheap, "judge": judged, "spans": spans,
+          "threads": torch.get_num_threads(),
           "zero_stage": cfg.deepspeed.stage, "rss_gib": cheap_rss, "judge_rss_gib": peak_rss_gib(),
           "judge_name": f"{cfg.judge.rubric.name}, {cfg.judge.mode}, source {cfg.judge.source}"})
 
@@ -340,15 +374,20 @@ def run_trl(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     phases: dict[str, float] = {}
     timed: list[dict[str, float]] = []
+    spans: list[list[float]] = []
 
     class StepClock(TrainerCallback):
+        """Times each optimizer step (the rollout is inside it), each on its turn."""
+
         def on_step_begin(self, *a, **kw):
+            spans.append([wait_turn()])
             phases.clear()
             phases["_start"] = time.perf_counter()
 
         def on_step_end(self, *a, **kw):
             step = dict(phases)
             step["wall"] = time.perf_counter() - step.pop("_start")
+            spans[-1].append(time.time())
             timed.append(step)
 
     with tempfile.TemporaryDirectory() as out:
@@ -374,7 +413,7 @@ def run_trl(args: argparse.Namespace) -> None:
     for step in timed:
         step["update"] = step["wall"] - step.get("rollout_and_score", 0.0)
         step["adv"] = step.get("rollout_and_score", 0.0) - step.get("gen", 0.0) - step.get("reward", 0.0)
-    emit({"framework": "trl", "version": trl.__version__, "cheap": timed[args.warmup:],
+    emit({"framework": "trl", "version": trl.__version__, "cheap": timed[args.warmup:], "spans": spans,
           "threads": torch.get_num_threads(), "rss_gib": peak_rss_gib()})
 
 
@@ -384,9 +423,45 @@ def run_trl(args: argparse.Namespace) -> None:
 WORKLOAD_FLAGS = ("model", "prompts", "generations", "new_tokens", "warmup", "steps", "threads")
 
 
-def run_worker(name: str, args: argparse.Namespace, model_path: str, finetune: str, judge_steps: int,
-               zero_stage: int = 3) -> dict[str, Any]:
-    """Run one framework's measurement in a fresh process; returns its result record."""
+@dataclass
+class Worker:
+    """One framework's measurement in its own process, stepping when the orchestrator says."""
+
+    label: str
+    proc: subprocess.Popen
+    stderr: Any  # a temporary file: a pipe nobody reads while the worker waits could fill up
+    tail: list[str] = field(default_factory=list)  # its last lines of stdout, for an error report
+    result: dict[str, Any] | None = None
+    turns: int = 0  # turns given to it
+
+    def next_turn(self) -> bool:
+        """Read the worker's output up to its next turn (True) or its end (False; result kept)."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.rstrip("\n") == TURN_TAG:
+                return True
+            if line.startswith(RESULT_TAG):
+                self.result = json.loads(line[len(RESULT_TAG):])
+            else:
+                self.tail = [*self.tail[-40:], line]
+        if self.proc.wait() != 0 or self.result is None:
+            self.stderr.seek(0)
+            sys.stderr.write("".join(self.tail)[-3000:] + self.stderr.read()[-6000:])
+            raise SystemExit(f"bench_step: the {self.label} worker failed (exit {self.proc.returncode})")
+        return False
+
+    def step(self) -> bool:
+        """Let the worker take one step; True while it has more."""
+        assert self.proc.stdin is not None
+        self.turns += 1
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self.next_turn()
+
+
+def start_worker(name: str, args: argparse.Namespace, model_path: str, finetune: str, judge_steps: int,
+                 zero_stage: int = 3) -> Worker:
+    """Start one framework's measurement in a fresh process; it sets up, then waits for its turns."""
     flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in WORKLOAD_FLAGS]
     cmd = [sys.executable, __file__, "--worker", name, "--model-path", model_path, *flags,
            f"--finetune={finetune}", f"--judge-steps={judge_steps}", f"--zero-stage={zero_stage}"]
@@ -395,12 +470,36 @@ def run_worker(name: str, args: argparse.Namespace, model_path: str, finetune: s
            "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"bench_step: the {name} worker ({finetune}) failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115  # the worker's, closed by lockstep
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True)
+    return Worker(f"{name} ({finetune}, ZeRO-{zero_stage})" if name == "dynalign" else f"{name} ({finetune})",
+                  proc, stderr)
+
+
+def lockstep(workers: list[Worker]) -> list[dict[str, Any]]:
+    """Run the workers' steps in turns, one worker at a time, once all are set up; their results
+    (each with ``turns``: how many it was given).
+
+    A worker that fails stops the bench (its output is shown); the others are killed.
+    """
+    try:
+        stepping = [w for w in workers if w.next_turn()]  # each is set up and waits at its first step
+        while stepping:
+            stepping = [w for w in stepping if w.step()]
+        return [{**w.result, "turns": w.turns} for w in workers if w.result is not None]  # all of them
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
+            w.stderr.close()
+
+
+def overlapping_steps(results: list[dict[str, Any]]) -> int:
+    """How many steps began before the step run just before them (by any worker) had ended."""
+    spans = sorted(tuple(span) for r in results for span in r.get("spans", []))
+    return sum(start < previous_end for (_, previous_end), (start, _) in pairwise(spans))
 
 
 @dataclass
@@ -413,6 +512,7 @@ class Row:
     stage: int | None  # dynalign's ZeRO stage
     judge: bool  # dynalign's self-judge, not the python reward
     m: dict[str, float]
+    pairs: list[float] = field(default_factory=list)  # throughput / TRL's, per pair of processes
 
 
 def summarize(steps: list[dict[str, float]], update_flops: float, peak: float,
@@ -422,7 +522,7 @@ def summarize(steps: list[dict[str, float]], update_flops: float, peak: float,
     steps = [{**s, "other": s["wall"] - sum(s.get(k, 0.0) for k in ("gen", "reward", "adv", "update"))}
              for s in steps]
     med = median_phases(steps)
-    med["tokens_per_s"] = statistics.median(s["completion_tokens"] / s["wall"] for s in steps)
+    med["tokens_per_s"] = tokens_per_s(steps)
     med["update_flops_per_s"] = update_flops / med["update"] if med.get("update") else float("nan")
     med["update_peak_frac"] = med["update_flops_per_s"] / peak
     med["rss_gib"] = rss
@@ -481,27 +581,44 @@ def workload_size(path: str, args: argparse.Namespace) -> tuple[int, int, str]:
     return params, sum(len(ids) for ids in ours) * args.generations, config.model_type
 
 
-def collect(args: argparse.Namespace, path: str) -> dict[tuple[str, str], dict[str, Any]]:
-    """Step records per (fine-tuning mode, measurement: ``zero3``, ``zero2``..., ``trl``),
-    the frameworks alternating round after round."""
+def collect(args: argparse.Namespace, path: str) -> tuple[dict[tuple[str, str], dict[str, Any]], list[int]]:
+    """Step records per (fine-tuning mode, measurement: ``zero3``, ``zero2``..., ``trl``); each
+    dynalign stage measured in turns with a TRL process of its own, round after round (TRL's
+    steps pool over its processes). Also: [steps run, turns given, steps that overlapped another]."""
     stages = [int(x) for x in args.zero_stages.split(",")]
     frameworks = args.frameworks.split(",")
-    jobs = []
+    groups = []  # [(fine-tuning, measurement key, framework, stage)] run together in turns
     for finetune in args.finetune.split(","):
-        jobs += [(finetune, f"zero{z}", "dynalign", z) for z in stages if "dynalign" in frameworks]
-        jobs += [(finetune, "trl", "trl", 3)] if "trl" in frameworks else []
+        trl = [(finetune, "trl", "trl", 3)] if "trl" in frameworks else []
+        ours = [(finetune, f"zero{z}", "dynalign", z) for z in stages] if "dynalign" in frameworks else []
+        groups += [[job, *trl] for job in ours] or [trl]
     results: dict[tuple[str, str], dict[str, Any]] = {}
+    turns = [0, 0, 0]
     for round_index in range(args.rounds):
-        for index, (finetune, key, name, stage) in enumerate(jobs):
-            judge_steps = args.judge_steps if round_index == 0 and index == 0 else 0  # the slow one: once
-            result = run_worker(name, args, path, finetune, judge_steps, stage)
-            merged = results.setdefault((finetune, key), {**result, "cheap": [], "judge": [], "rss_gib": 0.0,
-                                                          "judge_rss_gib": 0.0})
-            merged["cheap"] += result["cheap"]
-            merged["judge"] += result.get("judge", [])
-            for rss in ("rss_gib", "judge_rss_gib"):  # the peak over the rounds
-                merged[rss] = max(merged[rss], result.get(rss, 0.0))
-    return results
+        for index, group in enumerate(groups):
+            ordered = group[:: 1 if round_index % 2 == 0 else -1]  # who steps first alternates
+            # the self-judge steps (slow): once, by the first dynalign process
+            workers = [start_worker(name, args, path, finetune, args.judge_steps
+                                    if round_index == 0 and index == 0 and name == "dynalign" else 0, stage)
+                       for finetune, _, name, stage in ordered]
+            outcome = lockstep(workers)
+            turns[0] += sum(len(r["spans"]) for r in outcome)
+            turns[1] += sum(r["turns"] for r in outcome)
+            turns[2] += overlapping_steps(outcome)
+            by_framework = {r["framework"]: r for r in outcome}
+            for (finetune, key, _, _), result in zip(ordered, outcome, strict=True):
+                merged = results.setdefault((finetune, key), {**result, "cheap": [], "judge": [], "pairs": [],
+                                                              "rss_gib": 0.0, "judge_rss_gib": 0.0})
+                if result["framework"] == "dynalign" and "trl" in by_framework:  # this pair's own ratio
+                    theirs = by_framework["trl"]["cheap"]
+                    merged["pairs"].append(tokens_per_s(result["cheap"]) / tokens_per_s(theirs))
+                merged["cheap"] += result["cheap"]
+                merged["judge"] += result.get("judge", [])
+                for rss in ("rss_gib", "judge_rss_gib"):  # the peak over its processes
+                    merged[rss] = max(merged[rss], result.get(rss, 0.0))
+    finetunes = args.finetune.split(",")  # the table's order: per fine-tuning, dynalign's stages, then TRL
+    ordered = sorted(results.items(), key=lambda item: (finetunes.index(item[0][0]), item[0][1] == "trl"))
+    return dict(ordered), turns
 
 
 def summary_rows(results: dict[tuple[str, str], dict[str, Any]], params: int, tokens: int,
@@ -519,7 +636,7 @@ def summary_rows(results: dict[tuple[str, str], dict[str, Any]], params: int, to
             continue
         stage = result["zero_stage"]
         rows.append(Row(f"dynalign ZeRO-{stage}{suffix}, python reward", finetune, "dynalign", stage, False,
-                        summarize(result["cheap"], update_flops, peak, result["rss_gib"])))
+                        summarize(result["cheap"], update_flops, peak, result["rss_gib"]), result["pairs"]))
         if result.get("judge"):
             rows.append(Row(f"dynalign ZeRO-{stage}{suffix}, self-judge", finetune, "dynalign", stage, True,
                             summarize(result["judge"], update_flops, peak, result["judge_rss_gib"])))
@@ -551,9 +668,11 @@ def print_verdicts(rows: list[Row], spec: BenchModel, answers: int) -> None:
         met = ratio > spec.speedup_goal if spec.speedup_strict else ratio >= spec.speedup_goal
         # the goal is the default training core's (ZeRO-3); other stages get their ratio only
         verdict = f" ({_verdict(met)} the {goal} goal)" if row.stage == 3 else ""
+        pairs = ", ".join(f"{r:.2f}x" for r in row.pairs)
         print(f"(b) same python reward, {label} / {theirs}: {ratio:.2f}x throughput{verdict}; "
               f"TRL time / dynalign time: gen {base['gen'] / row.m['gen']:.2f}x, "
-              f"update {base['update'] / row.m['update']:.2f}x")
+              f"update {base['update'] / row.m['update']:.2f}x" + (f"; each pair of processes: {pairs}"
+                                                                  if len(row.pairs) > 1 else ""))
 
 
 def print_judge_verdict(row: Row, spec: BenchModel, answers: int) -> None:
@@ -594,18 +713,23 @@ def orchestrate(args: argparse.Namespace) -> None:
           "update; chat template, same prompt tokens in both; beta 0, loss grpo, 1 optimizer step per batch, "
           "HF generate", flush=True)
     started = time.perf_counter()
-    results = collect(args, path)
+    results, (steps, turns, overlaps) = collect(args, path)
     elapsed = time.perf_counter() - started
     peak_end = matmul_peak_flops()
     peak = max(peak_start, peak_end)
     judge_name = next((r["judge_name"] for r in results.values() if r.get("judge")), None)
     print(f"peak:    fp32 matmul 2048x2048, best of 8: {peak_start / 1e9:.1f} GFLOP/s before, "
           f"{peak_end / 1e9:.1f} after; the higher is the peak")
-    print(f"timing:  medians over {args.rounds} rounds x {args.steps} steps (each round: a fresh process per "
-          f"framework, {args.warmup} warm-up steps, frameworks alternating); seconds per phase; update "
-          f"GFLOP/s = 6 x params (LoRA: 4 x) x {tokens} tokens / update time (% of peak); peak RSS: the "
-          f"framework's process; measurements took {elapsed:.0f} s"
-          + (f"\njudge:   {judge_name}" if judge_name else "") + "\n")
+    print(f"timing:  medians over {args.rounds} rounds x {args.steps} steps (each round: per dynalign stage, "
+          f"a fresh dynalign process and a fresh TRL process, {args.warmup} warm-up steps, the two taking "
+          f"turns step by step); seconds per phase; update GFLOP/s = 6 x params (LoRA: 4 x) x {tokens} "
+          f"tokens / update time (% of peak); peak RSS: the framework's process; measurements took "
+          f"{elapsed:.0f} s")
+    checks = [f"WARNING: {steps} steps on {turns} turns"] if steps != turns else []
+    checks += [f"WARNING: {overlaps} overlapped another"] if overlaps else ["none overlapped"]
+    print(f"turns:   {steps} steps in all (warm-ups included) on {turns} turns, one process stepping at a "
+          f"time by the workers' clocks: {'; '.join(checks)}")
+    print(f"judge:   {judge_name}\n" if judge_name else "")
     print(ROW.format(*HEADER))
     rows = summary_rows(results, params, tokens, peak)
     for row in rows:

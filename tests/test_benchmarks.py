@@ -92,6 +92,9 @@ def test_bench_step_compares_dynalign_and_trl_on_tiny(tiny_model_path):
     assert re.search(r"same python reward, dynalign ZeRO-3 / TRL: [\d.]+x throughput " + VERDICT
                      + r"the >= 2x goal\)", out)
     assert re.search(r"own reward paths, dynalign ZeRO-3, self-judge / TRL python reward: [\d.]+x", out)
+    # the two processes took turns: 2 x (no warm-up + 1 timed step) and the self-judge step
+    assert re.search(r"^turns: +3 steps in all \(warm-ups included\) on 3 turns, one process stepping at a "
+                     r"time by the workers' clocks: none overlapped$", out, re.MULTILINE)
     assert re.search(r"self-judge: [\d.]+ s for 16 answers, \d+% of the step " + VERDICT
                      + r"the <= 1.70 s goal", out)
 
