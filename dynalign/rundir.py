@@ -35,6 +35,12 @@ from dynalign.config.checks import ConfigError
 
 ITER_DIR = re.compile(r"iter_(\d+)")
 LATEST = "latest"  # DeepSpeed's (and dynalign's) marker of the newest complete checkpoint
+CHECKPOINT_STATE = "dynalign_state.json"  # what makes a directory one checkpoint (dynalign.engine.checkpoint)
+RESUMABLE = "resumable"  # a checkpoint state's optional bool, absent = true: false once its run dropped
+# DeepSpeed's files (dynalign.engine.checkpoint.drop_training_state); the load and preflight refuse it so
+NOT_RESUMABLE = ("keeps no optimizer or module state (its run ended with checkpoint_optimizer_at_end=false), "
+                 "so training cannot continue from it; the run's final weights are its last iter_<k>/ "
+                 "export: start a new run from it with model.name_or_path=<run>/iter_<k>")
 MODEL_CONFIG = "config.json"  # what makes a directory a Hugging Face model
 LOCK_FILE = ".dynalign.lock"
 # dynalign.io's temporary siblings (.NAME.<pid>-<8 hex>.tmp) and a swap's old copy (.NAME.old-<pid>)
@@ -43,6 +49,12 @@ LEFTOVER = re.compile(r"\..+\.(\d+-[0-9a-f]{8}\.tmp|old-\d+)")
 
 class RunDirError(RuntimeError):
     """A run directory this run may not use (owned by another run, holding one, unwritable)."""
+
+
+def resumable(state: object) -> bool:
+    """False for the state of a checkpoint whose run dropped DeepSpeed's files (its
+    ``checkpoint_optimizer_at_end=false``): nothing is left in it to train on from."""
+    return not isinstance(state, dict) or state.get(RESUMABLE, True) is not False
 
 
 def iteration_of(path: str | Path) -> int | None:

@@ -337,12 +337,6 @@ def test_resume_refuses_a_checkpoint_whose_run_dropped_its_training_state(tmp_pa
     check_resume(str(root))
 
 
-def test_checkpoint_file_names_match_the_engine():
-    from dynalign.engine.checkpoint import LATEST_FILE, STATE_FILE
-
-    assert (CHECKPOINT_LATEST, CHECKPOINT_STATE) == (LATEST_FILE, STATE_FILE)
-
-
 # ----------------------------------------------------------------------- datasets
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from dynalign.config.checks import ConfigError, require
 from dynalign.config.generator import parse_model_spec
 from dynalign.config.schema import EMBEDDED_MODEL_NAMES, RESUME_MODES, ExternalJudgeConfig, TrainConfig
+from dynalign.rundir import CHECKPOINT_STATE, NOT_RESUMABLE, resolve_model_dir, resumable
+from dynalign.rundir import LATEST as CHECKPOINT_LATEST
 
-CHECKPOINT_LATEST = "latest"  # a checkpoint root names its newest checkpoint here (engine.checkpoint)
-CHECKPOINT_STATE = "dynalign_state.json"  # what makes a directory one checkpoint (engine.checkpoint)
 MODEL_CONFIG = "config.json"  # what makes a directory a Hugging Face model
 SERVED_JUDGE_BACKENDS = ("openai",)  # their model is a name the endpoint serves, nothing on disk
 # backends (rollout.backend, a judge's backend) whose module is not installed with dynalign: how to get it
@@ -168,8 +168,6 @@ def check_model(ref: ModelRef) -> None:
 
 def _check_model_dir(ref: ModelRef, path: Path) -> None:
     if ref.run_dirs:
-        from dynalign.rundir import resolve_model_dir
-
         resolve_model_dir(path, ref.key)  # its ConfigError says what the directory lacks
         return
     require(path.is_dir(), ref.key, f"{ref.value} is a file ({ref.allowed})")
@@ -240,17 +238,14 @@ def check_resume(resume: str) -> None:
 
 
 def check_resumable(checkpoint: Path) -> None:
-    """A checkpoint whose run ended with ``checkpoint_optimizer_at_end=false`` keeps nothing to
-    train on from (its state says ``"resumable": false``). A state that does not read is left
-    to the load, which names what is wrong with it."""
+    """The rule the load applies (:func:`dynalign.rundir.resumable`, its message), as the
+    ``resume`` key's error. A state that does not read is left to the load, which names what is
+    wrong with it."""
     try:
         state = json.loads((checkpoint / CHECKPOINT_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    require(not isinstance(state, dict) or state.get("resumable", True) is not False, "resume",
-            f"{checkpoint} keeps no optimizer or module state (its run ended with "
-            "checkpoint_optimizer_at_end=false): start a new run from that run's last iter_<k>/ "
-            "export (model.name_or_path=<run>/iter_<k>)")
+    require(resumable(state), "resume", f"{checkpoint} {NOT_RESUMABLE}")
 
 
 # ----------------------------------------------------------------------- datasets

@@ -69,14 +69,15 @@ from torch import Tensor
 
 from dynalign.distributed import barrier
 from dynalign.io import atomic_write_text, fsync_dir, write_json
+from dynalign.rundir import CHECKPOINT_STATE, LATEST, NOT_RESUMABLE, RESUMABLE, resumable
 from dynalign.zero import copy_into, gathered_clone
 
 if TYPE_CHECKING:
     from dynalign.engine.policy import PolicyEngine
 
 CHECKPOINT_PREFIX = "step_"  # checkpoint directories: <root>/step_<global_step>
-LATEST_FILE = "latest"  # names the newest complete checkpoint (DeepSpeed's convention too)
-STATE_FILE = "dynalign_state.json"  # engine counters, client_state, the files written
+LATEST_FILE = LATEST  # names the newest complete checkpoint (DeepSpeed's convention too)
+STATE_FILE = CHECKPOINT_STATE  # engine counters, client_state, the files written
 REFERENCE_DIR = "reference"  # reference weights, saved once update_reference() has moved them
 SHARD_BYTES = 4 << 30  # safetensors shard size of export_hf and the saved reference
 RNG_FORMAT = "dynalign-rng-1"  # the metadata tag of rng_rank<r>.safetensors
@@ -481,7 +482,6 @@ def rotate(root: Path, tag: str, keep: int | None) -> None:
 # dynalign_state.json: key -> type (bool is no int here, though Python says it is)
 _STATE_TYPES: dict[str, type] = {"client_state": dict, "global_step": int, "skipped_steps": int,
                                  "reference_updated": bool, "world_size": int, "files": dict}
-RESUMABLE = "resumable"  # optional bool, absent = true: false once drop_training_state ran
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -507,13 +507,10 @@ def read_state(path: Path) -> dict[str, Any]:
 
 def check_resumable(path: Path, state: dict[str, Any]) -> None:
     """Refuse the checkpoint ``path`` (its checked ``state``) when its run dropped DeepSpeed's files
-    (:func:`drop_training_state`): nothing is left to train on from. One message for the load and
-    for ``resume=auto``'s check before any model loads."""
-    if not state.get(RESUMABLE, True):
-        raise CheckpointError(path, "keeps no optimizer or module state (its run ended with "
-                                    "checkpoint_optimizer_at_end=false), so training cannot continue "
-                                    "from it; the run's final weights are its last iter_<k>/ export: "
-                                    "start a new run from it with model.name_or_path=<run>/iter_<k>")
+    (:func:`drop_training_state`): nothing is left to train on from. The load, ``resume=auto``'s
+    check before any model loads and preflight's of ``resume=PATH`` say the same."""
+    if not resumable(state):
+        raise CheckpointError(path, NOT_RESUMABLE)
 
 
 def file_sizes(path: Path) -> dict[str, int]:
