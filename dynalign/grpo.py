@@ -46,6 +46,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from dynalign.packing import Packing, packed_logits
+
 ADVANTAGE_SCALES = ("group", "batch", "none")
 CHUNK_BYTES_CPU = 16 * 2**20  # float32 bytes of logits upcast at once on CPU: cache-friendly, heap-served
 CHUNK_BYTES_ACCELERATOR = 256 * 2**20  # ... on GPUs: large enough to keep kernel launches few
@@ -142,23 +144,34 @@ def _row_chunks(logits: Tensor, chunk_size: int | None) -> Iterator[tuple[int, i
 class _ChunkedTokenLogProbs(torch.autograd.Function):
     """log_softmax(logits)[label] by chunks of rows; the backward recomputes the softmax by chunks from
     the saved logits (no copy). Per chunk, the fused log_softmax / softmax kernels (one float32 [n, V]
-    result each) beat ``logit - logsumexp``, whose CPU kernel makes several passes and temporaries."""
+    result each) beat ``logit - logsumexp``, whose CPU kernel makes several passes and temporaries.
+    With ``with_entropy``, the entropy of each row comes from the same log-softmax (no grad); else
+    the second output is empty."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, labels: Tensor, chunk_size: int | None) -> Tensor:
+    def forward(ctx: Any, logits: Tensor, labels: Tensor, chunk_size: int | None,
+                with_entropy: bool) -> tuple[Tensor, Tensor]:
         dtype = torch.promote_types(logits.dtype, torch.float32)
         flat_labels = labels.reshape(-1, 1)  # [R, 1]
         logp = torch.empty(flat_labels.shape[0], dtype=dtype, device=logits.device)  # [R]
+        entropy = torch.empty(flat_labels.shape[0] if with_entropy else 0, dtype=dtype,
+                              device=logits.device)  # [R] or [0]
+        lowest = torch.finfo(dtype).min
         for start, end, rows in _row_chunks(logits, chunk_size):
             rows_logp = torch.log_softmax(rows.to(dtype), dim=-1)  # [n, V]
             logp[start:end] = rows_logp.gather(-1, flat_labels[start:end]).squeeze(-1)  # [n]
+            if with_entropy:  # -sum p log p; a -inf logit has p = 0 and adds 0 (not 0 * -inf)
+                probs = rows_logp.exp()  # [n, V]
+                entropy[start:end] = -(probs * rows_logp.clamp_(min=lowest)).sum(-1)  # [n]
         ctx.save_for_backward(logits, flat_labels)
         ctx.chunk_size = chunk_size
-        return logp.view(labels.shape)  # [B, T]
+        entropy = entropy.view(labels.shape if with_entropy else (0,))  # [B, T]
+        ctx.mark_non_differentiable(entropy)
+        return logp.view(labels.shape), entropy  # [B, T] each
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_logp: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad_logp: Tensor, _: Tensor) -> tuple[Tensor, None, None, None]:
         logits, flat_labels = ctx.saved_tensors
         dtype = torch.promote_types(logits.dtype, torch.float32)
         grad_rows = grad_logp.reshape(-1, 1).to(dtype)  # [R, 1]
@@ -170,7 +183,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
             chunk = torch.softmax(rows.to(dtype), dim=-1).mul_(-g)  # [n, V]
             chunk.scatter_add_(-1, flat_labels[start:end], g)  # [n, V]
             flat_grad[start:end] = chunk  # [n, V]
-        return grad, None, None
+        return grad, None, None, None
 
 
 def token_logprobs(logits: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
@@ -182,10 +195,15 @@ def token_logprobs(logits: Tensor, labels: Tensor, chunk_size: int | None = None
     gradient is O(chunk_size * V). Result dtype: float32 (float64 for float64 logits). Any leading
     dims work. Labels must be valid token ids; mask padding in the loss.
     """
+    return _token_logprobs(logits, labels, chunk_size, with_entropy=False)[0]  # [B, T]
+
+
+def _token_logprobs(logits: Tensor, labels: Tensor, chunk_size: int | None, *,
+                    with_entropy: bool) -> tuple[Tensor, Tensor]:
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
                          "expected logits [..., V] and labels [...]")
-    return _ChunkedTokenLogProbs.apply(logits, labels.long(), chunk_size)  # [B, T]
+    return _ChunkedTokenLogProbs.apply(logits, labels.long(), chunk_size, with_entropy)  # [B, T] each
 
 
 @torch.no_grad()
@@ -194,29 +212,28 @@ def token_entropy(logits: Tensor, chunk_size: int | None = None) -> Tensor:
 
     Computed without grad (a monitoring statistic): the result is detached. -inf logits are fine.
     """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    entropy = torch.empty(logits.shape[:-1].numel(), dtype=dtype, device=logits.device)  # [R]
-    for start, end, rows in _row_chunks(logits, chunk_size):
-        probs = torch.softmax(rows.to(dtype), dim=-1)  # [n, V]
-        entropy[start:end] = torch.special.entr(probs).sum(-1)  # [n]
-    return entropy.view(logits.shape[:-1])  # [B, T]
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)  # [B, T] any id
+    return _token_logprobs(logits, labels, chunk_size, with_entropy=True)[1]  # [B, T]
 
 
 @overload
 def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_mask: Tensor,
                         completion_length: int, *, temperature: float = ...,
-                        with_entropy: Literal[False] = ..., chunk_size: int | None = ...) -> Tensor: ...
+                        with_entropy: Literal[False] = ..., chunk_size: int | None = ...,
+                        packing: Packing | None = ...) -> Tensor: ...
 
 
 @overload
 def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_mask: Tensor,
                         completion_length: int, *, temperature: float = ..., with_entropy: Literal[True],
-                        chunk_size: int | None = ...) -> tuple[Tensor, Tensor]: ...
+                        chunk_size: int | None = ...,
+                        packing: Packing | None = ...) -> tuple[Tensor, Tensor]: ...
 
 
 def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_mask: Tensor,
                         completion_length: int, *, temperature: float = 1.0, with_entropy: bool = False,
-                        chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                        chunk_size: int | None = None,
+                        packing: Packing | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs [B, C] of the completion tokens under a causal LM (and their entropy [B, C] if asked).
 
     ``input_ids``/``attention_mask`` [B, P + C]: left-padded prompts, then right-padded completions
@@ -228,6 +245,9 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
     Padded completion positions get meaningless values: mask them in the loss. Positions are the
     model's own (0..P+C-1, pads included); rotary embeddings see only relative positions, so
     left padding changes nothing.
+
+    With ``packing`` (:mod:`dynalign.packing`), rows that share a prompt are read in one packed
+    row: each prompt once, no pads; the same log-probs up to float rounding.
     """
     length = input_ids.shape[1]
     if not 0 < completion_length < length:
@@ -235,16 +255,17 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
                          f"(got {completion_length})")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {temperature})")
-    kept = model(input_ids=input_ids, attention_mask=attention_mask,
-                 logits_to_keep=completion_length + 1).logits  # [B, C+1, V]
-    logits = kept[:, :completion_length]  # [B, C, V]
+    if packing is None:
+        kept = model(input_ids=input_ids, attention_mask=attention_mask,
+                     logits_to_keep=completion_length + 1).logits  # [B, C+1, V]
+        logits = kept[:, :completion_length]  # [B, C, V]
+    else:
+        logits = packed_logits(model, input_ids, attention_mask, completion_length, packing)  # [B, C, V]
     if temperature != 1.0:
         logits = logits / temperature  # [B, C, V]
     labels = input_ids[:, length - completion_length:]  # [B, C]
-    logp = token_logprobs(logits, labels, chunk_size)  # [B, C]
-    if not with_entropy:
-        return logp
-    return logp, token_entropy(logits, chunk_size)  # [B, C], [B, C]
+    logp, entropy = _token_logprobs(logits, labels, chunk_size, with_entropy=with_entropy)  # [B, C] each
+    return (logp, entropy) if with_entropy else logp
 
 
 # ---------------------------------------------------------------------------- KL

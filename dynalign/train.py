@@ -107,20 +107,25 @@ class Parts:
 
 
 def build_parts(cfg: TrainConfig, engine: PolicyEngine, run_dir: Path, iteration: int) -> Parts:
-    """The policy sampler and the judge of ``iteration`` around the engine.
+    """The policy sampler and the judge of ``iteration`` around the engine."""
+    sampler = build_policy_sampler(cfg, engine)
+    return Parts(engine, sampler, build_loop_judge(cfg, sampler, run_dir, iteration, engine.model_path))
 
-    The sampler truncates nothing by itself: rollouts cap prompts at ``grpo.max_prompt_length``
-    per call, while the self-judge sends its long rubric prompts through the same sampler whole.
-    The engine comes first: a vLLM sampler joins the process group it created.
+
+def build_policy_sampler(cfg: TrainConfig, engine: PolicyEngine) -> Sampler:
+    """The sampler of ``rollout`` on the engine's policy.
+
+    It truncates nothing by itself: rollouts cap prompts at ``grpo.max_prompt_length`` per call,
+    while the self-judge sends its long rubric prompts through the same sampler whole. The
+    engine comes first: a vLLM sampler joins the process group it created.
     """
     from dynalign.rollout import build_sampler, zero3_gather
 
-    sampler = build_sampler(
+    return build_sampler(
         cfg.rollout, tokenizer=engine.tokenizer, model=engine.module, model_path=engine.model_path,
         max_prompt_length=None, max_completion_length=cfg.grpo.max_completion_length,
         seed=cfg.seed, dtype=cfg.model.dtype, gather=zero3_gather(engine.ds_engine), shares_weights=True,
         model_config=cfg.model)
-    return Parts(engine, sampler, build_loop_judge(cfg, sampler, run_dir, iteration, engine.model_path))
 
 
 def build_loop_judge(cfg: TrainConfig, sampler: Sampler, run_dir: Path, iteration: int,

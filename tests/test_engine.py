@@ -325,6 +325,36 @@ def test_micro_batch_size_does_not_change_the_step(loss_type, tiny_model_path):
         torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=MICRO_BATCH_ATOL)
 
 
+@pytest.mark.parametrize("micro", [6, 12])  # 6: a group cut across two micro-batches
+def test_packed_rows_take_the_padded_rows_step(tiny_model_path, micro):
+    """G = 4 answers per prompt, read as one packed row per prompt (the default) or as one padded
+    row per answer: the same reference log-probs, loss, statistics and weights."""
+    from test_packing import grouped_batch
+
+    ids, attention = grouped_batch(1000, seed=3, prompt_lengths=(6, 3, 5), group=4, answer_width=COMPLETION)
+    completion = attention[:, -COMPLETION:].clone()
+    completion[5] = 0  # an answer that counts for nothing (masked as truncated)
+    advantages = torch.randn(12, generator=torch.Generator().manual_seed(1))  # [N]
+    batch = TrainBatch(ids, attention, completion, advantages)
+    results = []
+    for pack in (True, False):
+        model = ModelConfig(name_or_path=str(tiny_model_path))
+        grpo = grpo_config(prompts_per_step=3, micro_batch_size=micro, pack_groups=pack, beta=0.1)
+        with PolicyEngine(model, grpo, DeepSpeedConfig(stage=3)) as engine:
+            assert (engine.packing is not None) == pack
+            ref = engine.reference_logprobs(batch)
+            stats = engine.train_step(batch.with_logprobs(ref=ref, old=ref - 0.1))  # ratios 1.1: clipping
+            results.append((ref, stats, weights(engine)))
+    (ref_a, stats_a, weights_a), (ref_b, stats_b, weights_b) = results
+    answers = attention[:, -COMPLETION:].bool()
+    torch.testing.assert_close(ref_a[answers], ref_b[answers], rtol=0, atol=1e-5)
+    assert stats_a.keys() == stats_b.keys()
+    for key in ("loss", "grad_norm", "entropy", "kl_mean", "ratio_mean", "clip_frac_high"):
+        assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-5, abs=1e-7), key
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=MICRO_BATCH_ATOL)
+
+
 @pytest.mark.parametrize("name", ["zero2", "zero3_offload", "stage0"])
 def test_other_stages_train_and_skip_non_finite_steps(engine_factory, name):
     engine = engine_factory(name)
@@ -385,7 +415,9 @@ def test_lora_trains_only_adapters_and_exports_a_merged_hf_model(engine_factory,
     with torch.no_grad():
         base_logp = grpo_ops.completion_logprobs(base_model, batch.input_ids, batch.attention_mask,
                                                  COMPLETION)
-    torch.testing.assert_close(engine.reference_logprobs(batch), base_logp, rtol=0, atol=1e-5)
+    answers = batch.attention_mask[:, -COMPLETION:].bool()  # positions past an answer mean nothing
+    torch.testing.assert_close(engine.reference_logprobs(batch)[answers], base_logp[answers],
+                               rtol=0, atol=1e-5)
     engine.update_reference()
     policy = engine.policy_logprobs(batch)
     torch.testing.assert_close(engine.reference_logprobs(batch), policy, rtol=0, atol=0)

@@ -93,3 +93,43 @@ def test_one_step_on_gemma_judges_english_and_exports_a_reloadable_policy(compos
         parts.sampler.tokenizer.apply_chat_template(chat[0], tokenize=False, add_generation_prompt=True)
     again = reloaded.sample(chat, 1, greedy)
     assert torch.equal(again.completion_ids, trained.completion_ids), (again.texts, trained.texts)
+
+
+@pytest.mark.parametrize("window", [None, 6])  # 6: the sliding layers' window shorter than every row
+def test_gemma_reads_each_prompt_once_with_the_same_logprobs(gemma_path, window):
+    """Gemma 3's sliding and full layers on packed rows: the log-probs of padded rows, and the
+    gradient of their sum, up to float rounding (log-probs down to about -35 here)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dynalign.grpo import completion_logprobs
+    from dynalign.packing import packing_for
+
+    model = AutoModelForCausalLM.from_pretrained(gemma_path, dtype=torch.float32)
+    if window is not None:
+        model.config.sliding_window = window
+    tokenizer = AutoTokenizer.from_pretrained(gemma_path)
+    answers = [["Compost it.", "Share meals with neighbours and plan the week's shopping.", "Eat less."],
+               ["Talk to them.", "Leave a polite note on the car."]]
+    rows = [(tokenizer(f"Question: {q}\nAnswer:")["input_ids"], tokenizer(" " + a, add_special_tokens=False)
+             ["input_ids"]) for q, group in zip(QUESTIONS, answers, strict=True) for a in group]
+    width, length = max(len(p) for p, _ in rows), max(len(a) for _, a in rows)
+    ids = torch.zeros(len(rows), width + length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (prompt, answer) in enumerate(rows):
+        ids[row, width - len(prompt):width + len(answer)] = torch.tensor(prompt + answer)
+        mask[row, width - len(prompt):width + len(answer)] = 1
+    packing = packing_for(model.config, model.dtype, 4096)
+    assert packing is not None and packing.sliding_window == model.config.sliding_window
+    answered = mask[:, width:].float()  # [N, C]
+    results = []
+    for way in (None, packing):
+        model.zero_grad()
+        logp = completion_logprobs(model, ids, mask, length, packing=way)  # [N, C]
+        (logp * answered).sum().backward()
+        results.append((logp.detach() * answered, model.lm_head.weight.grad.clone(),
+                        model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    (padded, *padded_grads), (packed, *packed_grads) = results
+    assert padded.min() < -10  # real log-probs, not a degenerate distribution
+    torch.testing.assert_close(packed, padded, rtol=0, atol=2e-4)  # measured <= 5e-5
+    for packed_grad, padded_grad in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-3, atol=1e-4)

@@ -471,6 +471,7 @@ def test_completion_logprobs_matches_naive_per_token(temperature: float) -> None
     logp, entropy = grpo.completion_logprobs(model, input_ids, attention_mask, completion_len,
                                              temperature=temperature, with_entropy=True, chunk_size=2)
     assert logp.shape == entropy.shape == (2, completion_len)
+    assert logp.requires_grad and not entropy.requires_grad  # the entropy is a statistic
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     for b in range(2):

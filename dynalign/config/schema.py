@@ -261,6 +261,11 @@ class GRPOConfig:
     # the sampler returns them (always with rollout=vllm).
     sampler_is_correction: bool = False
     sampler_is_cap: float = 2.0  # largest IS weight (>= 1); caps the variance a rare token adds
+    # Training forwards read each prompt once: its answers share one packed row under a block
+    # mask (dynalign.packing), not one padded row each. Same log-probs up to float rounding.
+    # Models whose attention takes no custom mask (flash attention) read padded rows anyway.
+    pack_groups: bool = True
+    pack_max_tokens: int = 4096  # longest packed row (its attention is dense: cost ~ length^2)
 
     def validate(self, key: str) -> None:
         from dynalign import grpo  # the registries are the single source of valid names
@@ -288,6 +293,7 @@ class GRPOConfig:
                  f"must be >= 1 (got {self.num_iterations})")
         require(self.sampler_is_cap >= 1.0, f"{key}.sampler_is_cap",
                  f"must be >= 1: a cap below 1 would shrink on-policy tokens (got {self.sampler_is_cap})")
+        positive(self.pack_max_tokens, f"{key}.pack_max_tokens")
 
     @property
     def sequences_per_step(self) -> int:

@@ -56,6 +56,7 @@ from dynalign.engine.batch import TrainBatch
 from dynalign.engine.ds_config import deepspeed_config, make_optimizer, warmup_scheduler
 from dynalign.io import replace_dir
 from dynalign.models import export_config, load_causal_lm, load_tokenizer, resolve_model_path
+from dynalign.packing import Packing, packing_for
 from dynalign.runtime import seed_everything
 from dynalign.zero import copy_into, destroy_engine, hf_zero3_init, release_hf_config
 
@@ -106,6 +107,19 @@ class PolicyEngine:
             if grpo.beta > 0:
                 self.adaptation.build_reference(
                     lambda: load_causal_lm(self.model_path, model, for_training=True), self.config)
+        self.packing = self._packing()
+
+    def _packing(self) -> Packing | None:
+        """How training forwards pack each prompt's answers into one row; None: padded rows."""
+        if not self.grpo.pack_groups:
+            return None
+        base = self.adaptation.base_model(self.module)
+        packing = packing_for(base.config, base.dtype, self.grpo.pack_max_tokens)
+        if packing is None and self.rank == 0:
+            print(f"dynalign: grpo.pack_groups: this model's attention "
+                  f"(model.attn_implementation={self.model_config.attn_implementation}) takes no block "
+                  "mask; training forwards read one padded row per answer", flush=True)
+        return packing
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> PolicyEngine:
@@ -133,7 +147,8 @@ class PolicyEngine:
         for rows, real in self._micro_slices(batch.num_rows):
             micro = batch.select(rows).to(self.device)
             logp = grpo_ops.completion_logprobs(forward, micro.input_ids, micro.attention_mask,
-                                                batch.completion_length, temperature=self.temperature)
+                                                batch.completion_length, temperature=self.temperature,
+                                                packing=self.packing)
             if real:
                 out[rows] = logp.float().cpu()
         return out.to(batch.input_ids.device)
@@ -235,7 +250,7 @@ class PolicyEngine:
         g = self.grpo
         logp, entropy = grpo_ops.completion_logprobs(
             self.ds_engine, micro.input_ids, micro.attention_mask, micro.completion_length,
-            temperature=self.temperature, with_entropy=True)  # [n, C], [n, C]
+            temperature=self.temperature, with_entropy=True, packing=self.packing)  # [n, C], [n, C]
         mask = micro.completion_mask.to(logp.dtype)  # [n, C]
         old = logp.detach() if micro.old_logprobs is None else micro.old_logprobs  # [n, C]
         loss, stats = grpo_ops.policy_loss(
