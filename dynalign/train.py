@@ -268,12 +268,13 @@ def grpo_step(cfg: TrainConfig, parts: Parts, prompts: list[str], position: Posi
               timer: PhaseTimer) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Roll out, judge, compute advantages, update, sync: one GRPO step on this rank's prompts."""
     from dynalign.rollout import sampling_params
+    from dynalign.rollout.base import reusing_prefixes
 
     g, engine, sampler = cfg.grpo, parts.engine, parts.sampler
     seed = step_seed(cfg.seed, position.global_step, rank)
     params = sampling_params(cfg.rollout, g.max_completion_length, seed=seed,
                              max_prompt_length=g.max_prompt_length, logprobs=wants_sampler_logprobs(cfg))
-    with timer("gen"):
+    with timer("gen"), reusing_prefixes(sampler):  # each prompt prefilled once for its G answers
         rollouts = sampler.sample([[{"role": "user", "content": p}] for p in prompts], g.group_size, params)
     with timer("judge"):
         answered = [prompts[i] for i in rollouts.prompt_index.tolist()]

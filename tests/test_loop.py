@@ -434,6 +434,48 @@ def test_one_grpo_step_changes_every_trainable_parameter(train_cfg, tiny_model_p
     assert not unchanged, f"parameters the step did not move: {unchanged}"
 
 
+class RecordingJudge(AlternatingJudge):
+    """Keeps the answers it was asked to score."""
+
+    def __init__(self) -> None:
+        self.answers: list[str] = []
+
+    def score(self, prompts, candidates, *, seed=None) -> JudgeResult:
+        self.answers += candidates
+        return super().score(prompts, candidates, seed=seed)
+
+
+def test_a_step_reads_each_prompt_once_and_samples_what_a_plain_call_would(train_cfg, tiny_model_path,
+                                                                           tmp_path):
+    """The rollout prefills the prompt text all rows share once, then each prompt's own tokens once
+    for its G answers; the answers are those of a sampler call without reuse at the step's seed."""
+    from test_judge_generate_prefix import recording_forwards
+
+    from dynalign.engine import PolicyEngine
+    from dynalign.rollout import sampling_params
+    from dynalign.train import build_parts, step_seed
+
+    cfg = train_cfg(f"model.name_or_path={tiny_model_path}", "grpo.group_size=4", "grpo.prompts_per_step=2",
+                    "grpo.micro_batch_size=8", "grpo.max_completion_length=6", "rollout.temperature=1.0")
+    prompts = ["What is kindness?", "Plan a garden for a small school."]
+    engine = PolicyEngine.from_config(cfg)
+    try:
+        parts = build_parts(cfg, engine, tmp_path, iteration=0)
+        parts.judge = judge = RecordingJudge()
+        params = sampling_params(cfg.rollout, 6, seed=step_seed(cfg.seed, 0, 0),
+                                 max_prompt_length=cfg.grpo.max_prompt_length)
+        plain = parts.sampler.sample([[{"role": "user", "content": p}] for p in prompts], 4, params)
+        with recording_forwards(engine.module) as shapes:
+            grpo_step(cfg, parts, prompts, Position(), 0, PhaseTimer())
+    finally:
+        engine.close()
+    assert judge.answers == plain.texts and len(set(plain.texts)) > 1
+    shared, own, last = shapes[:3]
+    assert shared[0] == 1 and own[0] == 2 and last == (8, 1)  # then 5 decoding steps of 8 rows
+    assert shapes[3:8] == [(8, 1)] * 5
+    assert shapes[8][0] == 2  # the update: one packed row per prompt
+
+
 def test_the_sampler_log_probs_travel_to_the_loss_and_the_mismatch_is_logged(train_cfg, tiny_model_path,
                                                                                tmp_path):
     """HF ``generate`` and the training forward compute the same distribution: with the IS
