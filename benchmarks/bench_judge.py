@@ -15,6 +15,7 @@ score between the two (logprob) or how many verdict texts they wrote alike (gene
     .venv/bin/python benchmarks/bench_judge.py                       # tiny model, ca_rubric
     .venv/bin/python benchmarks/bench_judge.py --model gemma3_270m --rubric ca_compact --rounds 1
     .venv/bin/python benchmarks/bench_judge.py --mode generate --prompts 4 --answers 4
+    .venv/bin/python benchmarks/bench_judge.py --model gemma3_270m --rubric ca_compact --rounds 1 --profile
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--answers", type=int, default=4, help="answers per prompt (the group size)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
+    parser.add_argument("--profile", action="store_true",
+                        help="then one more call with prefix reuse under torch's profiler: the shape of each "
+                             "forward and the ops that took the most time")
     return parser.parse_args()
 
 
@@ -134,6 +138,29 @@ def main() -> None:
         print(f"verdict texts alike {alike}/{n}")
     else:
         print(f"max |expected score difference| {diff:.2e}")
+    if args.profile:
+        profile(sampler.model, judge)
+
+
+def profile(model, judge) -> None:
+    """One judge call with prefix reuse under torch's profiler: each forward's [batch, positions]
+    and the ops with the most time of their own."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    shapes: list[tuple[int, ...]] = []
+
+    def record(_module, args, kwargs):
+        shapes.append(tuple(kwargs.get("input_ids", args[0] if args else None).shape))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    start = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        judge()
+    seconds = time.perf_counter() - start
+    hook.remove()
+    print(f"profiled call: {seconds:.2f} s; forwards [batch, positions]: {shapes}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ dynalign's reference and sampler-sync phases and loop; TRL's update is the rest 
 row's includes the python-reward steps before it). The update's achieved FLOP/s (6 x parameters
 x prompt+completion tokens / update time; 4 x with LoRA, whose frozen weights get no gradient)
 is put against the fp32 matmul peak measured in the same run, and the load average is printed.
+It is the workload's rate: dynalign's update reads each prompt once for its G answers
+(``grpo.pack_groups``), fewer tokens than the workload counts, so its figure can pass the peak.
 
 Each framework runs in its own subprocess (DeepSpeed's process group and accelerate's state never
 meet). The frameworks take turns step by step: each round starts, for each dynalign ZeRO stage, a
@@ -723,8 +725,9 @@ def orchestrate(args: argparse.Namespace) -> None:
     print(f"timing:  medians over {args.rounds} rounds x {args.steps} steps (each round: per dynalign stage, "
           f"a fresh dynalign process and a fresh TRL process, {args.warmup} warm-up steps, the two taking "
           f"turns step by step); seconds per phase; update GFLOP/s = 6 x params (LoRA: 4 x) x {tokens} "
-          f"tokens / update time (% of peak); peak RSS: the framework's process; measurements took "
-          f"{elapsed:.0f} s")
+          f"tokens / update time (% of peak; the workload's rate: dynalign reads each prompt once, "
+          f"fewer tokens, so its rate can pass the peak); peak RSS: the framework's process; "
+          f"measurements took {elapsed:.0f} s")
     checks = [f"WARNING: {steps} steps on {turns} turns"] if steps != turns else []
     checks += [f"WARNING: {overlaps} overlapped another"] if overlaps else ["none overlapped"]
     print(f"turns:   {steps} steps in all (warm-ups included) on {turns} turns, one process stepping at a "
