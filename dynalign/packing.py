@@ -5,8 +5,8 @@ then the answer, right-padded (:class:`~dynalign.engine.batch.TrainBatch`). The 
 states do not depend on the answer that follows it (attention is causal), so that layout
 computes each prompt G times, and every pad once. :func:`pack_groups` lays the rows out as one
 row per prompt instead: the prompt's tokens, then its answers' tokens one after the other, then
-padding to the longest such row. :func:`packed_attention_mask` lets each answer attend to its prompt
-and causally to itself, never to a sibling; positions continue the prompt's in every answer, so
+padding to the longest such row. :func:`packed_attention_mask` lets each answer attend to its
+prompt and causally to itself, never to a sibling; positions continue the prompt's in every answer, so
 each answer token sees exactly what it saw in its own row. The logits that predict the answers'
 tokens are gathered back into the padded ``[N, C]`` layout (:func:`gather_kept`): losses and
 statistics are those of the padded layout, up to the float rounding of differently shaped
@@ -146,8 +146,8 @@ def pack_groups(input_ids: Tensor, attention_mask: Tensor, completion_length: in
                        source=source.to(device))
 
 
-def packed_attention_mask(packed: PackedBatch, layout: Packing) -> Tensor | dict[str, Tensor]:
-    """The packed rows' attention masks [R, 1, L, L], as ``layout``'s model takes them.
+def packed_attention_mask(packed: PackedBatch, packing: Packing) -> Tensor | dict[str, Tensor]:
+    """The packed rows' attention masks [R, 1, L, L], as the model of ``packing`` takes them.
 
     A query sees keys at or before it: in its prompt, or in its own answer. A prompt token sees
     its prompt; padding sees padding (never empty, so no softmax over nothing). With sliding
@@ -159,19 +159,19 @@ def packed_attention_mask(packed: PackedBatch, layout: Packing) -> Tensor | dict
     query, key = seg[:, :, None], seg[:, None, :]  # [R, L, 1], [R, 1, L]
     allowed = causal & (((key == PROMPT) & (query != PADDING)) | (key == query))  # [R, L, L]
     masks = {"full_attention": allowed}
-    if layout.sliding_window is not None:
+    if packing.sliding_window is not None:
         pos = packed.position_ids
-        near = (pos[:, :, None] - pos[:, None, :]) < layout.sliding_window  # [R, L, L]
+        near = (pos[:, :, None] - pos[:, None, :]) < packing.sliding_window  # [R, L, L]
         masks["sliding_attention"] = allowed & near
-    out = {name: _as_model_mask(m[:, None], layout) for name, m in masks.items()}  # [R, 1, L, L] each
-    return out if layout.sliding_window is not None else out["full_attention"]
+    out = {name: _as_model_mask(m[:, None], packing) for name, m in masks.items()}  # [R, 1, L, L] each
+    return out if packing.sliding_window is not None else out["full_attention"]
 
 
-def _as_model_mask(allowed: Tensor, layout: Packing) -> Tensor:
-    if layout.additive_dtype is None:
+def _as_model_mask(allowed: Tensor, packing: Packing) -> Tensor:
+    if packing.additive_dtype is None:
         return allowed
-    blocked = torch.finfo(layout.additive_dtype).min
-    return torch.zeros(allowed.shape, dtype=layout.additive_dtype, device=allowed.device).masked_fill_(
+    blocked = torch.finfo(packing.additive_dtype).min
+    return torch.zeros(allowed.shape, dtype=packing.additive_dtype, device=allowed.device).masked_fill_(
         ~allowed, blocked)
 
 
