@@ -81,6 +81,7 @@ BAD_CONFIGS = [
     (["grpo.kl_estimator=k4"], "grpo.kl_estimator", "k3"),
     (["grpo.scale_rewards=zscore"], "grpo.scale_rewards", "group"),
     (["grpo.num_iterations=0"], "grpo.num_iterations", ">= 1"),
+    (["grpo.pack_max_tokens=0"], "grpo.pack_max_tokens", "> 0"),
     (["grpo.micro_batch_size=3"], "grpo.micro_batch_size", "split"),
     (["rollout.top_p=0"], "rollout.top_p", "(0, 1]"),
     (["judge.rubric.scale_max=0"], "judge.rubric.scale_max", "scale_min"),
