@@ -515,13 +515,21 @@ ALLOWLIST_ENGINES = {
 }
 
 
+FP16_ONLY_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"}  # fp16's dynamic loss scaling
+
+
 @pytest.mark.slow
 def test_the_allowlist_is_what_deepspeed_writes_and_loads_every_stage(tiny_model_path, tmp_path, monkeypatch):
     """Every type in the allowlist appears in some stage's files, and every stage loads with it,
     through torch.load(weights_only=True) only."""
+    from deepspeed.accelerator import get_accelerator
+
+    fp16 = bool(get_accelerator().is_fp16_supported())  # DeepSpeed's CPU fp16 needs mkldnn's, per CPU
     needed: set[str] = set()
     calls = record_torch_loads(monkeypatch)
     for name, (model, grpo, ds) in ALLOWLIST_ENGINES.items():
+        if model.dtype == "float16" and not fp16:
+            continue
         model.name_or_path = str(tiny_model_path)
         with PolicyEngine(model, grpo_config(**grpo), ds, seed=0) as engine:
             engine.train_step(with_reference(engine, make_batch(16, seed=23)))
@@ -530,8 +538,11 @@ def test_the_allowlist_is_what_deepspeed_writes_and_loads_every_stage(tiny_model
                 needed.update(torch.serialization.get_unsafe_globals_in_checkpoint(file))
             assert engine.load(tmp_path / name) == CLIENT_STATE, name
     allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in checkpoint.deepspeed_safe_globals()}
-    assert needed == allowed
+    assert needed == (allowed if fp16 else allowed - FP16_ONLY_GLOBALS)
     assert calls and all(weights_only is True for weights_only in calls), calls
+    if not fp16:
+        pytest.skip("the float16 stages did not run: DeepSpeed has no fp16 on this CPU; the others "
+                    f"wrote and loaded every allowed type but {sorted(FP16_ONLY_GLOBALS)}")
 
 
 def test_the_leftovers_of_interrupted_writes_are_found_by_name(tmp_path):
