@@ -276,7 +276,7 @@ def _dynalign_config(args: argparse.Namespace):
                  f"grpo.group_size={args.generations}",
                  f"grpo.micro_batch_size={args.prompts * args.generations}",  # one forward, like TRL
                  f"grpo.max_completion_length={args.new_tokens}", "grpo.beta=0.0", "grpo.loss_type=grpo",
-                 "grpo.lr=1e-5", "grpo.num_iterations=1", "grpo.pack_groups=true",
+                 "grpo.lr=1e-5", "grpo.num_iterations=1",
                  "rollout.temperature=1.0", "seed=0"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_train_config(compose(config_name="train", overrides=overrides))

@@ -176,9 +176,16 @@ def _as_model_mask(allowed: Tensor, packing: Packing) -> Tensor:
 
 
 def gather_kept(kept_logits: Tensor, packed: PackedBatch) -> Tensor:
-    """The logits [N, C, V] predicting each answer token, from the model's [R, K, V] kept logits."""
-    flat = kept_logits.reshape(-1, kept_logits.shape[-1])  # [R * K, V]
-    return flat[packed.source]  # [N, C, V]
+    """The logits [N, C, V] predicting each answer token, from the model's [R, K, V] kept logits.
+
+    One kept row predicts several answer tokens (every answer's first token, and the padding
+    positions), so the backward sums gradients into it: ``index_select``'s backward
+    (``index_add_``) does so in index order. Advanced indexing's backward would not: on a CPU with
+    several threads, ``index_put_(accumulate=True)`` adds duplicates with atomics, in whatever
+    order the threads reach them, and runs were not bitwise repeatable."""
+    vocab = kept_logits.shape[-1]
+    flat = kept_logits.reshape(-1, vocab)  # [R * K, V]
+    return flat.index_select(0, packed.source.reshape(-1)).view(*packed.source.shape, vocab)  # [N, C, V]
 
 
 def packed_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, completion_length: int,

@@ -456,8 +456,7 @@ def test_a_step_reads_each_prompt_once_and_samples_what_a_plain_call_would(train
     from dynalign.train import build_parts, step_seed
 
     cfg = train_cfg(f"model.name_or_path={tiny_model_path}", "grpo.group_size=4", "grpo.prompts_per_step=2",
-                    "grpo.micro_batch_size=8", "grpo.max_completion_length=6", "rollout.temperature=1.0",
-                    "grpo.pack_groups=true")
+                    "grpo.micro_batch_size=8", "grpo.max_completion_length=6", "rollout.temperature=1.0")
     prompts = ["What is kindness?", "Plan a garden for a small school."]
     engine = PolicyEngine.from_config(cfg)
     try:

@@ -264,9 +264,7 @@ class GRPOConfig:
     # Training forwards read each prompt once: its answers share one packed row under a block
     # mask (dynalign.packing), not one padded row each. Same log-probs up to float rounding.
     # Models whose attention takes no custom mask (flash attention) read padded rows anyway.
-    # Off by default: with it, a killed-and-resumed run is not yet always bitwise the
-    # uninterrupted one (tests/test_run_safety.py failed 2 of 6 runs; 5 of 5 passed without).
-    pack_groups: bool = False
+    pack_groups: bool = True
     pack_max_tokens: int = 4096  # longest packed row (its attention is dense: cost ~ length^2)
 
     def validate(self, key: str) -> None:
