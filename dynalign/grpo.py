@@ -119,13 +119,18 @@ def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> i
     return max(1, budget // (4 * max(vocab_size, 1)))
 
 
-def _row_chunks(logits: Tensor, chunk_size: int | None) -> Iterator[tuple[int, int, Tensor]]:
-    """``(start, end, rows)`` with rows [n, V] = flattened logits[start:end], one chunk at a time: a view
-    when the leading dims flatten without a copy, else (a time slice of a batch) a gather of the chunk."""
+def _chunk_rows(logits: Tensor, chunk_size: int | None) -> int:
+    """Rows per chunk: ``chunk_size``, or :func:`default_chunk_size` for None."""
     if chunk_size is None:
         chunk_size = default_chunk_size(logits.shape[-1], logits.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
+    return chunk_size
+
+
+def _row_chunks(logits: Tensor, chunk_size: int) -> Iterator[tuple[int, int, Tensor]]:
+    """``(start, end, rows)`` with rows [n, V] = flattened logits[start:end], one chunk at a time: a view
+    when the leading dims flatten without a copy, else (a time slice of a batch) a gather of the chunk."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     n_rows = lead.numel()
     try:
@@ -141,69 +146,116 @@ def _row_chunks(logits: Tensor, chunk_size: int | None) -> Iterator[tuple[int, i
             yield start, end, logits[torch.unravel_index(index, lead)]  # [n, V]
 
 
+def _tokens_by_chunk(source: Tensor, rows: int, chunk_size: int) -> tuple[Tensor, list[int]]:
+    """The tokens sorted by the row they read (``order`` [T]), and where each chunk's tokens start
+    in that order (``bounds``: one more than there are chunks of ``chunk_size`` rows)."""
+    if source.numel() and not 0 <= int(source.min()) <= int(source.max()) < rows:
+        raise ValueError(f"source must index the {rows} rows of the logits "
+                         f"(got values in [{int(source.min())}, {int(source.max())}])")
+    order = torch.argsort(source, stable=True)  # [T]
+    starts = torch.arange(0, rows + chunk_size, chunk_size, device=source.device).clamp_(max=rows)
+    bounds = torch.searchsorted(source[order], starts)  # [chunks + 1]
+    return order, bounds.tolist()
+
+
+def _scaled(rows: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """``rows`` [n, V] in ``dtype``, divided by the sampling temperature."""
+    rows = rows.to(dtype)
+    return rows if temperature == 1.0 else rows / temperature
+
+
 class _ChunkedTokenLogProbs(torch.autograd.Function):
-    """log_softmax(logits)[label] by chunks of rows; the backward recomputes the softmax by chunks from
-    the saved logits (no copy). Per chunk, the fused log_softmax / softmax kernels (one float32 [n, V]
-    result each) beat ``logit - logsumexp``, whose CPU kernel makes several passes and temporaries.
-    With ``with_entropy``, the entropy of each row comes from the same log-softmax (no grad); else
-    the second output is empty."""
+    """log_softmax(row / temperature)[label] for each token by chunks of rows; the backward recomputes
+    the softmax by chunks from the saved logits (no copy). Token t reads the flattened row
+    ``source[t]`` of the logits: one row may serve several tokens (a packed prompt's last position
+    predicts the first token of each of its answers), a row may serve none (it is computed, and its
+    gradient is 0). Per chunk, the fused log_softmax / softmax kernels (one float32 [n, V] result
+    each) beat ``logit - logsumexp``, whose CPU kernel makes several passes and temporaries. With
+    ``with_entropy``, the entropy of each token's row comes from the same log-softmax (no grad);
+    else the second output is empty."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, labels: Tensor, chunk_size: int | None,
-                with_entropy: bool) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, logits: Tensor, labels: Tensor, source: Tensor, temperature: float,
+                chunk_size: int, with_entropy: bool) -> tuple[Tensor, Tensor]:
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        flat_labels = labels.reshape(-1, 1)  # [R, 1]
-        logp = torch.empty(flat_labels.shape[0], dtype=dtype, device=logits.device)  # [R]
-        entropy = torch.empty(flat_labels.shape[0] if with_entropy else 0, dtype=dtype,
-                              device=logits.device)  # [R] or [0]
+        rows_total = logits.shape[:-1].numel()
+        flat_labels, flat_source = labels.reshape(-1), source.reshape(-1)  # [T] each
+        order, bounds = _tokens_by_chunk(flat_source, rows_total, chunk_size)
+        logp = torch.empty(flat_labels.shape[0], dtype=dtype, device=logits.device)  # [T]
+        row_entropy = torch.empty(rows_total if with_entropy else 0, dtype=dtype, device=logits.device)
         lowest = torch.finfo(dtype).min
-        for start, end, rows in _row_chunks(logits, chunk_size):
-            rows_logp = torch.log_softmax(rows.to(dtype), dim=-1)  # [n, V]
-            logp[start:end] = rows_logp.gather(-1, flat_labels[start:end]).squeeze(-1)  # [n]
+        for i, (start, end, rows) in enumerate(_row_chunks(logits, chunk_size)):
+            rows_logp = torch.log_softmax(_scaled(rows, dtype, temperature), dim=-1)  # [n, V]
+            tokens = order[bounds[i]:bounds[i + 1]]  # [k] the tokens these rows predict
+            logp[tokens] = rows_logp[flat_source[tokens] - start, flat_labels[tokens]]  # [k]
             if with_entropy:  # -sum p log p; a -inf logit has p = 0 and adds 0 (not 0 * -inf)
                 probs = rows_logp.exp()  # [n, V]
-                entropy[start:end] = -(probs * rows_logp.clamp_(min=lowest)).sum(-1)  # [n]
-        ctx.save_for_backward(logits, flat_labels)
-        ctx.chunk_size = chunk_size
-        entropy = entropy.view(labels.shape if with_entropy else (0,))  # [B, T]
+                row_entropy[start:end] = -(probs * rows_logp.clamp_(min=lowest)).sum(-1)  # [n]
+        ctx.save_for_backward(logits, flat_labels, flat_source, order)
+        ctx.bounds, ctx.chunk_size, ctx.temperature = bounds, chunk_size, temperature
+        entropy = row_entropy[flat_source].view(labels.shape) if with_entropy else row_entropy  # [B, T]
         ctx.mark_non_differentiable(entropy)
         return logp.view(labels.shape), entropy  # [B, T] each
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_logp: Tensor, _: Tensor) -> tuple[Tensor, None, None, None]:
-        logits, flat_labels = ctx.saved_tensors
+    def backward(ctx: Any, grad_logp: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        logits, flat_labels, flat_source, order = ctx.saved_tensors
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        grad_rows = grad_logp.reshape(-1, 1).to(dtype)  # [R, 1]
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # [B, T, V]
-        flat_grad = grad.view(-1, logits.shape[-1])  # [R, V]
-        for start, end, rows in _row_chunks(logits, ctx.chunk_size):
-            g = grad_rows[start:end]  # [n, 1]
-            # d logp[label] / d logits = onehot(label) - softmax(logits)
-            chunk = torch.softmax(rows.to(dtype), dim=-1).mul_(-g)  # [n, V]
-            chunk.scatter_add_(-1, flat_labels[start:end], g)  # [n, V]
+        vocab = logits.shape[-1]
+        grad_tokens = grad_logp.reshape(-1).to(dtype)  # [T]
+        # each row's summed upstream gradient: a 1-D index_add_ adds in index order, on any number
+        # of CPU threads, so packed runs stay bitwise repeatable
+        grad_rows = torch.zeros(logits.shape[:-1].numel(), dtype=dtype, device=logits.device)
+        grad_rows.index_add_(0, flat_source, grad_tokens)  # [R]
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # [..., V]
+        flat_grad = grad.view(-1, vocab)  # [R, V]
+        for i, (start, end, rows) in enumerate(_row_chunks(logits, ctx.chunk_size)):
+            # d logp[label] / d logits = (onehot(label) - softmax(logits / T)) / T, summed over the
+            # tokens that read the row
+            chunk = torch.softmax(_scaled(rows, dtype, ctx.temperature), dim=-1)  # [n, V]
+            chunk.mul_(grad_rows[start:end, None].neg())  # [n, V]
+            tokens = order[ctx.bounds[i]:ctx.bounds[i + 1]]  # [k]
+            cells = (flat_source[tokens] - start) * vocab + flat_labels[tokens]  # [k] into the chunk
+            chunk.view(-1).index_add_(0, cells, grad_tokens[tokens])  # [n, V]
+            if ctx.temperature != 1.0:
+                chunk.div_(ctx.temperature)
             flat_grad[start:end] = chunk  # [n, V]
-        return grad, None, None, None
+        return grad, None, None, None, None, None
 
 
-def token_logprobs(logits: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
+def token_logprobs(logits: Tensor, labels: Tensor, chunk_size: int | None = None, *,
+                   source: Tensor | None = None, temperature: float = 1.0) -> Tensor:
     """Log-probs [B, T] of ``labels`` [B, T] under ``logits`` [B, T, V], differentiable.
 
-    Equals ``log_softmax(logits.float(), -1).gather(-1, labels[..., None])[..., 0]`` but works on
-    ``chunk_size`` rows of the flattened B*T at a time (None: :func:`default_chunk_size`), upcast to
-    float32 per chunk, in the forward and in the backward, so memory beyond the logits and their
-    gradient is O(chunk_size * V). Result dtype: float32 (float64 for float64 logits). Any leading
-    dims work. Labels must be valid token ids; mask padding in the loss.
+    Equals ``log_softmax(logits.float() / temperature, -1).gather(-1, labels[..., None])[..., 0]``
+    but works on ``chunk_size`` rows of the flattened logits at a time (None:
+    :func:`default_chunk_size`), upcast to float32 per chunk, in the forward and in the backward,
+    so memory beyond the logits and their gradient is O(chunk_size * V). Result dtype: float32
+    (float64 for float64 logits). Any leading dims work. Labels must be valid token ids; mask
+    padding in the loss.
+
+    With ``source`` [B, T], token (b, t) is read from row ``source[b, t]`` of the logits flattened
+    to [R, V] (any R): several tokens may share a row, whose log-softmax is computed once and whose
+    gradient sums theirs; rows no token reads get a zero gradient.
     """
-    return _token_logprobs(logits, labels, chunk_size, with_entropy=False)[0]  # [B, T]
+    return _token_logprobs(logits, labels, chunk_size, with_entropy=False, source=source,
+                           temperature=temperature)[0]  # [B, T]
 
 
-def _token_logprobs(logits: Tensor, labels: Tensor, chunk_size: int | None, *,
-                    with_entropy: bool) -> tuple[Tensor, Tensor]:
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
-                         "expected logits [..., V] and labels [...]")
-    return _ChunkedTokenLogProbs.apply(logits, labels.long(), chunk_size, with_entropy)  # [B, T] each
+def _token_logprobs(logits: Tensor, labels: Tensor, chunk_size: int | None, *, with_entropy: bool,
+                    source: Tensor | None = None, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    if source is None:
+        if logits.shape[:-1] != labels.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
+                             "expected logits [..., V] and labels [...]")
+        source = torch.arange(labels.numel(), device=labels.device).view(labels.shape)
+    elif source.shape != labels.shape:
+        raise ValueError(f"source {tuple(source.shape)} and labels {tuple(labels.shape)} disagree")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature})")
+    return _ChunkedTokenLogProbs.apply(logits, labels.long(), source.long(), temperature,
+                                       _chunk_rows(logits, chunk_size), with_entropy)  # [B, T] each
 
 
 @torch.no_grad()
@@ -248,6 +300,10 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
 
     With ``packing`` (:mod:`dynalign.packing`), rows that share a prompt are read in one packed
     row: each prompt once, no pads; the same log-probs up to float rounding.
+
+    The log-softmax reads the model's logits where they are, each row once however many tokens it
+    predicts, with the temperature applied per float32 chunk: the update holds the logits and
+    their gradient, no gathered, sliced or rescaled copy of them.
     """
     length = input_ids.shape[1]
     if not 0 < completion_length < length:
@@ -256,15 +312,15 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {temperature})")
     if packing is None:
-        kept = model(input_ids=input_ids, attention_mask=attention_mask,
-                     logits_to_keep=completion_length + 1).logits  # [B, C+1, V]
-        logits = kept[:, :completion_length]  # [B, C, V]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       logits_to_keep=completion_length + 1).logits  # [B, C+1, V]
+        rows = torch.arange(input_ids.shape[0], device=logits.device)[:, None] * (completion_length + 1)
+        source = rows + torch.arange(completion_length, device=logits.device)  # [B, C]
     else:
-        logits = packed_logits(model, input_ids, attention_mask, completion_length, packing)  # [B, C, V]
-    if temperature != 1.0:
-        logits = logits / temperature  # [B, C, V]
+        logits, source = packed_logits(model, input_ids, attention_mask, completion_length, packing)
     labels = input_ids[:, length - completion_length:]  # [B, C]
-    logp, entropy = _token_logprobs(logits, labels, chunk_size, with_entropy=with_entropy)  # [B, C] each
+    logp, entropy = _token_logprobs(logits, labels, chunk_size, with_entropy=with_entropy,
+                                    source=source.to(labels.device), temperature=temperature)  # [B, C] each
     return (logp, entropy) if with_entropy else logp
 
 

@@ -8,9 +8,10 @@ row per prompt instead: the prompt's tokens, then its answers' tokens one after 
 padding to the longest such row. :func:`packed_attention_mask` lets each answer attend to its
 prompt and causally to itself, never to a sibling; positions continue the prompt's in every answer, so
 each answer token sees exactly what it saw in its own row. The logits that predict the answers'
-tokens are gathered back into the padded ``[N, C]`` layout (:func:`gather_kept`): losses and
-statistics are those of the padded layout, up to the float rounding of differently shaped
-matmuls.
+tokens are read back into the padded ``[N, C]`` layout (``PackedBatch.source``: the kept row that
+predicts each answer token; one kept row predicts the first token of every answer of its row):
+losses and statistics are those of the padded layout, up to the float rounding of differently
+shaped matmuls.
 
 A packed row holds as many answers as fit in ``max_tokens`` (at least one): the attention of a
 packed row is computed densely under the mask, so its cost grows with the square of its length.
@@ -175,24 +176,12 @@ def _as_model_mask(allowed: Tensor, packing: Packing) -> Tensor:
         ~allowed, blocked)
 
 
-def gather_kept(kept_logits: Tensor, packed: PackedBatch) -> Tensor:
-    """The logits [N, C, V] predicting each answer token, from the model's [R, K, V] kept logits.
-
-    One kept row predicts several answer tokens (every answer's first token, and the padding
-    positions), so the backward sums gradients into it: ``index_select``'s backward
-    (``index_add_``) does so in index order. Advanced indexing's backward would not: on a CPU with
-    several threads, ``index_put_(accumulate=True)`` adds duplicates with atomics, in whatever
-    order the threads reach them, and runs were not bitwise repeatable."""
-    vocab = kept_logits.shape[-1]
-    flat = kept_logits.reshape(-1, vocab)  # [R * K, V]
-    return flat.index_select(0, packed.source.reshape(-1)).view(*packed.source.shape, vocab)  # [N, C, V]
-
-
 def packed_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, completion_length: int,
-                  packing: Packing) -> Tensor:
-    """The logits [N, C, V] predicting each answer token of a padded batch, from one forward of its
-    packed rows; only the columns that predict an answer token go through the LM head."""
+                  packing: Packing) -> tuple[Tensor, Tensor]:
+    """One forward of a padded batch's packed rows: their kept logits [R, K, V] (only the columns
+    that predict an answer token go through the LM head) and ``source`` [N, C], the row of the
+    flattened [R * K, V] logits that predicts each answer token of the padded layout."""
     packed = pack_groups(input_ids, attention_mask, completion_length, packing.max_tokens)
     kept = model(input_ids=packed.input_ids, attention_mask=packed_attention_mask(packed, packing),
                  position_ids=packed.position_ids, logits_to_keep=packed.kept).logits  # [R, K, V]
-    return gather_kept(kept, packed)  # [N, C, V]
+    return kept, packed.source

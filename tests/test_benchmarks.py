@@ -68,6 +68,18 @@ def test_bench_judge_generate_mode_compares_both_paths(tiny_model_path):
     assert "verdict texts alike 2/2" in out  # the same draws, the same verdicts
 
 
+def test_bench_logprobs_compares_each_variant_with_its_baseline():
+    out = run_benchmark(["benchmarks/bench_logprobs.py", "--batch", "2", "--seq", "8", "--vocab", "512",
+                         "--dtype", "fp32", "--reps", "1", "--threads", "1"], timeout=300)
+    for mode in ("fwd", "fwd+bwd"):
+        m = re.escape(mode)
+        for variant in ("naive", "chunked", "gathered", "by-source"):
+            assert re.search(rf"^{m}\s+{variant}\s+-?\d+\s+[\d.]+$", out, re.MULTILINE), (mode, variant)
+        for ours, baseline in (("chunked", "naive"), ("by-source", "gathered")):
+            summary = rf"^{m}: peak over inputs -?\d+ MiB {ours} vs -?\d+ MiB {baseline} .*"
+            assert re.search(summary + rf"time {ours}/{baseline} = [\d.]+$", out, re.MULTILINE), (mode, ours)
+
+
 @pytest.mark.slow
 def test_bench_decode_times_the_sampler_generate_and_the_decoding_floors(tiny_model_path):
     out = run_benchmark(["benchmarks/bench_decode.py", "--model", str(tiny_model_path), "--prompts", "1",

@@ -342,6 +342,7 @@ def test_packed_rows_take_the_padded_rows_step(tiny_model_path, micro):
         grpo = grpo_config(prompts_per_step=3, micro_batch_size=micro, pack_groups=pack, beta=0.1)
         with PolicyEngine(model, grpo, DeepSpeedConfig(stage=3)) as engine:
             assert (engine.packing is not None) == pack
+            before = weights(engine)
             ref = engine.reference_logprobs(batch)
             stats = engine.train_step(batch.with_logprobs(ref=ref, old=ref - 0.1))  # ratios 1.1: clipping
             results.append((ref, stats, weights(engine)))
@@ -351,8 +352,26 @@ def test_packed_rows_take_the_padded_rows_step(tiny_model_path, micro):
     assert stats_a.keys() == stats_b.keys()
     for key in ("loss", "grad_norm", "entropy", "kl_mean", "ratio_mean", "clip_frac_high"):
         assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-5, abs=1e-7), key
-    for name in weights_a:
-        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=MICRO_BATCH_ATOL)
+    assert_same_first_adam_step(before, weights_a, weights_b, lr=grpo.lr)
+
+
+def assert_same_first_adam_step(before: dict[str, torch.Tensor], after_a: dict[str, torch.Tensor],
+                                after_b: dict[str, torch.Tensor], lr: float) -> None:
+    """Two first AdamW steps from the same weights, whose gradients differ by float rounding only.
+
+    The step moves a weight by lr * g / (|g| + eps), eps = 1e-8. Where |g| >= 9 eps (a move of at
+    least 0.9 lr) rounding moves it by far less than MICRO_BATCH_ATOL, and the steps must agree to
+    that. A gradient within ~eps of 0 is a sum that cancels to float32 noise, and rounding decides
+    what fraction of lr its weight moves: there both moves must stay within lr, and such weights
+    must be rare."""
+    noisy = total = 0
+    for name, start in before.items():
+        move_a, move_b = after_a[name] - start, after_b[name] - start
+        clear = torch.maximum(move_a.abs(), move_b.abs()) >= 0.9 * lr
+        torch.testing.assert_close(move_a[clear], move_b[clear], rtol=0, atol=MICRO_BATCH_ATOL)
+        assert move_a.abs().max() <= lr * 1.001 and move_b.abs().max() <= lr * 1.001, name
+        noisy, total = noisy + int((~clear).sum()), total + start.numel()
+    assert noisy <= total // 1000, f"{noisy} of {total} weights barely moved"
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3_offload", "stage0"])

@@ -132,4 +132,8 @@ def test_gemma_reads_each_prompt_once_with_the_same_logprobs(gemma_path, window)
     assert padded.min() < -10  # real log-probs, not a degenerate distribution
     torch.testing.assert_close(packed, padded, rtol=0, atol=2e-4)  # measured <= 5e-5
     for packed_grad, padded_grad in zip(packed_grads, padded_grads, strict=True):
-        torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-3, atol=1e-4)
+        # an entry is a float32 sum of terms as large as the tensor's largest entries (up to ~250
+        # in the tied embedding's rows here), so its rounding scales with them, not with the entry:
+        # small entries of the embedding matrix were measured up to 3.2e-4 apart, the largest 1.6e-3
+        scale = float(padded_grad.abs().max())
+        torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-3, atol=1e-5 * scale)

@@ -435,6 +435,72 @@ def test_token_logprobs_rejects_bad_shapes_and_chunks() -> None:
         grpo.token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), chunk_size=0)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 100])  # 3: shared rows straddle no chunk, others do
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_read_rows_by_source(chunk_size: int, temperature: float) -> None:
+    """Tokens that read a shared row, a row no token reads, and a temperature: the values and the
+    gradient of the same log-softmax written out on the gathered rows."""
+    gen = torch.Generator().manual_seed(6)
+    kept = torch.randn(2, 4, 9, generator=gen, dtype=torch.float64) * 3  # [R=2, K=4, V]: 8 rows
+    source = torch.tensor([[0, 1, 2], [0, 3, 5], [0, 6, 6]])  # row 0 three times, 6 twice, 4 and 7 never
+    labels = torch.randint(0, 9, (3, 3), generator=gen)
+    weights = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    chunked, naive = kept.clone().requires_grad_(), kept.clone().requires_grad_()
+    out = grpo.token_logprobs(chunked, labels, chunk_size, source=source, temperature=temperature)
+    gathered = naive.reshape(-1, 9)[source] / temperature  # [3, 3, V]
+    expected = torch.log_softmax(gathered, -1).gather(-1, labels[..., None]).squeeze(-1)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(chunked.grad, naive.grad, atol=1e-12, rtol=0)
+    assert chunked.grad.reshape(-1, 9)[[4, 7]].abs().sum() == 0  # rows nobody reads
+    assert torch.autograd.gradcheck(
+        lambda x: grpo.token_logprobs(x, labels, chunk_size, source=source, temperature=temperature),
+        (kept.clone().requires_grad_(),))
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's intra-op thread count for one test, then restores it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_a_shared_rows_gradient_sums_in_one_order_on_any_number_of_threads(threads) -> None:
+    """A packed row's last prompt position predicts the first token of each of its answers, so the
+    backward sums several tokens' gradients into one row. The sum must not depend on thread timing
+    (a packed run would not resume bitwise): with enough tokens for torch to split the work, two
+    threads give bitwise the one-thread gradient (an accumulating ``index_put_`` would not)."""
+    gen = torch.Generator().manual_seed(7)
+    tokens = 1 << 18  # past torch's grain size for parallel CPU kernels
+    logits = torch.randn(16, 8, generator=gen, requires_grad=True)  # [R, V]
+    source = torch.randint(0, 16, (tokens,), generator=gen)  # every row shared by ~16k tokens
+    labels = torch.randint(0, 8, (tokens,), generator=gen)
+    upstream = torch.randn(tokens, generator=gen)
+
+    def gradient(num_threads: int) -> torch.Tensor:
+        threads(num_threads)
+        logits.grad = None
+        (grpo.token_logprobs(logits, labels, 4, source=source) * upstream).sum().backward()
+        assert logits.grad is not None
+        return logits.grad.clone()
+
+    serial = gradient(1)
+    for _ in range(5):
+        assert torch.equal(gradient(2), serial)
+
+
+def test_token_logprobs_refuse_a_bad_source_or_temperature() -> None:
+    logits, labels = torch.zeros(2, 3, 4), torch.zeros(2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="source must index the 6 rows"):
+        grpo.token_logprobs(logits, labels, source=torch.tensor([[0, 1], [2, 6]]))
+    with pytest.raises(ValueError, match="source .* and labels .* disagree"):
+        grpo.token_logprobs(logits, labels, source=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        grpo.token_logprobs(logits, labels, source=torch.zeros(2, 2, dtype=torch.long), temperature=0.0)
+
+
 def test_token_entropy_matches_naive() -> None:
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(2, 5, 7, generator=gen, requires_grad=True)

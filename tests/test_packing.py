@@ -13,7 +13,6 @@ from dynalign.packing import (
     PADDING,
     PROMPT,
     Packing,
-    gather_kept,
     pack_groups,
     packed_attention_mask,
     packing_for,
@@ -190,36 +189,3 @@ def test_padding_rows_and_empty_answers_change_nothing(tiny_model_path):
         packed_logp = completion_logprobs(model, ids, mask, 2, packing=packing)
     answer = mask[:, -2:].bool()
     torch.testing.assert_close(packed_logp[answer], padded_logp[answer], rtol=0, atol=LOGP_ATOL)
-
-
-@pytest.fixture
-def threads():
-    """Sets torch's intra-op thread count for one test, then restores it."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
-def test_gather_kept_sums_a_shared_rows_gradients_in_one_order_on_any_number_of_threads(threads):
-    """Every answer's first token is predicted by its prompt's last token, so the backward sums
-    several gradients into one kept row. The sum must not depend on thread timing (a packed run
-    would not resume bitwise): on two threads, the gradient is bitwise the one-thread gradient."""
-    gen = torch.Generator().manual_seed(0)
-    ids, mask = grouped_batch(50, seed=0, prompt_lengths=(9, 4, 6), group=4, answer_width=7)
-    packed = pack_groups(ids, mask, 7, max_tokens=4096)
-    assert packed.source.unique().numel() < packed.source.numel()  # shared kept rows
-    kept = torch.randn(packed.num_rows, packed.kept.numel(), 4096, generator=gen, requires_grad=True)
-    upstream = torch.randn(*packed.source.shape, 4096, generator=gen)  # [N, C, V]
-
-    def gradient(num_threads: int) -> torch.Tensor:
-        threads(num_threads)
-        kept.grad = None
-        gathered = gather_kept(kept, packed)  # [N, C, V]
-        flat = kept.detach().reshape(-1, 4096)
-        assert torch.equal(gathered.detach(), flat[packed.source])
-        (gathered * upstream).sum().backward()
-        return kept.grad.clone()
-
-    serial = gradient(1)
-    for _ in range(5):
-        assert torch.equal(gradient(2), serial)
