@@ -77,8 +77,11 @@ def main() -> None:
     print(f"padded:  {rows} rows x {width} positions = {rows * width} "
           f"({int(batch.attention_mask.sum())} tokens)")
     print(f"packed:  {packed.num_rows} rows x {packed.input_ids.shape[1]} positions = "
-          f"{packed.input_ids.numel()} ({int((packed.segments >= 0).sum())} tokens); "
-          f"LM head on {packed.num_rows} x {len(packed.kept)} positions (padded: {rows} x "
+          f"{packed.input_ids.numel()} ({int((packed.segments >= 0).sum())} tokens)")
+    # the positions that predict an answer token: all the LM head runs on (packing.logits_at)
+    answers = batch.attention_mask[:, -batch.completion_length:].sum(1)  # [N]
+    print(f"LM head: packed {len(torch.unique(packed.source))} positions (kept columns: {packed.num_rows} x "
+          f"{len(packed.kept)}), padded {int(answers.clamp(min=1).sum())} (kept columns: {rows} x "
           f"{batch.completion_length + 1})")
     times: dict[str, list[float]] = {"packed": [], "padded": []}
     layouts = {"packed": packing, "padded": None}

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from dynalign.packing import Packing, packed_logits
+from dynalign.packing import Packing, logits_at, packed_logits
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
 CHUNK_BYTES_CPU = 16 * 2**20  # float32 bytes of logits upcast at once on CPU: cache-friendly, heap-served
@@ -289,12 +289,13 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
     """Log-probs [B, C] of the completion tokens under a causal LM (and their entropy [B, C] if asked).
 
     ``input_ids``/``attention_mask`` [B, P + C]: left-padded prompts, then right-padded completions
-    (the last ``completion_length`` = C columns). The model is asked for the logits of the last
-    C + 1 positions only (``logits_to_keep``, which every transformers causal LM takes): the
-    hidden states of the prompt never go through the LM head, whose [B, P, V] output nobody
-    reads (on a 262k vocabulary it is most of the forward). Position t predicts token t + 1, so
-    the first C of them are the predicting positions, divided by the sampling ``temperature``.
-    Padded completion positions get meaningless values: mask them in the loss. Positions are the
+    (the last ``completion_length`` = C columns). The model keeps the last C + 1 positions
+    (``logits_to_keep``, which every transformers causal LM takes), and its LM head runs on those
+    that predict an answer token only (:func:`~dynalign.packing.logits_at`): the hidden states of
+    the prompt and of an answer's padding never go through the head, whose output there nobody
+    reads (on a 262k vocabulary the head is most of the forward). Position t predicts token
+    t + 1, divided by the sampling ``temperature``. Padded completion positions get meaningless
+    values: mask them in the loss. Positions are the
     model's own (0..P+C-1, pads included); rotary embeddings see only relative positions, so
     left padding changes nothing.
 
@@ -312,10 +313,14 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {temperature})")
     if packing is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       logits_to_keep=completion_length + 1).logits  # [B, C+1, V]
-        rows = torch.arange(input_ids.shape[0], device=logits.device)[:, None] * (completion_length + 1)
-        source = rows + torch.arange(completion_length, device=logits.device)  # [B, C]
+        # kept positions P-1 .. P+C-1, [B, C+1]; token c is predicted by kept column c, and an
+        # answer's padding reads its prompt's last position (meaningless values, no head work)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None] * (completion_length + 1)
+        source = rows + torch.arange(completion_length, device=input_ids.device)  # [B, C]
+        answer = attention_mask[:, length - completion_length:].bool()  # [B, C]
+        source = torch.where(answer, source, rows)  # [B, C]
+        logits, source = logits_at(model, source, input_ids=input_ids, attention_mask=attention_mask,
+                                   logits_to_keep=completion_length + 1)  # [1, U, V] read by source
     else:
         logits, source = packed_logits(model, input_ids, attention_mask, completion_length, packing)
     labels = input_ids[:, length - completion_length:]  # [B, C]

@@ -9,7 +9,8 @@ padding to the longest such row. :func:`packed_attention_mask` lets each answer 
 prompt and causally to itself, never to a sibling; positions continue the prompt's in every answer, so
 each answer token sees exactly what it saw in its own row. The logits that predict the answers'
 tokens are read back into the padded ``[N, C]`` layout (``PackedBatch.source``: the kept row that
-predicts each answer token; one kept row predicts the first token of every answer of its row):
+predicts each answer token; one kept row predicts the first token of every answer of its row;
+:func:`logits_at` runs the LM head on those rows only):
 losses and statistics are those of the padded layout, up to the float rounding of differently
 shaped matmuls.
 
@@ -178,10 +179,55 @@ def _as_model_mask(allowed: Tensor, packing: Packing) -> Tensor:
 
 def packed_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, completion_length: int,
                   packing: Packing) -> tuple[Tensor, Tensor]:
-    """One forward of a padded batch's packed rows: their kept logits [R, K, V] (only the columns
-    that predict an answer token go through the LM head) and ``source`` [N, C], the row of the
-    flattened [R * K, V] logits that predicts each answer token of the padded layout."""
+    """One forward of a padded batch's packed rows: the logits of the positions that predict an
+    answer token (:func:`logits_at`) and ``source`` [N, C], the row of those logits that predicts
+    each answer token of the padded layout."""
     packed = pack_groups(input_ids, attention_mask, completion_length, packing.max_tokens)
-    kept = model(input_ids=packed.input_ids, attention_mask=packed_attention_mask(packed, packing),
-                 position_ids=packed.position_ids, logits_to_keep=packed.kept).logits  # [R, K, V]
-    return kept, packed.source
+    return logits_at(model, packed.source, input_ids=packed.input_ids,
+                     attention_mask=packed_attention_mask(packed, packing),
+                     position_ids=packed.position_ids, logits_to_keep=packed.kept)
+
+
+def output_head(model: Any) -> torch.nn.Module | None:
+    """The LM head module of a transformers causal LM (inside a DeepSpeed engine or a peft
+    wrapper), or None when the model has none to hook."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine's model
+    get = getattr(module, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+def logits_at(model: Any, source: Tensor, **inputs: Any) -> tuple[Tensor, Tensor]:
+    """``model(**inputs)``'s logits at the rows ``source`` reads, and where each token reads them.
+
+    ``inputs`` keep [R, K] positions (``logits_to_keep``); ``source`` [N, C] indexes their
+    flattened [R * K] rows. A forward pre-hook on the model's LM head hands it the distinct rows
+    that ``source`` reads, so the head (the costliest matmul of a large vocabulary, and its
+    [., V] output, the largest tensor of the update) runs on no position nobody reads: not on
+    the union of the packed rows' columns, not on an answer's padding. Returns the logits
+    [1, U, V] and ``source`` renumbered into them; without a head to hook (a model that computes
+    its logits otherwise: the hook never runs), the [R, K, V] logits and ``source`` as given.
+    """
+    head = output_head(model)
+    if head is None:
+        return model(**inputs).logits, source
+    rows, renumbered = torch.unique(source, return_inverse=True)  # [U] ascending, [N, C]
+    calls: list[int] = []
+
+    def read_rows(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]  # [R, K, H]
+        calls.append(hidden.shape[:-1].numel())
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))[None],
+                *args[1:])  # [1, U, H]
+
+    hook = head.register_forward_pre_hook(read_rows)
+    try:
+        logits = model(**inputs).logits
+    finally:
+        hook.remove()
+    if not calls:  # the model computes its logits without calling its head module
+        return logits, source
+    if logits.shape[:-1] != (1, rows.numel()) or len(calls) > 1:
+        raise RuntimeError(f"the model's logits {tuple(logits.shape)} are not one call of its LM head on the "
+                           f"{rows.numel()} rows read ({len(calls)} calls)")
+    return logits, renumbered

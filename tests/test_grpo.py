@@ -543,6 +543,8 @@ def test_completion_logprobs_matches_naive_per_token(temperature: float) -> None
     for b in range(2):
         for c in range(completion_len):
             position = prompt_len + c  # the token scored; predicted by the logits one position earlier
+            if not attention_mask[b, position]:
+                continue  # an answer's padding: meaningless values, masked in every loss
             dist = torch.log_softmax(logits[b, position - 1] / temperature, -1)
             assert logp[b, c].item() == pytest.approx(dist[input_ids[b, position]].item(), abs=1e-5)
             assert entropy[b, c].item() == pytest.approx(-(dist.exp() * dist).sum().item(), abs=1e-5)
@@ -553,11 +555,50 @@ def test_completion_logprobs_matches_naive_per_token(temperature: float) -> None
 
 def test_the_lm_head_sees_only_the_positions_that_predict_the_completion() -> None:
     model = tiny_llama()
-    heads: list[tuple[int, ...]] = []
-    model.lm_head.register_forward_hook(lambda module, args, out: heads.append(tuple(args[0].shape)))
-    input_ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
-    grpo.completion_logprobs(model, input_ids, torch.ones_like(input_ids), 3)
-    assert heads == [(1, 4, 32)]  # C + 1 = 4 positions of the hidden size 32, not all 7
+    heads: list[torch.Tensor] = []
+    model.lm_head.register_forward_hook(lambda module, args, out: heads.append(args[0].detach()))
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11],
+                              [0, 0, 12, 13, 14, 15, 0]])  # row 1: a 2-token answer, then padding
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1],
+                                   [0, 0, 1, 1, 1, 1, 0]])
+    logp = grpo.completion_logprobs(model, input_ids, attention_mask, 3)
+    # of the 2 x 7 positions (hidden size 32): the 3 + 2 that predict an answer token, not the
+    # prompts, the last position, nor row 1's padding
+    assert [tuple(h.shape) for h in heads] == [(1, 5, 32)]
+    with torch.no_grad():
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    torch.testing.assert_close(heads[0][0], torch.cat([hidden[0, 3:6], hidden[1, 3:5]]))
+    # row 1's padding reads its prompt's last position, as a packed answer's padding does
+    first = torch.log_softmax(model.lm_head(hidden[1, 3]).float(), -1)  # [V]
+    assert logp[1, 2].item() == pytest.approx(first[input_ids[1, 6]].item(), abs=1e-5)
+
+
+class _ManualHead(torch.nn.Module):
+    """A causal LM whose logits do not come from its head module: nothing to hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_llama()
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.inner.lm_head
+
+    def forward(self, **inputs: Any) -> Any:
+        from transformers.modeling_outputs import CausalLMOutput
+
+        keep = inputs.pop("logits_to_keep")
+        hidden = self.inner.model(**inputs).last_hidden_state[:, -keep:]  # [B, K, H]
+        return CausalLMOutput(logits=hidden @ self.inner.lm_head.weight.T)  # [B, K, V]
+
+
+def test_a_model_whose_head_is_not_its_module_keeps_its_logits() -> None:
+    manual = _ManualHead()
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [0, 0, 12, 13, 14, 15, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 0]])
+    hooked = grpo.completion_logprobs(manual.inner, input_ids, attention_mask, 3)
+    unhooked = grpo.completion_logprobs(manual, input_ids, attention_mask, 3)
+    real = attention_mask[:, -3:].bool()
+    torch.testing.assert_close(unhooked[real], hooked[real], atol=1e-5, rtol=0)
 
 
 def test_left_padding_does_not_change_completion_logprobs() -> None:

@@ -189,3 +189,20 @@ def test_padding_rows_and_empty_answers_change_nothing(tiny_model_path):
         packed_logp = completion_logprobs(model, ids, mask, 2, packing=packing)
     answer = mask[:, -2:].bool()
     torch.testing.assert_close(packed_logp[answer], padded_logp[answer], rtol=0, atol=LOGP_ATOL)
+
+
+def test_the_lm_head_runs_on_the_read_positions_only(tiny_model_path):
+    """Packed rows keep the union of their predicting columns; the head gets each row's own."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    ids, mask = grouped_batch(model.config.vocab_size)  # prompts of 9, 4 and 6 tokens: columns differ
+    heads: list[tuple[int, ...]] = []
+    model.lm_head.register_forward_hook(lambda module, args, out: heads.append(tuple(args[0].shape)))
+    packed = pack_groups(ids, mask, 7, 4096)
+    with torch.no_grad():
+        completion_logprobs(model, ids, mask, 7, packing=packing_for(model.config, model.dtype, 4096))
+    # a packed row predicts its answers' tokens from its prompt's last position, then from every
+    # answer token but the last
+    lengths = mask[:, -7:].sum(1).view(3, 3)  # [groups, answers]
+    read = int((1 + (lengths - 1).sum(1)).sum())
+    assert heads == [(1, read, model.config.hidden_size)]
+    assert read < packed.num_rows * len(packed.kept)  # what logits_to_keep alone runs the head on
