@@ -53,7 +53,8 @@ PROCESS_HOST = GiB // 2
 CHARS_PER_TOKEN = 3.0
 VLLM_PROFILE_TOKENS = 8192  # tokens of vLLM's start-up profiling forward (its max_num_batched_tokens)
 VERDICT_TOKENS_PER_ASPECT = 8  # "name: s" lines and the verdict tag, in logprob mode
-LOGIT_COPIES = 3  # training keeps the kept logits, their gradient and the head output's gradient
+LOGIT_COPIES = 2  # the update holds the head's output and its gradient (grpo.token_logprobs copies neither)
+SOFTCAP_LOGIT_COPIES = 1  # and, with final_logit_softcapping, the tanh output its backward keeps
 
 
 def fmt_bytes(size: int) -> str:
@@ -97,6 +98,7 @@ class ModelShape:
     head_dim: int
     max_position_embeddings: int
     source: str = ""  # where the figures come from, for the plan's header
+    logit_softcapping: bool = False  # final_logit_softcapping (Gemma 2): one more copy of the logits
 
     @property
     def q_size(self) -> int:
@@ -143,7 +145,8 @@ def shape_from_config(config: Mapping[str, Any], source: str,
     return ModelShape(num_params=counted[0], largest_layer_params=counted[1], vocab_size=vocab,
                       hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
                       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                      max_position_embeddings=int(text.get("max_position_embeddings") or 4096), source=source)
+                      max_position_embeddings=int(text.get("max_position_embeddings") or 4096), source=source,
+                      logit_softcapping=bool(text.get("final_logit_softcapping")))
 
 
 # Shapes of the presets' hub models (their config.json), so a plan needs neither the hub nor its
@@ -297,9 +300,12 @@ def training_activation_bytes(shape: ModelShape, dtype_bytes: int, rows: int, se
 
 
 def logits_bytes(shape: ModelShape, dtype_bytes: int, rows: int, completion_length: int) -> int:
-    """The LM head's output for the completion positions only (``logits_to_keep = C + 1``), in
-    :data:`LOGIT_COPIES` copies (the float32 log-softmax runs chunked: no float32 copy)."""
-    return LOGIT_COPIES * rows * (completion_length + 1) * shape.vocab_size * dtype_bytes
+    """The LM head's output in the update: it runs on the positions that predict an answer token
+    only (:func:`dynalign.packing.logits_at`), at most C per row, and the update holds
+    :data:`LOGIT_COPIES` copies of it (+ :data:`SOFTCAP_LOGIT_COPIES` with logit soft-capping; the
+    float32 log-softmax runs chunked: no float32 copy)."""
+    copies = LOGIT_COPIES + (SOFTCAP_LOGIT_COPIES if shape.logit_softcapping else 0)
+    return copies * rows * completion_length * shape.vocab_size * dtype_bytes
 
 
 def kv_cache_bytes(shape: ModelShape, dtype_bytes: int, tokens: int) -> int:
@@ -417,7 +423,7 @@ def launch_terms(cfg: TrainConfig, shape: ModelShape, launch: Launch,
              training_activation_bytes(shape, b, g.micro_batch_size, seq_len,
                                        checkpointing=cfg.model.gradient_checkpointing,
                                        attention=cfg.model.attn_implementation), phases=(UPDATE,)),
-        Term(f"logits: {g.micro_batch_size} x {g.max_completion_length + 1} x {shape.vocab_size}",
+        Term(f"logits: {g.micro_batch_size} x {g.max_completion_length} x {shape.vocab_size}",
              logits_bytes(shape, b, g.micro_batch_size, g.max_completion_length), phases=(UPDATE,)),
     ]
     terms += bucket_terms(cfg, total, b)

@@ -222,8 +222,10 @@ def test_activations_by_hand():
 
 
 def test_logits_by_hand():
-    # 3 rows x (5 completion tokens + 1) x 32 logits x 2 bytes, kept, their gradient, the head's gradient
-    assert logits_bytes(SMALL, 2, 3, 5) == 3 * (3 * 6 * 32 * 2) == 3456
+    # 3 rows x 5 completion tokens x 32 logits x 2 bytes: the head's output and its gradient
+    assert logits_bytes(SMALL, 2, 3, 5) == 2 * (3 * 5 * 32 * 2) == 1920
+    # soft-capped logits: and the tanh output its backward keeps
+    assert logits_bytes(replace(SMALL, logit_softcapping=True), 2, 3, 5) == 3 * (3 * 5 * 32 * 2) == 2880
 
 
 def test_vllm_share_by_hand():
@@ -312,3 +314,58 @@ def test_dense_decoder_params_counts_qkv_biases():
     total, _ = dense_decoder_params(256, 64, 160, 2, 4, 2, 16, tied=False, qkv_bias=True)
     assert total == Qwen2ForCausalLM(config).num_parameters()
     assert shape_from_config({**config.to_dict(), "model_type": "qwen2"}, "test").num_params == total
+
+
+def _update_logits_bytes(model, rows: int, completion_length: int, packing=None) -> tuple[int, int]:
+    """(bytes of the vocabulary-sized tensors autograd saves in an update's forward, bytes of the
+    logits' gradient) for full-length answers: what the update holds of the logits at once."""
+    from dynalign.grpo import completion_logprobs
+
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (rows, 6 + completion_length))
+    ids[1::2, :6] = ids[0::2, :6]  # pairs of rows share a prompt: a packed row per pair
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if tensor.shape[-1:] == (vocab,) and storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    grads: list[int] = []
+    model.get_output_embeddings().register_full_backward_hook(
+        lambda module, grad_in, grad_out: grads.append(grad_out[0].untyped_storage().nbytes()))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logp = completion_logprobs(model, ids, torch.ones_like(ids), completion_length, packing=packing)
+    logp.sum().backward()
+    return sum(saved.values()), sum(grads)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("packed", [False, True])
+def test_logits_term_is_what_the_update_holds(softcap, packed):
+    """The plan's logits term equals what a real update keeps of them: the head's output (saved
+    by the log-prob function), its gradient, and with soft-capping the tanh output."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from dynalign.packing import packing_for
+
+    config = Gemma2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                          final_logit_softcapping=softcap, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).float()
+    rows, completion_length = 4, 5
+    packing = packing_for(model.config, model.dtype, 4096) if packed else None
+    assert (packing is not None) == packed
+    held, gradient = _update_logits_bytes(model, rows, completion_length, packing)
+    shape = shape_from_config(config.to_dict(), "test")
+    assert shape.logit_softcapping == (softcap is not None)
+    # packed: a prompt's last position predicts the first token of both answers of its pair
+    positions = rows * completion_length - (rows // 2 if packed else 0)
+    one_copy = positions * config.vocab_size * 4
+    assert gradient == one_copy
+    assert held + gradient == one_copy * (3 if softcap else 2)
+    copies = 3 if softcap else 2
+    assert logits_bytes(shape, 4, rows, completion_length) == copies * rows * completion_length * 512 * 4
