@@ -295,9 +295,8 @@ def completion_logprobs(model: Callable[..., Any], input_ids: Tensor, attention_
     the prompt and of an answer's padding never go through the head, whose output there nobody
     reads (on a 262k vocabulary the head is most of the forward). Position t predicts token
     t + 1, divided by the sampling ``temperature``. Padded completion positions get meaningless
-    values: mask them in the loss. Positions are the
-    model's own (0..P+C-1, pads included); rotary embeddings see only relative positions, so
-    left padding changes nothing.
+    values: mask them in the loss. Positions are the model's own (0..P+C-1, pads included);
+    rotary embeddings see only relative positions, so left padding changes nothing.
 
     With ``packing`` (:mod:`dynalign.packing`), rows that share a prompt are read in one packed
     row: each prompt once, no pads; the same log-probs up to float rounding.

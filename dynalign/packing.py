@@ -212,11 +212,12 @@ def logits_at(model: Any, source: Tensor, **inputs: Any) -> tuple[Tensor, Tensor
     if head is None:
         return model(**inputs).logits, source
     rows, renumbered = torch.unique(source, return_inverse=True)  # [U] ascending, [N, C]
-    calls: list[int] = []
+    calls = 0  # times the head ran
 
     def read_rows(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        nonlocal calls
+        calls += 1
         hidden = args[0]  # [R, K, H]
-        calls.append(hidden.shape[:-1].numel())
         return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))[None],
                 *args[1:])  # [1, U, H]
 
@@ -227,7 +228,7 @@ def logits_at(model: Any, source: Tensor, **inputs: Any) -> tuple[Tensor, Tensor
         hook.remove()
     if not calls:  # the model computes its logits without calling its head module
         return logits, source
-    if logits.shape[:-1] != (1, rows.numel()) or len(calls) > 1:
+    if logits.shape[:-1] != (1, rows.numel()) or calls > 1:
         raise RuntimeError(f"the model's logits {tuple(logits.shape)} are not one call of its LM head on the "
-                           f"{rows.numel()} rows read ({len(calls)} calls)")
+                           f"{rows.numel()} rows read ({calls} calls)")
     return logits, renumbered
