@@ -33,6 +33,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -174,22 +175,54 @@ SHM_OP = "deepspeed_shm_comm"  # the op DeepSpeed's comm layer JIT-builds (or lo
 STALE_BUILD_LOCK_S = 600.0  # torch's JIT build of it takes about a minute; a lock 10 min old is left over
 
 
-def stale_build_lock(op: str = SHM_OP, now: float | None = None) -> tuple[Path, float] | None:
-    """The lock file of torch's JIT build directory of ``op`` and its age in seconds, when it is
-    older than :data:`STALE_BUILD_LOCK_S`; else None.
-
-    torch takes that lock to build or even to load a built op, and a process that waits for it
-    polls until the file is gone. A build killed midway (Ctrl-C during a first run) leaves it,
-    and every later run then waits forever without a word.
-    """
+def build_lock(op: str = SHM_OP) -> Path:
+    """The lock file torch takes in its JIT build directory of ``op`` to build or even to load it."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    lock = Path(_get_build_directory(op, verbose=False)) / "lock"
+    return Path(_get_build_directory(op, verbose=False)) / "lock"
+
+
+def stale_build_lock(op: str = SHM_OP, now: float | None = None,
+                     lock: Path | None = None) -> tuple[Path, float] | None:
+    """The lock file of torch's JIT build directory of ``op`` (:func:`build_lock`, unless ``lock``
+    names it) and its age in seconds, when it is older than :data:`STALE_BUILD_LOCK_S`; else None.
+
+    A process that waits for the lock polls until the file is gone. A build killed midway
+    (Ctrl-C during a first run) leaves it, and every later run then waits forever without a word.
+    """
+    lock = build_lock(op) if lock is None else lock
     try:
         age = (time.time() if now is None else now) - lock.stat().st_mtime
     except OSError:
         return None
     return (lock, age) if age > STALE_BUILD_LOCK_S else None
+
+
+@contextmanager
+def naming_stale_build_lock(poll_s: float = 5.0) -> Iterator[None]:
+    """Within the block (DeepSpeed's comm init, which loads :data:`SHM_OP`), say once on stderr
+    when torch's build lock of that op is stale (:func:`stale_build_lock`): at once when it is
+    already, else as soon as a lock it waits for grows that old (an interrupted build a minute
+    before this launch leaves a fresh one). torch polls it forever without a word."""
+    lock = build_lock()  # looked up here: a thread importing torch while DeepSpeed imports deadlocked
+    done = threading.Event()
+
+    def watch() -> None:
+        while True:
+            if stale := stale_build_lock(lock=lock):
+                print(f"dynalign: DeepSpeed waits for {stale[0]} ({stale[1] / 60:.0f} min old) to go before "
+                      f"it loads its {SHM_OP} op; an interrupted build leaves it behind: if no DeepSpeed "
+                      "build is running, delete it", file=sys.stderr, flush=True)
+                return
+            if done.wait(poll_s):
+                return
+
+    watcher = threading.Thread(target=watch, name="dynalign-build-lock", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def init_distributed(timeout: timedelta | None = None) -> DistInfo:
@@ -219,16 +252,13 @@ def init_distributed(timeout: timedelta | None = None) -> DistInfo:
         torch.cuda.set_device(local)
     import deepspeed  # after ensure_ds_accelerator()
 
-    if stale := stale_build_lock():
-        print(f"dynalign: DeepSpeed waits for {stale[0]} ({stale[1] / 60:.0f} min old) to go before it "
-              f"loads its {SHM_OP} op; an interrupted build leaves it behind: if no DeepSpeed build is "
-              "running, delete it", file=sys.stderr, flush=True)
     limit: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-    if existed or launched:
-        deepspeed.init_distributed(verbose=False, **limit)
-    else:
-        deepspeed.init_distributed(verbose=False, auto_mpi_discovery=False, rank=0, world_size=1,
-                                   init_method=f"tcp://127.0.0.1:{free_port()}", **limit)
+    with naming_stale_build_lock():
+        if existed or launched:
+            deepspeed.init_distributed(verbose=False, **limit)
+        else:
+            deepspeed.init_distributed(verbose=False, auto_mpi_discovery=False, rank=0, world_size=1,
+                                       init_method=f"tcp://127.0.0.1:{free_port()}", **limit)
     if not existed and not _GROUP.created:
         _GROUP.created = True
         atexit.register(close_process_group)

@@ -431,3 +431,24 @@ def test_a_stale_deepspeed_build_lock_is_named_while_deepspeed_waits_for_it(tmp_
         proc.wait()
     assert line.startswith(f"dynalign: DeepSpeed waits for {lock} (60 min old) to go before it loads")
     assert "if no DeepSpeed build is running, delete it" in line
+
+
+def test_a_build_lock_that_grows_stale_while_deepspeed_waits_is_named_then(tmp_path, monkeypatch, capsys):
+    """A lock an interrupted build left a minute before the launch is fresh when the launch looks:
+    the launch still names it once it is old enough, while DeepSpeed waits on it."""
+    from dynalign.distributed import build_lock, naming_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    lock = build_lock()  # torch makes its directory
+    lock.touch()  # fresh: a build may be running
+    with naming_stale_build_lock(poll_s=0.05):  # where DeepSpeed would wait on it
+        time.sleep(0.3)
+        assert capsys.readouterr().err == ""  # nothing to say about a fresh lock
+        old = time.time() - 3600
+        os.utime(lock, (old, old))  # and now it is an hour old
+        deadline = time.monotonic() + 30
+        while "dynalign:" not in (err := capsys.readouterr().err) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert err.startswith(f"dynalign: DeepSpeed waits for {lock} (60 min old) to go before it loads")
+    time.sleep(0.2)
+    assert capsys.readouterr().err == ""  # said once
