@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dynalign.lm_head import output_head
+
 PROMPT, PADDING = 0, -1  # segment ids; answers are 1, 2, ... within their packed row
 MASKABLE_ATTENTION = ("sdpa", "eager")  # attention implementations that take any 4D mask
 LAYER_TYPES = ("full_attention", "sliding_attention")  # per-layer masks this module can build
@@ -186,15 +188,6 @@ def packed_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, complet
     return logits_at(model, packed.source, input_ids=packed.input_ids,
                      attention_mask=packed_attention_mask(packed, packing),
                      position_ids=packed.position_ids, logits_to_keep=packed.kept)
-
-
-def output_head(model: Any) -> torch.nn.Module | None:
-    """The LM head module of a transformers causal LM (inside a DeepSpeed engine or a peft
-    wrapper), or None when the model has none to hook."""
-    module = getattr(model, "module", model)  # a DeepSpeed engine's model
-    get = getattr(module, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head if isinstance(head, torch.nn.Module) else None
 
 
 def logits_at(model: Any, source: Tensor, **inputs: Any) -> tuple[Tensor, Tensor]:

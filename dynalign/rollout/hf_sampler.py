@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from dynalign.lm_head import NO_LOGITS, vocabulary_rows
 from dynalign.rollout.base import Prompt, Rollouts, SamplingParams
 from dynalign.rollout.draws import draw
 from dynalign.rollout.encoding import (
@@ -167,7 +168,7 @@ class HFSampler:
         """Extend ``cache`` by ``ids`` (a :data:`~dynalign.rollout.prefix_cache.Forward`)."""
         self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                    position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
-                   logits_to_keep=1)
+                   logits_to_keep=NO_LOGITS)
 
     def _generate(self, rows: list[list[int]], params: SamplingParams, past: Any = None) -> list[Completion]:
         """Decode a batch with transformers ``generate``; ``past`` (a :meth:`Prefixes.past`)
@@ -233,7 +234,7 @@ class HFSampler:
         candidates = torch.as_tensor(list(token_ids), dtype=torch.long)  # [K]
         if not rows:
             return torch.zeros(0, last, len(candidates))
-        with self._inference():
+        with self._inference(), vocabulary_rows(self.model):
             if self._prefixes is not None:
                 logp = self._prefixes.logprobs(rows, last)  # [N, last, V]
                 return logp[..., candidates.to(logp.device)].cpu()  # [N, last, K]

@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from dynalign.lm_head import NO_LOGITS
+
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens ``a`` and ``b`` share."""
@@ -344,14 +346,17 @@ class PrefixCache:
         return logprobs
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> None:
-        """Extend ``cache`` by ``ids`` (a :data:`Forward`)."""
-        self._forward(ids, mask, positions, cache, last=1)
+        """Extend ``cache`` by ``ids`` (a :data:`Forward`), running no LM head."""
+        self._run(ids, mask, positions, cache, NO_LOGITS)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
                  last: int) -> torch.Tensor:
+        return torch.log_softmax(self._run(ids, mask, positions, cache, last).float(), -1)  # [B, last, V]
+
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+             keep: int | torch.Tensor) -> torch.Tensor:
         self.tokens_read += ids.numel()
         self.passes += 1
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            position_ids=positions.to(self.device), past_key_values=cache,
-                            use_cache=True, logits_to_keep=last).logits  # [B, last, V]
-        return torch.log_softmax(logits.float(), -1)  # [B, last, V]
+        return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                          position_ids=positions.to(self.device), past_key_values=cache,
+                          use_cache=True, logits_to_keep=keep).logits  # [B, last, V]
