@@ -6,7 +6,8 @@ sampled at the judge's default temperature with a fixed seed) with ``--rubric`` 
 on ``--model`` (``tiny``, ``gemma3_270m`` or a local directory): the rows of one step's
 self-judge. The same judge prompts (same nonces) are judged twice per round, reading every text
 from scratch (the path every sampler had before, and the one vLLM still takes, which caches
-prefixes itself) and with :meth:`~dynalign.rollout.hf_sampler.HFSampler.reuse_prefixes`; the
+prefixes itself) and with :meth:`~dynalign.rollout.hf_sampler.HFSampler.reuse_prefixes` (or,
+with ``--compare lm-head``, two ways of running the LM head: see below); the
 order alternates between rounds so both see the same machine load. Printed: seconds per answer
 of each and the token positions the model's forwards ran per answer (pads included: the work,
 as a count that no machine load changes), their ratio, and the largest difference of an expected
@@ -16,6 +17,12 @@ score between the two (logprob) or how many verdict texts they wrote alike (gene
     .venv/bin/python benchmarks/bench_judge.py --model gemma3_270m --rubric ca_compact --rounds 1
     .venv/bin/python benchmarks/bench_judge.py --mode generate --prompts 4 --answers 4
     .venv/bin/python benchmarks/bench_judge.py --model gemma3_270m --rubric ca_compact --rounds 1 --profile
+    .venv/bin/python benchmarks/bench_judge.py --model gemma3_270m --rubric ca_compact --compare lm-head \
+        --rounds 9
+
+``--compare lm-head`` times the prefix-reuse path twice instead: with the model's own LM head in
+every forward, and with the head as dynalign runs it (:mod:`dynalign.lm_head`: none in the
+passes that only extend the cache, vocabulary-major in the reads).
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ import platform
 import random
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from unittest import mock
 
 QUESTIONS = ["How can our town reduce food waste?", "My neighbour keeps parking across my driveway. "
              "What should I do?", "How should a small team share credit for a success?",
@@ -48,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--answers", type=int, default=4, help="answers per prompt (the group size)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
+    parser.add_argument("--compare", default="reuse", choices=sorted(VARIANTS),
+                        help="reuse: from scratch vs prefix reuse; lm-head: prefix reuse with the "
+                             "model's own LM head vs dynalign's")
     parser.add_argument("--profile", action="store_true",
                         help="then one more call with prefix reuse under torch's profiler: the shape of each "
                              "forward and the ops that took the most time")
@@ -96,50 +109,76 @@ def main() -> None:
         read[0] += ids.numel()
 
     sampler.model.register_forward_pre_hook(count, with_kwargs=True)
-    positions: dict[bool, int] = {}
-
-    def run(with_reuse: bool):
-        if not with_reuse:
-            sampler.reuse_prefixes = None  # reusing_prefixes() then reads every text from scratch
-        read[0] = 0
-        start = time.perf_counter()
-        try:
-            out = judge()
-        finally:
-            if not with_reuse:
-                del sampler.reuse_prefixes
-        positions[with_reuse] = read[0]
-        return time.perf_counter() - start, out
-
-    times: dict[bool, list[float]] = {False: [], True: []}
+    variants = VARIANTS[args.compare](sampler)  # (label, context) baseline first
+    times: list[list[float]] = [[], []]
+    positions = [0, 0]
     diff, alike = 0.0, len(conversations)
     for r in range(args.rounds):
-        results = {}
-        for with_reuse in ((False, True) if r % 2 == 0 else (True, False)):
-            seconds, results[with_reuse] = run(with_reuse)
-            times[with_reuse].append(seconds)
+        results: list = [None, None]
+        for v in ((0, 1) if r % 2 == 0 else (1, 0)):
+            read[0] = 0
+            start = time.perf_counter()
+            with variants[v][1]():
+                results[v] = judge()
+            times[v].append(time.perf_counter() - start)
+            positions[v] = read[0]
         if generate:
-            alike = min(alike, sum(a == b for a, b in zip(results[True], results[False], strict=True)))
+            alike = min(alike, sum(a == b for a, b in zip(*results, strict=True)))
         else:
-            diff = max(diff, float((results[True] - results[False]).abs().max()))
+            diff = max(diff, float((results[1] - results[0]).abs().max()))
     n = len(conversations)
-    plain, reused = statistics.median(times[False]), statistics.median(times[True])
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f}; model {args.model}, rubric {args.rubric}, {args.mode} mode"
           + (f" ({args.max_new_tokens} new tokens)" if generate else "")
           + f", {args.prompts} prompts x {args.answers} answers, {args.rounds} rounds")
-    runs = {k: ", ".join(f"{t:.2f}" for t in v) for k, v in times.items()}
-    print(f"from scratch     {plain / n:8.3f} s/answer   runs: {runs[False]} s   "
-          f"{positions[False] / n:,.0f} token positions/answer")
-    print(f"prefix reuse     {reused / n:8.3f} s/answer   runs: {runs[True]} s   "
-          f"{positions[True] / n:,.0f} token positions/answer")
-    print(f"speed-up         {plain / reused:8.2f}x")
+    medians = [statistics.median(t) for t in times]
+    for (label, _), median, runs, read_positions in zip(variants, medians, times, positions, strict=True):
+        print(f"{label:<16} {median / n:8.3f} s/answer   runs: {', '.join(f'{t:.2f}' for t in runs)} s   "
+              f"{read_positions / n:,.0f} token positions/answer")
+    print(f"speed-up         {medians[0] / medians[1]:8.2f}x")
     if generate:
         print(f"verdict texts alike {alike}/{n}")
     else:
         print(f"max |expected score difference| {diff:.2e}")
     if args.profile:
         profile(sampler.model, judge)
+
+
+def reuse_variants(sampler) -> list[tuple[str, Callable[[], AbstractContextManager]]]:
+    """Every text read from scratch (the path of any sampler without a prefix cache), then with
+    :meth:`~dynalign.rollout.hf_sampler.HFSampler.reuse_prefixes`."""
+
+    @contextmanager
+    def from_scratch() -> Iterator[None]:
+        sampler.reuse_prefixes = None  # reusing_prefixes() then reads every text from scratch
+        try:
+            yield
+        finally:
+            del sampler.reuse_prefixes
+
+    return [("from scratch", from_scratch), ("prefix reuse", nullcontext)]
+
+
+def head_variants(_sampler) -> list[tuple[str, Callable[[], AbstractContextManager]]]:
+    """Prefix reuse with the model's own LM head in every forward (as before
+    :mod:`dynalign.lm_head`: the passes that only extend the cache compute the logits of their last
+    position, each read multiplies ``hidden @ weight.T``), then with dynalign's."""
+
+    @contextmanager
+    def models_own_head() -> Iterator[None]:
+        from dynalign.rollout import hf_sampler, prefix_cache
+
+        with ExitStack() as stack:
+            for module in (hf_sampler, prefix_cache):
+                stack.enter_context(mock.patch.object(module, "NO_LOGITS", 1))
+            own = mock.patch.object(hf_sampler, "vocabulary_rows", lambda _model: nullcontext())
+            stack.enter_context(own)
+            yield
+
+    return [("own LM head", models_own_head), ("dynalign's head", nullcontext)]
+
+
+VARIANTS = {"reuse": reuse_variants, "lm-head": head_variants}
 
 
 def profile(model, judge) -> None:
