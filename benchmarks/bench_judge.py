@@ -7,7 +7,7 @@ on ``--model`` (``tiny``, ``gemma3_270m`` or a local directory): the rows of one
 self-judge. The same judge prompts (same nonces) are judged twice per round, reading every text
 from scratch (the path every sampler had before, and the one vLLM still takes, which caches
 prefixes itself) and with :meth:`~dynalign.rollout.hf_sampler.HFSampler.reuse_prefixes` (or,
-with ``--compare lm-head``, two ways of running the LM head: see below); the
+with ``--compare kernels``, two ways of running the linears: see below); the
 order alternates between rounds so both see the same machine load. Printed: seconds per answer
 of each and the token positions the model's forwards ran per answer (pads included: the work,
 as a count that no machine load changes), their ratio, and the largest difference of an expected
@@ -17,12 +17,12 @@ score between the two (logprob) or how many verdict texts they wrote alike (gene
     .venv/bin/python benchmarks/bench_judge.py --model gemma3_270m --rubric ca_compact --rounds 1
     .venv/bin/python benchmarks/bench_judge.py --mode generate --prompts 4 --answers 4
     .venv/bin/python benchmarks/bench_judge.py --model gemma3_270m --rubric ca_compact --rounds 1 --profile
-    .venv/bin/python benchmarks/bench_judge.py --model gemma3_270m --rubric ca_compact --compare lm-head \
+    .venv/bin/python benchmarks/bench_judge.py --model gemma3_270m --rubric ca_compact --compare kernels \
         --rounds 9
 
-``--compare lm-head`` times the prefix-reuse path twice instead: with the model's own LM head in
-every forward, and with the head as dynalign runs it (:mod:`dynalign.lm_head`: none in the
-passes that only extend the cache, vocabulary-major in the reads).
+``--compare kernels`` times the prefix-reuse path twice instead: as torch runs it (every linear
+by ``F.linear``, the LM head in every forward) and as dynalign does (float32 CPU linears through
+oneDNN, :mod:`dynalign.onednn`; no LM head in the passes that only extend the cache).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--answers", type=int, default=4, help="answers per prompt (the group size)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
     parser.add_argument("--compare", default="reuse", choices=sorted(VARIANTS),
-                        help="reuse: from scratch vs prefix reuse; lm-head: prefix reuse with the "
-                             "model's own LM head vs dynalign's")
+                        help="reuse: from scratch vs prefix reuse; kernels: prefix reuse with torch's "
+                             "linears vs dynalign's (oneDNN, no LM head where nothing is read)")
     parser.add_argument("--profile", action="store_true",
                         help="then one more call with prefix reuse under torch's profiler: the shape of each "
                              "forward and the ops that took the most time")
@@ -159,26 +159,26 @@ def reuse_variants(sampler) -> list[tuple[str, Callable[[], AbstractContextManag
     return [("from scratch", from_scratch), ("prefix reuse", nullcontext)]
 
 
-def head_variants(_sampler) -> list[tuple[str, Callable[[], AbstractContextManager]]]:
-    """Prefix reuse with the model's own LM head in every forward (as before
-    :mod:`dynalign.lm_head`: the passes that only extend the cache compute the logits of their last
-    position, each read multiplies ``hidden @ weight.T``), then with dynalign's."""
+def kernel_variants(_sampler) -> list[tuple[str, Callable[[], AbstractContextManager]]]:
+    """Prefix reuse as torch runs it (every linear by ``F.linear``, the LM head in every forward:
+    the passes that only extend the cache compute the logits of their last position), then as
+    dynalign runs it (:mod:`dynalign.onednn`, :data:`dynalign.lm_head.NO_LOGITS`)."""
 
     @contextmanager
-    def models_own_head() -> Iterator[None]:
+    def torch_kernels() -> Iterator[None]:
         from dynalign.rollout import hf_sampler, prefix_cache
 
         with ExitStack() as stack:
             for module in (hf_sampler, prefix_cache):
                 stack.enter_context(mock.patch.object(module, "NO_LOGITS", 1))
-            own = mock.patch.object(hf_sampler, "vocabulary_rows", lambda _model: nullcontext())
-            stack.enter_context(own)
+            plain = mock.patch.object(hf_sampler, "onednn_linears", lambda _model: nullcontext())
+            stack.enter_context(plain)
             yield
 
-    return [("own LM head", models_own_head), ("dynalign's head", nullcontext)]
+    return [("torch's linears", torch_kernels), ("dynalign's", nullcontext)]
 
 
-VARIANTS = {"reuse": reuse_variants, "lm-head": head_variants}
+VARIANTS = {"reuse": reuse_variants, "kernels": kernel_variants}
 
 
 def profile(model, judge) -> None:

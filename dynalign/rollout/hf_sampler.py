@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from dynalign.lm_head import NO_LOGITS, vocabulary_rows
+from dynalign.lm_head import NO_LOGITS
+from dynalign.onednn import onednn_linears
 from dynalign.rollout.base import Prompt, Rollouts, SamplingParams
 from dynalign.rollout.draws import draw
 from dynalign.rollout.encoding import (
@@ -229,12 +230,13 @@ class HFSampler:
         candidate token: ``[:, -1]`` is the next-token distribution after the whole row.
 
         Inside :meth:`reuse_prefixes` the N rows are one batch of the prefix cache; otherwise
-        they are read from scratch, ``batch_size`` rows at a time.
+        they are read from scratch, ``batch_size`` rows at a time. Float32 linears on the CPU
+        compute through oneDNN (:func:`~dynalign.onednn.onednn_linears`).
         """
         candidates = torch.as_tensor(list(token_ids), dtype=torch.long)  # [K]
         if not rows:
             return torch.zeros(0, last, len(candidates))
-        with self._inference(), vocabulary_rows(self.model):
+        with self._inference(), onednn_linears(self.model):
             if self._prefixes is not None:
                 logp = self._prefixes.logprobs(rows, last)  # [N, last, V]
                 return logp[..., candidates.to(logp.device)].cpu()  # [N, last, K]

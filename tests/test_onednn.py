@@ -1,0 +1,128 @@
+"""Float32 CPU linears through oneDNN within a block: the same products, the modules restored."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynalign import onednn
+from dynalign.onednn import onednn_available, onednn_linears
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch has no working oneDNN linear here")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+
+
+def linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+def counting_op():
+    """A patch that counts the oneDNN products and computes them."""
+    return mock.patch.object(onednn, "_onednn_linear", side_effect=onednn._onednn_linear)
+
+
+@needs_onednn
+def test_a_layer_with_hand_computed_products():
+    layer = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.0, 0.5]]))
+        layer.bias.copy_(torch.tensor([0.25, -2.0]))
+    x = torch.tensor([[[1.0, 1.0, 1.0], [2.0, -1.0, 4.0]]])  # [1, 2, 3]
+    expected = torch.tensor([[[6.25, -2.5], [12.25, -2.0]]])  # by hand: W x + b
+    with torch.no_grad(), counting_op() as op, onednn_linears(layer):
+        out = layer(x)
+    assert op.call_count == 1
+    assert torch.equal(out, expected)
+
+
+@needs_onednn
+@torch.no_grad()
+def test_the_tiny_models_logits_match_and_every_linear_goes_through_onednn(tiny):
+    ids = torch.tensor([[5, 9, 13, 2, 7, 1], [3, 3, 8, 1, 4, 6]])  # [2, 6]
+    reference = tiny(input_ids=ids).logits  # [2, 6, V]
+    with counting_op() as op, onednn_linears(tiny):
+        out = tiny(input_ids=ids).logits
+    assert op.call_count == len(linears(tiny))  # each layer of one forward, the LM head included
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+    assert all("forward" not in m.__dict__ for m in linears(tiny))  # the class forward is back
+    assert torch.equal(tiny(input_ids=ids).logits, reference)
+
+
+@needs_onednn
+def test_with_grad_on_a_layer_runs_f_linear_and_can_backpropagate():
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    with counting_op() as op, onednn_linears(layer):
+        out = layer(x)
+        out.sum().backward()
+    assert op.call_count == 0
+    assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+    assert layer.weight.grad is not None
+
+
+@needs_onednn
+def test_a_forward_set_on_the_instance_is_restored_also_when_the_block_raises():
+    layer = torch.nn.Linear(4, 3)
+    own = layer.forward = lambda x: x  # e.g. a library's wrapper
+    with pytest.raises(RuntimeError, match="inside"), onednn_linears(layer):
+        assert layer.forward is not own
+        raise RuntimeError("inside")
+    assert layer.forward is own
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Linear(4, 3).to(torch.bfloat16),
+                                   type("Subclass", (torch.nn.Linear,), {})(4, 3), torch.nn.Identity()],
+                         ids=["bfloat16", "a-subclass", "not-linear"])
+def test_other_modules_keep_their_forward(layer):
+    with counting_op() as op, onednn_linears(layer):
+        assert "forward" not in layer.__dict__
+        layer(torch.randn(2, 4, dtype=next(layer.parameters(), torch.empty(0)).dtype))
+    assert op.call_count == 0
+
+
+def test_without_a_working_op_everything_runs_as_it_is():
+    onednn_available.cache_clear()
+    try:
+        with mock.patch.object(onednn, "_onednn_linear", side_effect=RuntimeError("no such op")):
+            assert not onednn_available()
+            layer = torch.nn.Linear(4, 3)
+            with onednn_linears(layer):
+                assert "forward" not in layer.__dict__
+    finally:
+        onednn_available.cache_clear()
+
+
+@needs_onednn
+@torch.no_grad()
+def test_the_samplers_judge_reads_go_through_onednn_and_give_the_models_log_probs(tiny_model_path):
+    from dynalign.config import ModelConfig
+    from dynalign.lm_head import output_head
+    from dynalign.models import load_hf_sampler
+
+    sampler = load_hf_sampler(ModelConfig(name_or_path=str(tiny_model_path)), batch_size=4)
+    head_rows: list[int] = []  # rows the LM head got, forward by forward
+    head = output_head(sampler.model)
+    head.register_forward_pre_hook(lambda _m, args: head_rows.append(args[0][..., 0].numel()))
+    texts = ["The rubric, then the first answer:", "The rubric, then the second answer, longer:"]
+    rows = sampler.encode_texts(texts)
+    candidates = list(range(20))
+    with counting_op() as op:
+        with sampler.reuse_prefixes():
+            reused = sampler.token_logprobs(rows, candidates, last=2)  # [2, 2, 20]
+        scratch = sampler.token_logprobs(rows, candidates, last=2)
+    assert op.call_count > 0
+    assert head_rows[0] == 0  # the shared prefix's pass ran no LM head row
+    for row, got_reused, got_scratch in zip(rows, reused, scratch, strict=True):
+        logits = sampler.model(input_ids=torch.tensor([row])).logits[0, -2:]  # [2, V] F.linear's
+        expected = torch.log_softmax(logits, -1)[:, candidates]  # [2, 20]
+        torch.testing.assert_close(got_reused, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got_scratch, expected, rtol=0, atol=1e-5)
