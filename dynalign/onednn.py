@@ -1,18 +1,18 @@
 """Float32 linear layers on the CPU through oneDNN, for the judge's forwards.
 
-torch multiplies a float32 ``nn.Linear`` on the CPU with MKL's sgemm. On the AMD EPYC CPU of
-the 2-core machine dynalign's benchmarks ran on, oneDNN (which torch ships too: the op below is
-one of its inductor backend's) does the same products about twice as fast: with 2 threads on the 2-core
-machine, Gemma 3 270M's MLP projection on the judge's 8 x 182 positions at 326 against 163
-GFLOP/s, its 262,144 x 640 LM head on 16 rows in 42 against 141 ms. The sums run in another
-order, so results differ in the last bits (relative ~5e-6 in float32).
+torch multiplies a float32 ``nn.Linear`` on the CPU with MKL's sgemm. oneDNN, which torch ships
+too, does the same products about twice as fast on the AMD EPYC CPU of the 2-core machine
+dynalign's benchmarks ran on (2 threads: Gemma 3 270M's MLP projection on the judge's 8 x 182
+positions at 326 against 163 GFLOP/s, its 262,144 x 640 LM head on 16 rows in 42 against 141
+ms). The sums run in another order, so results differ in the last bits (relative ~5e-6).
 
 :func:`onednn_linears` runs every float32 CPU ``nn.Linear`` of a model (the LM head included,
 and a LoRA layer's base and adapters) through ``torch.ops.mkldnn._linear_pointwise`` within a
-block, under no grad only. The op is torch's own (its inductor backend's), but private, so
-:func:`onednn_available` checks it once per process against ``F.linear`` and everything falls
-back to ``F.linear`` where it is missing or disagrees. The judge's reads use it; sampling does
-not, since logits that differ in the last bit could change a sampled token at a fixed seed.
+block, under no grad only. The op is torch's own (one of its inductor backend's) but private,
+so :func:`onednn_available` checks it once per process against ``F.linear``, and where it is
+missing, disagrees, or ``torch.backends.mkldnn.enabled`` is off, every layer runs as it is. The
+judge's reads use it; sampling does not, since logits that differ in the last bit could change
+a sampled token at a fixed seed.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def onednn_linears(model: Any) -> Iterator[None]:
     root = getattr(model, "module", model)  # a DeepSpeed engine's model
     modules = root.modules() if isinstance(root, torch.nn.Module) else ()
     layers = [m for m in modules if isinstance(m, torch.nn.Linear) and _eligible(m)]
-    if not layers or not onednn_available():
+    if not layers or not torch.backends.mkldnn.enabled or not onednn_available():
         yield
         return
     own = [m.__dict__.get("forward") for m in layers]  # a forward set on the instance, to restore

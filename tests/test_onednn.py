@@ -126,3 +126,15 @@ def test_the_samplers_judge_reads_go_through_onednn_and_give_the_models_log_prob
         expected = torch.log_softmax(logits, -1)[:, candidates]  # [2, 20]
         torch.testing.assert_close(got_reused, expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(got_scratch, expected, rtol=0, atol=1e-5)
+
+
+def test_with_mkldnn_switched_off_every_layer_runs_as_it_is():
+    layer = torch.nn.Linear(4, 3)
+    torch.backends.mkldnn.enabled = False
+    try:
+        with onednn_linears(layer):
+            assert "forward" not in layer.__dict__
+    finally:
+        torch.backends.mkldnn.enabled = True
+    with onednn_linears(layer):
+        assert "forward" in layer.__dict__ or not onednn_available()

@@ -166,7 +166,8 @@ class HFSampler:
         return plan if plan.shared or plan.runs else None
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> None:
-        """Extend ``cache`` by ``ids`` (a :data:`~dynalign.rollout.prefix_cache.Forward`)."""
+        """Extend ``cache`` by ``ids`` (a :data:`~dynalign.rollout.prefix_cache.Forward`), running no
+        LM head."""
         self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                    position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
                    logits_to_keep=NO_LOGITS)
