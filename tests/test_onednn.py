@@ -130,11 +130,12 @@ def test_the_samplers_judge_reads_go_through_onednn_and_give_the_models_log_prob
 
 def test_with_mkldnn_switched_off_every_layer_runs_as_it_is():
     layer = torch.nn.Linear(4, 3)
+    was = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
         with onednn_linears(layer):
             assert "forward" not in layer.__dict__
     finally:
-        torch.backends.mkldnn.enabled = True
+        torch.backends.mkldnn.enabled = was
     with onednn_linears(layer):
         assert "forward" in layer.__dict__ or not onednn_available()
