@@ -182,15 +182,14 @@ def build_lock(op: str = SHM_OP) -> Path:
     return Path(_get_build_directory(op, verbose=False)) / "lock"
 
 
-def stale_build_lock(op: str = SHM_OP, now: float | None = None,
-                     lock: Path | None = None) -> tuple[Path, float] | None:
-    """The lock file of torch's JIT build directory of ``op`` (:func:`build_lock`, unless ``lock``
-    names it) and its age in seconds, when it is older than :data:`STALE_BUILD_LOCK_S`; else None.
+def stale_build_lock(lock: Path | None = None, now: float | None = None) -> tuple[Path, float] | None:
+    """``lock`` (default: :func:`build_lock` of :data:`SHM_OP`) and its age in seconds, when it is
+    older than :data:`STALE_BUILD_LOCK_S`; else None.
 
     A process that waits for the lock polls until the file is gone. A build killed midway
     (Ctrl-C during a first run) leaves it, and every later run then waits forever without a word.
     """
-    lock = build_lock(op) if lock is None else lock
+    lock = build_lock() if lock is None else lock
     try:
         age = (time.time() if now is None else now) - lock.stat().st_mtime
     except OSError:
@@ -209,7 +208,7 @@ def naming_stale_build_lock(poll_s: float = 5.0) -> Iterator[None]:
 
     def watch() -> None:
         while True:
-            if stale := stale_build_lock(lock=lock):
+            if stale := stale_build_lock(lock):
                 print(f"dynalign: DeepSpeed waits for {stale[0]} ({stale[1] / 60:.0f} min old) to go before "
                       f"it loads its {SHM_OP} op; an interrupted build leaves it behind: if no DeepSpeed "
                       "build is running, delete it", file=sys.stderr, flush=True)

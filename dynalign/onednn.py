@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ def onednn_available() -> bool:
     return out.shape == expected.shape and bool(torch.allclose(out, expected, rtol=1e-5, atol=1e-5))
 
 
-def _eligible(module: torch.nn.Module) -> bool:
+def _eligible(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear]:
     """A plain ``nn.Linear`` with its whole float32 weight on the CPU (not a ZeRO-3 partition)."""
     if type(module) is not torch.nn.Linear:
         return False
@@ -69,7 +69,7 @@ def onednn_linears(model: Any) -> Iterator[None]:
     computes through oneDNN while grad is off; the modules' own ``forward`` is back afterwards."""
     root = getattr(model, "module", model)  # a DeepSpeed engine's model
     modules = root.modules() if isinstance(root, torch.nn.Module) else ()
-    layers = [m for m in modules if isinstance(m, torch.nn.Linear) and _eligible(m)]
+    layers = [m for m in modules if _eligible(m)]
     if not layers or not torch.backends.mkldnn.enabled or not onednn_available():
         yield
         return

@@ -52,6 +52,14 @@ def tiny_model_path(cache_dir) -> Path:
     return ensure_tiny_model(TinyModelConfig(cache_dir=str(cache_dir)))
 
 
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_path):
+    """The tiny model loaded with transformers, in eval mode (one per test module)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+
+
 @pytest.fixture
 def compose_cfg():
     """Compose ``conf/train.yaml`` with overrides, as ``python -m dynalign.train`` would."""

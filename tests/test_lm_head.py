@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from dynalign.lm_head import NO_LOGITS, output_head
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
 
 
 def rows_multiplied(head: torch.nn.Module) -> tuple[list[int], object]:
@@ -23,15 +15,15 @@ def rows_multiplied(head: torch.nn.Module) -> tuple[list[int], object]:
 
 
 @torch.no_grad()
-def test_no_logits_extends_the_cache_as_a_full_forward_and_runs_no_head_row(tiny):
+def test_no_logits_extends_the_cache_as_a_full_forward_and_runs_no_head_row(tiny_lm):
     from transformers import DynamicCache
 
     ids = torch.tensor([[5, 9, 13, 2, 7], [3, 3, 8, 1, 4]])  # [2, 5]
     full, empty = DynamicCache(), DynamicCache()
-    reference = tiny(input_ids=ids, past_key_values=full, use_cache=True, logits_to_keep=1).logits
-    seen, hook = rows_multiplied(output_head(tiny))
+    reference = tiny_lm(input_ids=ids, past_key_values=full, use_cache=True, logits_to_keep=1).logits
+    seen, hook = rows_multiplied(output_head(tiny_lm))
     try:
-        out = tiny(input_ids=ids, past_key_values=empty, use_cache=True, logits_to_keep=NO_LOGITS).logits
+        out = tiny_lm(input_ids=ids, past_key_values=empty, use_cache=True, logits_to_keep=NO_LOGITS).logits
     finally:
         hook.remove()
     assert out.shape == (2, 0, reference.shape[-1])
@@ -40,6 +32,6 @@ def test_no_logits_extends_the_cache_as_a_full_forward_and_runs_no_head_row(tiny
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     # the cache continues as one that ran the head
     nxt = torch.tensor([[11], [6]])
-    after_full = tiny(input_ids=nxt, past_key_values=full, use_cache=True).logits
-    after_empty = tiny(input_ids=nxt, past_key_values=empty, use_cache=True).logits
+    after_full = tiny_lm(input_ids=nxt, past_key_values=full, use_cache=True).logits
+    after_empty = tiny_lm(input_ids=nxt, past_key_values=empty, use_cache=True).logits
     assert torch.equal(after_full, after_empty)

@@ -14,13 +14,6 @@ from dynalign.onednn import onednn_available, onednn_linears
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch has no working oneDNN linear here")
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
-
-
 def linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     return [m for m in model.modules() if type(m) is torch.nn.Linear]
 
@@ -46,15 +39,15 @@ def test_a_layer_with_hand_computed_products():
 
 @needs_onednn
 @torch.no_grad()
-def test_the_tiny_models_logits_match_and_every_linear_goes_through_onednn(tiny):
+def test_the_tiny_models_logits_match_and_every_linear_goes_through_onednn(tiny_lm):
     ids = torch.tensor([[5, 9, 13, 2, 7, 1], [3, 3, 8, 1, 4, 6]])  # [2, 6]
-    reference = tiny(input_ids=ids).logits  # [2, 6, V]
-    with counting_op() as op, onednn_linears(tiny):
-        out = tiny(input_ids=ids).logits
-    assert op.call_count == len(linears(tiny))  # each layer of one forward, the LM head included
+    reference = tiny_lm(input_ids=ids).logits  # [2, 6, V]
+    with counting_op() as op, onednn_linears(tiny_lm):
+        out = tiny_lm(input_ids=ids).logits
+    assert op.call_count == len(linears(tiny_lm))  # each layer of one forward, the LM head included
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
-    assert all("forward" not in m.__dict__ for m in linears(tiny))  # the class forward is back
-    assert torch.equal(tiny(input_ids=ids).logits, reference)
+    assert all("forward" not in m.__dict__ for m in linears(tiny_lm))  # the class forward is back
+    assert torch.equal(tiny_lm(input_ids=ids).logits, reference)
 
 
 @needs_onednn
