@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_onednn import counting_op, needs_onednn
 
 from dynalign import grpo as grpo_ops
 from dynalign.config import ConfigError, DeepSpeedConfig, GRPOConfig, LoraConfig, ModelConfig
@@ -29,6 +30,8 @@ from dynalign.engine import (
     hf_zero3_init,
     warmup_constant,
 )
+from dynalign.onednn import OneDNNLinear
+from dynalign.zero import gathered, gathered_clone
 
 # DeepSpeed calls torch.distributed APIs that torch 2.13 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -386,6 +389,85 @@ def test_other_stages_train_and_skip_non_finite_steps(engine_factory, name):
     bad.advantages[0] = float("nan")
     assert engine.train_step(bad)["skipped"] == 1.0 and engine.skipped_steps == 1
     assert not changed(after, weights(engine))
+
+
+# ------------------------------------------------------------------ oneDNN linears
+
+
+def linear_calls(*modules: torch.nn.Module) -> list[int]:
+    """A counter of the modules' ``nn.Linear`` calls, kept up to date by forward pre-hooks."""
+    calls = [0]
+
+    def count(*_args) -> None:
+        calls[0] += 1
+
+    for module in modules:
+        for layer in module.modules():
+            if type(layer) is torch.nn.Linear:
+                layer.register_forward_pre_hook(count)
+    return calls
+
+
+def trained_weights(engine: PolicyEngine) -> dict[str, torch.Tensor]:
+    """Full copies of the parameters the optimizer steps (a LoRA engine's adapters, not merged)."""
+    return {name: gathered_clone(param) for name, param in engine.module.named_parameters()
+            if param.requires_grad}
+
+
+@needs_onednn
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-checkpointed"])
+def test_a_zero3_step_computes_its_linears_through_onednn_and_takes_f_linears_step(tiny_model_path, lora):
+    """The same first step from the same weights, with torch's linears and with dynalign's. Full
+    fine-tuning: each layer call of the reference pass is one oneDNN product, each of the training
+    forward one and its backward two more. LoRA with gradient checkpointing: the recomputed
+    forwards go through oneDNN too, and frozen layers need no weight gradient."""
+    batch = make_batch(16, seed=11)
+    results = []
+    for enabled in (False, True):
+        model = ModelConfig(name_or_path=str(tiny_model_path), gradient_checkpointing=lora,
+                            lora=LoraConfig(enabled=lora, r=4, alpha=8))
+        with torch.backends.mkldnn.flags(enabled=enabled), counting_op() as op, \
+                PolicyEngine(model, grpo_config(beta=0.1), DeepSpeedConfig(stage=3), seed=0) as engine:
+            reference = engine.module if lora else engine.adaptation.reference.module
+            calls = linear_calls(*{id(m): m for m in (engine.module, reference)}.values())
+            before = trained_weights(engine)
+            ref = engine.reference_logprobs(batch)
+            results.append((op.call_count, calls[0]))  # the reference pass: no grad
+            stats = engine.train_step(batch.with_logprobs(ref=ref, old=ref - 0.1))
+            results.append((ref, stats, trained_weights(engine), op.call_count - results[-1][0],
+                            calls[0] - results[-1][1]))
+    (ref_ops_a, _), (ref_a, stats_a, weights_a, ops_a, _), (ref_ops_b, ref_calls), (ref_b, stats_b, weights_b,
+                                                                                     ops_b, calls_b) = results
+    assert ref_ops_a == ops_a == 0  # torch.backends.mkldnn off: every layer ran F.linear
+    assert ref_ops_b == ref_calls > 0
+    if lora:
+        assert calls_b < ops_b < 3 * calls_b
+    else:
+        assert ops_b == 3 * calls_b > 0
+    torch.testing.assert_close(ref_a, ref_b, rtol=0, atol=1e-5)
+    for key in ("loss", "grad_norm", "entropy", "kl_mean"):
+        assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-4, abs=1e-6), key
+    if lora:  # B starts at 0, so A's first gradient is 0: only B moves
+        assert all(torch.equal(before[n], weights_a[n]) and torch.equal(before[n], weights_b[n])
+                   for n in before if ".lora_A." in n)
+        before = {n: w for n, w in before.items() if ".lora_B." in n}
+    assert_same_first_adam_step(before, weights_a, weights_b, lr=1e-3)
+
+
+@needs_onednn
+def test_a_zero3_weight_partitioned_again_before_the_backward_is_gathered_for_it(zero3):
+    """DeepSpeed's hooks gather a layer's weight again before its backward; one that is a partition
+    by then is gathered for the product, and partitioned again afterwards."""
+    weight = zero3.module.model.layers[0].mlp.down_proj.weight
+    x = torch.randn(3, weight.ds_shape[1], requires_grad=True)
+    upstream = torch.randn(3, weight.ds_shape[0])
+    with gathered([weight]):
+        full = weight.detach().clone()
+        out = OneDNNLinear.apply(x, weight, None)
+    assert weight.shape != weight.ds_shape  # a partition again
+    (grad_x,) = torch.autograd.grad(out, x, upstream)
+    torch.testing.assert_close(grad_x, upstream @ full, rtol=0, atol=1e-5)
+    assert weight.shape != weight.ds_shape
 
 
 # ------------------------------------------------------------ reference and LoRA

@@ -51,15 +51,39 @@ def test_the_tiny_models_logits_match_and_every_linear_goes_through_onednn(tiny_
 
 
 @needs_onednn
-def test_with_grad_on_a_layer_runs_f_linear_and_can_backpropagate():
-    layer = torch.nn.Linear(4, 3)
-    x = torch.randn(2, 4)
+def test_with_grad_on_a_layer_backpropagates_hand_computed_gradients_through_onednn():
+    layer = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.0, 0.5]]))
+        layer.bias.copy_(torch.tensor([0.25, -2.0]))
+    x = torch.tensor([[[1.0, 1.0, 1.0], [2.0, -1.0, 4.0]]], requires_grad=True)  # [1, 2, 3]
+    upstream = torch.tensor([[[1.0, -2.0], [0.5, 3.0]]])  # dL/dy [1, 2, 2]
     with counting_op() as op, onednn_linears(layer):
         out = layer(x)
-        out.sum().backward()
-    assert op.call_count == 0
-    assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
-    assert layer.weight.grad is not None
+        (out * upstream).sum().backward()
+    assert op.call_count == 3  # y = x W^T + b, then grad_x and grad_W
+    assert torch.equal(out.detach(), torch.tensor([[[6.25, -2.5], [12.25, -2.0]]]))
+    # by hand: grad_x = upstream W, grad_W = sum over rows of upstream^T x, grad_b = sum of upstream
+    assert torch.equal(x.grad, torch.tensor([[[3.0, 2.0, 2.0], [-2.5, 1.0, 3.0]]]))
+    assert torch.equal(layer.weight.grad, torch.tensor([[2.0, 0.5, 3.0], [4.0, -5.0, 10.0]]))
+    assert torch.equal(layer.bias.grad, torch.tensor([1.5, 1.0]))
+
+
+@needs_onednn
+@pytest.mark.parametrize("wants", ["input", "weight", "both"])
+def test_the_backward_computes_only_the_gradients_asked_for_and_matches_autograd(wants):
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(4, 5, 16, generator=gen), torch.randn(24, 16, generator=gen)  # no bias
+    upstream = torch.randn(4, 5, 24, generator=gen)
+    x.requires_grad_(wants in ("input", "both"))
+    weight.requires_grad_(wants in ("weight", "both"))
+    wanted = [t for t in (x, weight) if t.requires_grad]
+    with counting_op() as op:
+        got = torch.autograd.grad((onednn.OneDNNLinear.apply(x, weight, None) * upstream).sum(), wanted)
+    expected = torch.autograd.grad((F.linear(x, weight) * upstream).sum(), wanted)
+    assert op.call_count == 1 + len(wanted)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
 
 
 @needs_onednn

@@ -56,6 +56,7 @@ from dynalign.engine.batch import TrainBatch
 from dynalign.engine.ds_config import deepspeed_config, make_optimizer, warmup_scheduler
 from dynalign.io import replace_dir
 from dynalign.models import export_config, load_causal_lm, load_tokenizer, resolve_model_path
+from dynalign.onednn import onednn_linears
 from dynalign.packing import Packing, packing_for
 from dynalign.runtime import seed_everything
 from dynalign.zero import copy_into, destroy_engine, hf_zero3_init, release_hf_config
@@ -146,9 +147,10 @@ class PolicyEngine:
         out = torch.empty(batch.num_rows, batch.completion_length, dtype=torch.float32)  # [N, C]
         for rows, real in self._micro_slices(batch.num_rows):
             micro = batch.select(rows).to(self.device)
-            logp = grpo_ops.completion_logprobs(forward, micro.input_ids, micro.attention_mask,
-                                                batch.completion_length, temperature=self.temperature,
-                                                packing=self.packing)
+            with onednn_linears(forward):
+                logp = grpo_ops.completion_logprobs(forward, micro.input_ids, micro.attention_mask,
+                                                    batch.completion_length, temperature=self.temperature,
+                                                    packing=self.packing)
             if real:
                 out[rows] = logp.float().cpu()
         return out.to(batch.input_ids.device)
@@ -246,7 +248,15 @@ class PolicyEngine:
 
     def _micro_step(self, micro: TrainBatch, share: float,
                     total_tokens: float) -> tuple[float, dict[str, float]]:
-        """Forward, loss and backward of one micro-batch; returns its loss and statistics."""
+        """Forward, loss and backward of one micro-batch; returns its loss and statistics.
+
+        The float32 CPU linears compute through oneDNN (:func:`~dynalign.onednn.onednn_linears`),
+        forward and backward (a checkpointed layer's recomputed forward too)."""
+        with onednn_linears(self.module):
+            return self._micro_step_body(micro, share, total_tokens)
+
+    def _micro_step_body(self, micro: TrainBatch, share: float,
+                         total_tokens: float) -> tuple[float, dict[str, float]]:
         g = self.grpo
         logp, entropy = grpo_ops.completion_logprobs(
             self.ds_engine, micro.input_ids, micro.attention_mask, micro.completion_length,
