@@ -70,6 +70,18 @@ def test_bench_judge_compares_torchs_linears_with_dynaligns(tiny_model_path):
     assert difference < 1e-4  # the same scores either way
 
 
+@pytest.mark.parametrize("compare, names", [("layout", ("padded", "packed")),
+                                             ("kernels", ("torch's linears", "dynalign's"))])
+def test_bench_update_times_both_variants_on_one_batch(tiny_model_path, compare, names):
+    out = run_benchmark(["benchmarks/bench_update.py", "--model", "tiny", "--repeats", "1",
+                         "--compare", compare, "--profile"], timeout=600)
+    base, other = names
+    assert re.search(rf"update:  {base} [\d.]+ s, {other} [\d.]+ s \(medians of 1, alternating\); "
+                     rf"{base} / {other} = [\d.]+x", out), out
+    assert re.search(r"packed:  \d+ rows x \d+ positions", out)
+    assert re.search(r"profiled step: [\d.]+ s", out) and "tottime" in out
+
+
 def test_bench_judge_generate_mode_compares_both_paths(tiny_model_path):
     out = run_benchmark(["benchmarks/bench_judge.py", "--model", str(tiny_model_path), "--mode", "generate",
                          "--max-new-tokens", "8", "--prompts", "1", "--answers", "2", "--rounds", "1"],

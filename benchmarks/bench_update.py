@@ -1,13 +1,18 @@
-"""The update phase with each prompt read once (``grpo.pack_groups``, packed rows) or once per
-answer (padded rows), on ``make bench``'s workload, in one process.
+"""The update phase two ways on one batch, in one process (``--compare``):
+
+* ``layout`` (default): each prompt read once for its answers (``grpo.pack_groups``, packed rows)
+  or once per answer (padded rows);
+* ``kernels``: the float32 CPU linears, forward and backward, through torch's ``F.linear`` (MKL)
+  or through oneDNN as dynalign runs them (:mod:`dynalign.onednn`), both packed.
 
 One dynalign engine (ZeRO-3 by default) samples one batch of rollouts as a GRPO step does
 (bench_step's prompts, group size, lengths and python reward), then times ``train_step`` on that
-batch with packed and with padded rows, alternating one step of each per repeat, so the host's
-drift falls on both sides of the ratio. It prints the rows and token positions each layout
-reads, each median, and padded / packed.
+batch both ways, alternating one step of each per repeat, so the host's drift falls on both
+sides of the ratio. It prints the rows and token positions each layout reads, each median, and
+the baseline's median over the other's.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_packing.py [--model tiny|gemma3_270m] [--repeats 10]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_update.py [--model tiny|gemma3_270m]
+        [--compare layout|kernels] [--repeats 10] [--profile]
 """
 
 from __future__ import annotations
@@ -17,12 +22,55 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_step  # noqa: E402  (its workload, config and python reward)
+
+Variant = tuple[str, Callable[[], AbstractContextManager]]  # a name, and the block it runs in
+
+
+def layout_variants(engine) -> list[Variant]:
+    """Padded rows (the baseline), then packed rows."""
+    packing = engine.packing
+
+    def layout(value):
+        def block() -> AbstractContextManager:
+            engine.packing = value
+            return nullcontext()
+        return block
+
+    return [("padded", layout(None)), ("packed", layout(packing))]
+
+
+def kernel_variants(_engine) -> list[Variant]:
+    """Every linear through ``F.linear`` (the baseline), then as dynalign runs them."""
+    from dynalign.engine import policy
+
+    def torch_linears() -> AbstractContextManager:
+        return mock.patch.object(policy, "onednn_linears", lambda _module: nullcontext())
+
+    return [("torch's linears", torch_linears), ("dynalign's", nullcontext)]
+
+
+VARIANTS = {"layout": layout_variants, "kernels": kernel_variants}
+
+
+def profile(step: Callable[[], object], top: int = 15) -> None:
+    """One update under cProfile: its seconds, then the ``top`` functions by time of their own."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(step)
+    print(f"profiled step: {time.perf_counter() - start:.2f} s")
+    pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(top)
 
 
 def parse_args() -> argparse.Namespace:
@@ -30,8 +78,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", choices=sorted(bench_step.MODELS), default="tiny")
     parser.add_argument("--finetune", choices=bench_step.FINETUNES, default="full")
     parser.add_argument("--zero-stage", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps of each layout")
+    parser.add_argument("--compare", choices=sorted(VARIANTS), default="layout",
+                        help="layout: padded rows against packed ones; kernels: torch's linears against "
+                             "dynalign's (oneDNN)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps of each variant")
     parser.add_argument("--threads", type=int, help="torch threads; default: bench_step's for the model")
+    parser.add_argument("--profile", action="store_true",
+                        help="then one more step as dynalign runs it under cProfile: the functions with the "
+                             "most time of their own")
     args = parser.parse_args()
     for key in ("prompts", "generations", "new_tokens", "threads"):
         if getattr(args, key, None) is None:
@@ -57,7 +111,7 @@ def main() -> None:
     init_distributed()
     engine = PolicyEngine.from_config(cfg)
     if engine.packing is None:
-        raise SystemExit("bench_packing: this model's attention takes no block mask (see grpo.pack_groups)")
+        raise SystemExit("bench_update: this model's attention takes no block mask (see grpo.pack_groups)")
     sampler = build_policy_sampler(cfg, engine)  # the loop's sampler, without its judge
     g = cfg.grpo
     params = sampling_params(cfg.rollout, g.max_completion_length, seed=cfg.seed,
@@ -83,18 +137,21 @@ def main() -> None:
     print(f"LM head: packed {len(torch.unique(packed.source))} positions (kept columns: {packed.num_rows} x "
           f"{len(packed.kept)}), padded {int(answers.clamp(min=1).sum())} (kept columns: {rows} x "
           f"{batch.completion_length + 1})")
-    times: dict[str, list[float]] = {"packed": [], "padded": []}
-    layouts = {"packed": packing, "padded": None}
+    variants = VARIANTS[args.compare](engine)
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
     for repeat in range(args.repeats + 1):  # the first round warms both up
-        for name, layout in layouts.items():
-            engine.packing = layout
-            start = time.perf_counter()
-            engine.train_step(batch)
-            if repeat:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    print(f"update:  packed {medians['packed']:.4f} s, padded {medians['padded']:.4f} s (medians of "
-          f"{args.repeats}, alternating); padded / packed = {medians['padded'] / medians['packed']:.2f}x")
+        for name, block in variants:
+            with block():
+                start = time.perf_counter()
+                engine.train_step(batch)
+                if repeat:
+                    times[name].append(time.perf_counter() - start)
+    (base, base_times), (other, other_times) = times.items()
+    base_median, other_median = statistics.median(base_times), statistics.median(other_times)
+    print(f"update:  {base} {base_median:.4f} s, {other} {other_median:.4f} s (medians of {args.repeats}, "
+          f"alternating); {base} / {other} = {base_median / other_median:.2f}x")
+    if args.profile:
+        profile(lambda: engine.train_step(batch))
     engine.close()
 
 
