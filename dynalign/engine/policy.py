@@ -145,14 +145,14 @@ class PolicyEngine:
     @torch.no_grad()
     def _score(self, forward: Callable[..., Any], batch: TrainBatch) -> Tensor:
         out = torch.empty(batch.num_rows, batch.completion_length, dtype=torch.float32)  # [N, C]
-        for rows, real in self._micro_slices(batch.num_rows):
-            micro = batch.select(rows).to(self.device)
-            with onednn_linears(forward):
+        with onednn_linears(forward):
+            for rows, real in self._micro_slices(batch.num_rows):
+                micro = batch.select(rows).to(self.device)
                 logp = grpo_ops.completion_logprobs(forward, micro.input_ids, micro.attention_mask,
                                                     batch.completion_length, temperature=self.temperature,
                                                     packing=self.packing)
-            if real:
-                out[rows] = logp.float().cpu()
+                if real:
+                    out[rows] = logp.float().cpu()
         return out.to(batch.input_ids.device)
 
     def policy_logprobs(self, batch: TrainBatch) -> Tensor:
@@ -205,19 +205,20 @@ class PolicyEngine:
         sums: dict[str, float] = {}  # token-weighted sums of the statistics
         maxima: dict[str, float] = {}  # statistics that are maxima (``*_max``)
         tokens = loss = nonfinite = 0.0
-        for index, (rows, real) in enumerate(plan):
-            self.ds_engine.set_gradient_accumulation_boundary(index == len(plan) - 1)
-            micro_loss, stats = self._micro_step(batch.select(rows).to(self.device), shares[index],
-                                                 total_tokens)
-            if real:
-                nonfinite += not math.isfinite(micro_loss)
-                loss += micro_loss * shares[index]
-                tokens += stats["tokens"]
-                for key, value in stats.items():
-                    if key.endswith("_max"):
-                        maxima[key] = max(maxima.get(key, -math.inf), value)
-                    else:
-                        sums[key] = sums.get(key, 0.0) + value * stats["tokens"]
+        with onednn_linears(self.module):  # forward and backward, a checkpointed layer's recomputation too
+            for index, (rows, real) in enumerate(plan):
+                self.ds_engine.set_gradient_accumulation_boundary(index == len(plan) - 1)
+                micro_loss, stats = self._micro_step(batch.select(rows).to(self.device), shares[index],
+                                                     total_tokens)
+                if real:
+                    nonfinite += not math.isfinite(micro_loss)
+                    loss += micro_loss * shares[index]
+                    tokens += stats["tokens"]
+                    for key, value in stats.items():
+                        if key.endswith("_max"):
+                            maxima[key] = max(maxima.get(key, -math.inf), value)
+                        else:
+                            sums[key] = sums.get(key, 0.0) + value * stats["tokens"]
         sums.pop("tokens")
         stats = self._finish_step(sums, tokens, loss, nonfinite, total_tokens, lr)
         return stats | self._max_over_ranks(maxima)
@@ -248,15 +249,7 @@ class PolicyEngine:
 
     def _micro_step(self, micro: TrainBatch, share: float,
                     total_tokens: float) -> tuple[float, dict[str, float]]:
-        """Forward, loss and backward of one micro-batch; returns its loss and statistics.
-
-        The float32 CPU linears compute through oneDNN (:func:`~dynalign.onednn.onednn_linears`),
-        forward and backward (a checkpointed layer's recomputed forward too)."""
-        with onednn_linears(self.module):
-            return self._micro_step_body(micro, share, total_tokens)
-
-    def _micro_step_body(self, micro: TrainBatch, share: float,
-                         total_tokens: float) -> tuple[float, dict[str, float]]:
+        """Forward, loss and backward of one micro-batch; returns its loss and statistics."""
         g = self.grpo
         logp, entropy = grpo_ops.completion_logprobs(
             self.ds_engine, micro.input_ids, micro.attention_mask, micro.completion_length,
