@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -224,6 +225,17 @@ def naming_stale_build_lock(poll_s: float = 5.0) -> Iterator[None]:
         done.set()
 
 
+def quiet_collective_deprecations() -> None:
+    """Silence torch.distributed's deprecation notices for the collectives DeepSpeed calls.
+
+    DeepSpeed's ZeRO-3 gathers and reduce-scatters through ``all_gather_into_tensor`` and
+    ``reduce_scatter_tensor``, which this torch deprecates with a ``FutureWarning`` that a
+    training step, a benchmark or an evaluation would print over and over: nothing dynalign's
+    user can act on. Only ``FutureWarning``s raised from ``torch.distributed`` are filtered.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
 def init_distributed(timeout: timedelta | None = None) -> DistInfo:
     """Initialise (or join) the process group through DeepSpeed's comm layer; idempotent.
 
@@ -251,6 +263,7 @@ def init_distributed(timeout: timedelta | None = None) -> DistInfo:
         torch.cuda.set_device(local)
     import deepspeed  # after ensure_ds_accelerator()
 
+    quiet_collective_deprecations()
     limit: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     with naming_stale_build_lock():
         if existed or launched:

@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -724,7 +723,5 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    # torch.distributed's deprecation notices from inside DeepSpeed, once per collective
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     adopt_slurm_launch()  # before Hydra stamps the run directory: ranks of a node share their parent's time
     run_main(main)
