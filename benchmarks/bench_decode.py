@@ -18,12 +18,17 @@ workload (the embedded tiny Llama, 4 chat prompts x 4 samples x 32 new tokens, t
   gate/up each one matmul, no transformers code at all: what a per-architecture decoder (the
   way vLLM implements each model) would take. It checks that it draws the same tokens as
   ``generate`` at the same seed (the line says how many of them);
+* ``compiled``: ``generate`` on transformers' static KV cache with its decoding forward compiled
+  by ``torch.compile`` (inductor, C++ kernels on a CPU): transformers' own compiled decoding,
+  which it turns on by itself only on accelerators. Its first call (the compilation) is timed
+  apart, and it is checked against ``generate``'s tokens like the hand-written decoder;
 * ``multinomial``: the ``softmax`` and ``torch.multinomial`` of every decoding step alone, on
   logits of the same shape: the draws of transformers' sampling (and TRL's);
 * ``race``: the same draws by :func:`dynalign.rollout.draws.draw` (the same tokens, the
   exponential variates made in one vectorized pass), which dynalign's sampler uses.
 
-It prints each median with its time per decoding step and each one's ratio to ``generate``.
+The ways take turns (one run of each per round), and it prints each one's median with its
+time per decoding step and its ratio to ``generate``.
 A forward loop close to ``generate`` means the time is the model's forward (transformers'
 per-call work on a model this small), not the sampling loop around it; the hand-written row is
 about the least a decoder in eager torch can take for this model on this machine::
@@ -55,16 +60,18 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def median_seconds(run: Callable[[int], int], repeats: int) -> tuple[float, int]:
-    """Median wall time of ``run(seed)`` over ``repeats`` runs after one warm-up, and the tokens
-    it generated (the same every run)."""
-    run(-1)
-    times, tokens = [], 0
+def median_seconds(ways: dict[str, Callable[[int], int]], repeats: int) -> dict[str, tuple[float, int]]:
+    """Each way's median wall time of ``run(seed)`` over ``repeats`` runs after one warm-up, and the
+    tokens it generated (the same every run). The ways take turns, one run each per round, so
+    the host's drift over tens of seconds falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    tokens = {name: run(-1) for name, run in ways.items()}
     for seed in range(repeats):
-        start = time.perf_counter()
-        tokens = run(seed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), tokens
+        for name, run in ways.items():
+            start = time.perf_counter()
+            tokens[name] = run(seed)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), tokens[name]) for name in ways}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -135,6 +142,7 @@ def handwritten_llama_decode(model, ids: torch.Tensor, mask: torch.Tensor, new: 
 
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+    from transformers.generation import CompileConfig
 
     from dynalign.config import ModelConfig
     from dynalign.models import resolve_model_path
@@ -158,6 +166,10 @@ def main() -> None:
     config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0,
                               top_k=0, top_p=1.0, pad_token_id=sampler.pad_id, use_cache=True,
                               return_dict_in_generate=True)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")  # no CUDA graphs on a CPU
+    compile_config._compile_all_devices = True  # type: ignore[assignment]  # transformers' switch for any device
+    compiled_config = GenerationConfig(**config.to_diff_dict(), cache_implementation="static",
+                                       compile_config=compile_config)
 
     def run_sampler(seed: int) -> int:
         params = SamplingParams(max_new_tokens=new, temperature=1.0, seed=max(seed, 0))
@@ -168,6 +180,12 @@ def main() -> None:
     def run_generate(seed: int) -> int:
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        return out.sequences[:, ids.shape[1]:].numel()
+
+    @torch.no_grad()
+    def run_compiled(seed: int) -> int:
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=compiled_config)
         return out.sequences[:, ids.shape[1]:].numel()
 
     @torch.no_grad()
@@ -204,19 +222,30 @@ def main() -> None:
         finally:
             draws.matches_multinomial = checked
 
-    ways = [("sampler", run_sampler), ("sampler, multinomial", run_sampler_multinomial),
-            ("generate", run_generate), ("forward loop", run_forward_loop)]
-    agreement = ""
+    def drawn_at_seed_0(decode: Callable[[], torch.Tensor]) -> str:
+        """How many of generate's tokens at seed 0 ``decode`` draws at seed 0, as "same/all"."""
+        with torch.no_grad():
+            torch.manual_seed(0)
+            drawn = decode()
+        same = int((drawn == reference[:, ids.shape[1]:]).sum())
+        return f"{same}/{drawn.numel()}"
+
+    with torch.no_grad():
+        torch.manual_seed(0)
+        reference = model.generate(input_ids=ids, attention_mask=mask, generation_config=config).sequences
+    started = time.perf_counter()
+    compiled_drawn = drawn_at_seed_0(lambda: model.generate(
+        input_ids=ids, attention_mask=mask, generation_config=compiled_config).sequences[:, ids.shape[1]:])
+    agreement = (f"; the compiled decoding (first call, compiling: {time.perf_counter() - started:.1f} s) "
+                 f"drew {compiled_drawn} of generate's tokens at seed 0")
+    ways: list[tuple[str, Callable[[int], int]]] = [
+        ("sampler", run_sampler), ("sampler, multinomial", run_sampler_multinomial),
+        ("generate", run_generate), ("forward loop", run_forward_loop), ("compiled", run_compiled)]
     config_of = model.config
     if config_of.model_type == "llama" and not (config_of.attention_bias or config_of.mlp_bias):
         ways.append(("hand-written", run_handwritten))
-        with torch.no_grad():
-            torch.manual_seed(0)
-            reference = model.generate(input_ids=ids, attention_mask=mask, generation_config=config).sequences
-            torch.manual_seed(0)
-            drawn = handwritten_llama_decode(model, ids, mask, new)
-        same = int((drawn == reference[:, ids.shape[1]:]).sum())
-        agreement = f"; the hand-written decoder drew {same}/{drawn.numel()} of generate's tokens at seed 0"
+        handwritten_drawn = drawn_at_seed_0(lambda: handwritten_llama_decode(model, ids, mask, new))
+        agreement += f"; the hand-written decoder drew {handwritten_drawn} of generate's tokens at seed 0"
     ways += [("multinomial", timed_draws(lambda probs: torch.multinomial(probs, 1))),
              ("race", timed_draws(draw))]
 
@@ -224,7 +253,7 @@ def main() -> None:
     print(f"bench_decode: {args.model} ({params / 1e6:.2f} M parameters), "
           f"{args.prompts} prompts x {args.samples} samples x {new} new tokens, {args.threads} thread(s), "
           f"{platform.processor() or platform.machine()}, load average {load:.2f}")
-    results = {name: median_seconds(run, args.repeats) for name, run in ways}
+    results = median_seconds(dict(ways), args.repeats)
     base = results["generate"][0]
     print(f"  {'way':<20} {'median s':>9} {'ms / step':>10} {'tokens':>7} {'vs generate':>12}")
     for name, (seconds, tokens) in results.items():

@@ -9,6 +9,9 @@ Run it with the interpreter that has both backends::
 
     make bench-rollout                      # = .venv-vllm/bin/python benchmarks/bench_rollout.py
     .venv-vllm/bin/python benchmarks/bench_rollout.py --new-tokens 64 --repeats 5
+    # bench_step's tiny workload: the embedded tiny Llama, 4 x 4 x 32, HF on 1 thread
+    .venv-vllm/bin/python benchmarks/bench_rollout.py --model tiny --prompts 4 --samples 4 \
+        --new-tokens 32 --hf-threads 1 --repeats 9
 
 The machine's load average is printed with the figures: on a shared machine, other processes
 on the same cores make OpenMP threads spin-wait, which slows multi-threaded HF generate by up
@@ -30,6 +33,9 @@ BENCH_MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None,
+                        help="a model directory, or 'tiny' (the embedded tiny Llama of bench_step's tiny "
+                             "rows); by default the 3.16 M-parameter Llama above")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--samples", type=int, default=8, help="completions per prompt (n)")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -80,11 +86,15 @@ def main() -> None:
         torch.set_num_threads(args.hf_threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dynalign.config import TinyModelConfig, VLLMConfig
+    from dynalign.config import ModelConfig, TinyModelConfig, VLLMConfig
+    from dynalign.models import resolve_model_path
     from dynalign.rollout import HFSampler, SamplingParams
     from dynalign.tiny_model import ensure_tiny_model
 
-    path = ensure_tiny_model(TinyModelConfig(cache_dir=args.cache_dir, **BENCH_MODEL))
+    if args.model is None:
+        path = str(ensure_tiny_model(TinyModelConfig(cache_dir=args.cache_dir, **BENCH_MODEL)))
+    else:
+        path = resolve_model_path(ModelConfig(name_or_path=args.model))
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
@@ -93,8 +103,9 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), load average "
           f"{os.getloadavg()[0]:.2f}")
-    print(f"model:   Llama {BENCH_MODEL['num_hidden_layers']} layers, hidden {BENCH_MODEL['hidden_size']}, "
-          f"head_dim 64, {params / 1e6:.2f} M parameters, fp32")
+    config = model.config
+    print(f"model:   {config.model_type} {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"head_dim {config.head_dim}, {params / 1e6:.2f} M parameters, fp32")
     print(f"work:    {args.prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, "
           f"temperature 1.0")
 

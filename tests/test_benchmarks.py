@@ -106,15 +106,18 @@ def test_bench_logprobs_compares_each_variant_with_its_baseline():
 def test_bench_decode_times_the_sampler_generate_and_the_decoding_floors(tiny_model_path):
     out = run_benchmark(["benchmarks/bench_decode.py", "--model", str(tiny_model_path), "--prompts", "1",
                          "--samples", "2", "--new-tokens", "4", "--repeats", "1"], timeout=300)
-    ways = ("sampler", "sampler, multinomial", "generate", "forward loop", "hand-written", "multinomial",
-            "race")
+    ways = ("sampler", "sampler, multinomial", "generate", "forward loop", "compiled", "hand-written",
+            "multinomial", "race")
     rows = {line.split("  ")[1].strip(): line.split() for line in out.splitlines()
             if line.startswith(tuple(f"  {way} " for way in ways))}
     assert set(rows) == set(ways)
     assert rows["generate"][-2:] == ["8", "1.00x"]  # 2 rows x 4 tokens
     assert rows["sampler"][-2] == rows["sampler, multinomial"][-2]  # the same completions, EOS included
-    assert all(rows[way][-2] == "8" for way in ("forward loop", "hand-written", "multinomial", "race"))
+    tokens_drawn = ("forward loop", "compiled", "hand-written", "multinomial", "race")
+    assert all(rows[way][-2] == "8" for way in tokens_drawn)
     assert re.search(r"the forward loop is \d+% of generate's time", out)
+    assert re.search(r"the compiled decoding \(first call, compiling: [\d.]+ s\) drew [0-8]/8 of generate's "
+                     r"tokens at seed 0", out)
     # the hand-written decoder computes the tiny model's own distribution: it draws generate's tokens
     assert re.search(r"the hand-written decoder drew 8/8 of generate's tokens at seed 0", out)
 

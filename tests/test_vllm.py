@@ -8,7 +8,12 @@ takes ~30-50 s, its torch.compile warm-up included).
 from __future__ import annotations
 
 import copy
+import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +270,22 @@ def test_eos_is_kept_and_masked(engine, trainer, tokenizer):
             assert (kept[-1] == eos) == (reason == "stop") and eos not in kept[:-1]
     finally:
         engine.update_weights(trainer.state_dict().items())
+
+
+def test_bench_rollout_times_both_backends_on_the_tiny_model(tiny_model_path):
+    """``bench_rollout.py --model DIR`` times HF and vLLM on that model: the same tokens per run
+    from both (a random model never stops early), and their ratio."""
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "benchmarks/bench_rollout.py", "--model", str(tiny_model_path),
+                           "--prompts", "1", "--samples", "2", "--new-tokens", "4", "--repeats", "1",
+                           "--hf-threads", "1", "--enforce-eager"],
+                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    line = re.MULTILINE
+    assert re.search(r"^model: +llama 2 layers, hidden 128, head_dim 64, 0\.43 M parameters", out, line)
+    assert re.search(r"^work: +1 prompts x 2 samples x 4 new tokens", out, line)
+    tokens = dict(re.findall(r"^(hf|vllm) +[\d,]+ tokens/s +median of 1; (\d+) tokens/run", out, line))
+    assert tokens == {"hf": "8", "vllm": "8"}
+    assert re.search(r"^ratio: +vllm / hf = [\d.]+x$", out, line)
