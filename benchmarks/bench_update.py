@@ -3,7 +3,9 @@
 * ``layout`` (default): each prompt read once for its answers (``grpo.pack_groups``, packed rows)
   or once per answer (padded rows);
 * ``kernels``: the float32 CPU linears, forward and backward, through torch's ``F.linear`` (MKL)
-  or through oneDNN as dynalign runs them (:mod:`dynalign.onednn`), both packed.
+  or through oneDNN as dynalign runs them (:mod:`dynalign.onednn`), both packed;
+* ``leaf``: ZeRO-3's hooks on every module (``deepspeed.stage3_leaf_layers=false``) or on each
+  decoder layer as one unit (the default), on a second engine built the other way.
 
 One dynalign engine (ZeRO-3 by default) samples one batch of rollouts as a GRPO step does
 (bench_step's prompts, group size, lengths and python reward), then times ``train_step`` on that
@@ -12,7 +14,7 @@ sides of the ratio. It prints the rows and token positions each layout reads, ea
 the baseline's median over the other's.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_update.py [--model tiny|gemma3_270m]
-        [--compare layout|kernels] [--repeats 10] [--profile]
+        [--compare layout|kernels|leaf] [--repeats 10] [--profile]
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -32,10 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_step  # noqa: E402  (its workload, config and python reward)
 
-Variant = tuple[str, Callable[[], AbstractContextManager]]  # a name, and the block it runs in
+Block = Callable[[], AbstractContextManager]  # entered around a step; gives the engine that steps
+Variant = tuple[str, Block]  # a name, and the block its step runs in
 
 
-def layout_variants(engine) -> list[Variant]:
+def on(engine, block: Block = nullcontext) -> Block:
+    """A variant's block: ``block()`` entered, ``engine`` given to step."""
+    @contextmanager
+    def run():
+        with block():
+            yield engine
+    return run
+
+
+def layout_variants(engine, _cfg) -> list[Variant]:
     """Padded rows (the baseline), then packed rows."""
     packing = engine.packing
 
@@ -43,22 +56,42 @@ def layout_variants(engine) -> list[Variant]:
         def block() -> AbstractContextManager:
             engine.packing = value
             return nullcontext()
-        return block
+        return on(engine, block)
 
     return [("padded", layout(None)), ("packed", layout(packing))]
 
 
-def kernel_variants(_engine) -> list[Variant]:
+def kernel_variants(engine, _cfg) -> list[Variant]:
     """Every linear through ``F.linear`` (the baseline), then as dynalign runs them."""
     from dynalign.engine import policy
 
     def torch_linears() -> AbstractContextManager:
         return mock.patch.object(policy, "onednn_linears", lambda _module: nullcontext())
 
-    return [("torch's linears", torch_linears), ("dynalign's", nullcontext)]
+    return [("torch's linears", on(engine, torch_linears)), ("dynalign's", on(engine))]
 
 
-VARIANTS = {"layout": layout_variants, "kernels": kernel_variants}
+def leaf_variants(engine, cfg) -> list[Variant]:
+    """A second engine with DeepSpeed's hooks on every module (the baseline), then the engine
+    with each decoder layer one ZeRO-3 unit."""
+    from dynalign.engine import PolicyEngine
+
+    if not (engine.zero3 and cfg.deepspeed.stage3_leaf_layers):
+        raise SystemExit("bench_update --compare leaf: needs ZeRO-3 with deepspeed.stage3_leaf_layers")
+    per_module = PolicyEngine.from_config(
+        replace(cfg, deepspeed=replace(cfg.deepspeed, stage3_leaf_layers=False)))
+    per_module.packing = engine.packing
+
+    def hooks(module) -> int:
+        tables = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+        return sum(len(getattr(sub, table)) for sub in module.modules() for table in tables)
+
+    print(f"hooks:   per-module {hooks(per_module.module)} on the model's modules, leaf layers "
+          f"{hooks(engine.module)}")
+    return [("per-module hooks", on(per_module)), ("leaf layers", on(engine))]
+
+
+VARIANTS = {"layout": layout_variants, "kernels": kernel_variants, "leaf": leaf_variants}
 
 
 def profile(step: Callable[[], object], top: int = 15) -> None:
@@ -80,7 +113,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--zero-stage", type=int, default=3)
     parser.add_argument("--compare", choices=sorted(VARIANTS), default="layout",
                         help="layout: padded rows against packed ones; kernels: torch's linears against "
-                             "dynalign's (oneDNN)")
+                             "dynalign's (oneDNN); leaf: ZeRO-3 hooks per module against per decoder layer")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps of each variant")
     parser.add_argument("--threads", type=int, help="torch threads; default: bench_step's for the model")
     parser.add_argument("--profile", action="store_true",
@@ -137,13 +170,13 @@ def main() -> None:
     print(f"LM head: packed {len(torch.unique(packed.source))} positions (kept columns: {packed.num_rows} x "
           f"{len(packed.kept)}), padded {int(answers.clamp(min=1).sum())} (kept columns: {rows} x "
           f"{batch.completion_length + 1})")
-    variants = VARIANTS[args.compare](engine)
+    variants = VARIANTS[args.compare](engine, cfg)
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     for repeat in range(args.repeats + 1):  # the first round warms both up
         for name, block in variants:
-            with block():
+            with block() as stepped:
                 start = time.perf_counter()
-                engine.train_step(batch)
+                stepped.train_step(batch)
                 if repeat:
                     times[name].append(time.perf_counter() - start)
     (base, base_times), (other, other_times) = times.items()

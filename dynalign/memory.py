@@ -108,6 +108,12 @@ class ModelShape:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def decoder_layer_params(self) -> int:
+        """Parameters of one decoder layer: q, k, v, o, the gated MLP and two norms."""
+        attention = 2 * self.hidden_size * self.q_size + 2 * self.hidden_size * self.kv_size
+        return attention + 3 * self.hidden_size * self.intermediate_size + 2 * self.hidden_size
+
 
 def dense_decoder_params(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
                          head_dim: int, *, tied: bool, qkv_bias: bool = False) -> tuple[int, int]:
@@ -213,7 +219,7 @@ class Zero:
 
 
 def model_state_terms(total_params: int, trainable_params: int, largest_layer_params: int, param_bytes: int,
-                      zero: Zero, *, load_bytes: int | None = None,
+                      zero: Zero, *, load_bytes: int | None = None, gathered_params: int | None = None,
                       buffer_factor: float = DEEPSPEED_BUFFER_FACTOR) -> list[Term]:
     """Weights, gradients, fp32 master weights and Adam moments per rank, and the loading peak.
 
@@ -221,7 +227,9 @@ def model_state_terms(total_params: int, trainable_params: int, largest_layer_pa
     is frozen: weights only). Stage 0 keeps everything whole on every rank; stage 0 in float32
     steps torch's AdamW on the weights themselves (no master copy, no second gradient).
     ``load_bytes``: bytes per parameter while ``from_pretrained`` loads (default ``param_bytes``);
-    under ZeRO-3 (``zero.Init``) a rank holds one layer of it at a time.
+    under ZeRO-3 (``zero.Init``) a rank holds one layer of it at a time. ``gathered_params``: the
+    most parameters ZeRO-3 gathers at once in training (default ``largest_layer_params``, one
+    module; a whole decoder layer with ``deepspeed.stage3_leaf_layers``).
     """
     optimizer_at = HOST if zero.offload_optimizer else DEVICE
     per_rank = _div(trainable_params, zero.shard(1))  # trainable parameters whose states a rank keeps
@@ -235,9 +243,10 @@ def model_state_terms(total_params: int, trainable_params: int, largest_layer_pa
         terms.append(Term("gradients (fp32 partition)", per_rank * FP32, optimizer_at))
         terms.append(Term("master weights (fp32)", per_rank * FP32, optimizer_at))
     terms.append(Term("Adam moments (fp32)", per_rank * FP32 * ADAM_MOMENTS, optimizer_at))
-    if zero.stage == 3:  # the gathered weight of the largest layer, and its gradient when it trains
+    if zero.stage == 3:  # the largest gathered weight, and its gradient when it trains
         trains = trainable_params == total_params
-        terms.append(Term("ZeRO-3 gathered layer", largest_layer_params * param_bytes * (2 if trains else 1),
+        gathered = largest_layer_params if gathered_params is None else gathered_params
+        terms.append(Term("ZeRO-3 gathered layer", gathered * param_bytes * (2 if trains else 1),
                           phases=(UPDATE,)))
     host = sum(t.bytes for t in terms if t.where == HOST)
     if host:
@@ -412,8 +421,11 @@ def launch_terms(cfg: TrainConfig, shape: ModelShape, launch: Launch,
     zero = Zero(ds.stage, launch.world_size, ds.offload_optimizer != "none", ds.offload_param != "none")
     adapter = lora_params(shape, lora.r, lora.target_modules) if lora.enabled else None
     total = shape.num_params + (adapter or 0)
+    # a leaf decoder layer is gathered whole; the embedding (often larger) alone
+    gathered = (max(shape.largest_layer_params, shape.decoder_layer_params) if ds.stage3_leaf_layers
+                else shape.largest_layer_params)
     terms = model_state_terms(total, adapter if adapter is not None else total, shape.largest_layer_params,
-                              b, zero)
+                              b, zero, gathered_params=gathered)
     if g.beta > 0:
         terms.append(reference_term(shape.num_params, adapter, b, zero))
     seq_len = g.max_prompt_length + g.max_completion_length

@@ -49,6 +49,24 @@ def gathered(params: Iterable[Tensor], modifier_rank: int | None = None) -> Iter
         yield
 
 
+def leaf_layers(model: torch.nn.Module) -> list[str]:
+    """Make each decoder layer of ``model`` one ZeRO-3 unit, before ``deepspeed.initialize``.
+
+    DeepSpeed then hooks the layer alone (a "leaf module"), not each linear and norm inside it:
+    one fetch and one release of all its parameters per call, one backward hook, a trace of
+    layers. The decoder layers are the instances of the classes transformers keeps whole on one
+    device (``_no_split_modules``). Returns the names of the classes marked (none: the model
+    names none, and DeepSpeed keeps its per-module hooks).
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    classes = {type(module) for module in model.modules() if type(module).__name__ in names}
+    if classes:
+        set_z3_leaf_modules(model, list(classes))
+    return sorted(cls.__name__ for cls in classes)
+
+
 def zero3_offload(ds_engine: Any) -> Any | None:
     """The object that owns ``ds_engine``'s ZeRO-3 module hooks (DeepSpeed's
     ``DeepSpeedZeRoOffload``), or None below stage 3 or for anything that is not an engine.

@@ -71,7 +71,8 @@ def test_bench_judge_compares_torchs_linears_with_dynaligns(tiny_model_path):
 
 
 @pytest.mark.parametrize("compare, names", [("layout", ("padded", "packed")),
-                                             ("kernels", ("torch's linears", "dynalign's"))])
+                                             ("kernels", ("torch's linears", "dynalign's")),
+                                             ("leaf", ("per-module hooks", "leaf layers"))])
 def test_bench_update_times_both_variants_on_one_batch(tiny_model_path, compare, names):
     out = run_benchmark(["benchmarks/bench_update.py", "--model", "tiny", "--repeats", "1",
                          "--compare", compare, "--profile"], timeout=600)
@@ -80,6 +81,8 @@ def test_bench_update_times_both_variants_on_one_batch(tiny_model_path, compare,
                      rf"{base} / {other} = [\d.]+x", out), out
     assert re.search(r"packed:  \d+ rows x \d+ positions", out)
     assert re.search(r"profiled step: [\d.]+ s", out) and "tottime" in out
+    if compare == "leaf":  # the tiny model's 33 modules: 135 hooks; 42 with its 2 layers as leaves
+        assert "hooks:   per-module 135 on the model's modules, leaf layers 42" in out
 
 
 def test_bench_judge_generate_mode_compares_both_paths(tiny_model_path):

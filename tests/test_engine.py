@@ -250,6 +250,43 @@ def test_one_step_changes_every_parameter(zero3):
     assert stats["ratio_mean"] == pytest.approx(1.0)  # no old log-probs: ratio 1
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_zero3_hooks_each_decoder_layer_as_one_unit_and_steps_as_per_module_hooks(tiny_model_path, lora):
+    """``deepspeed.stage3_leaf_layers`` (the default): DeepSpeed hooks each decoder layer, not the
+    linears and norms inside it, and one step moves the weights as the per-module hooks do (LoRA
+    without gradient checkpointing too: its frozen embedding feeds the first layer). The
+    gradients reach ZeRO's flat buffers in another order, so the norm they are clipped by may
+    differ by rounding."""
+    from deepspeed.utils import get_z3_leaf_modules
+
+    model = ModelConfig(name_or_path=str(tiny_model_path), lora=LoraConfig(enabled=lora, r=4, alpha=8))
+    engines = {leaf: PolicyEngine(model, grpo_config(), DeepSpeedConfig(stage=3, stage3_leaf_layers=leaf),
+                                  seed=0) for leaf in (True, False)}
+    try:
+        layers = {leaf: engine.adaptation.base_model(engine.module).model.layers
+                  for leaf, engine in engines.items()}
+        assert get_z3_leaf_modules(engines[True].module) == list(layers[True])
+        assert get_z3_leaf_modules(engines[False].module) == []
+        # DeepSpeed's fetch hooks: on the layer alone, or on every module inside it too
+        for leaf in engines:
+            layer = layers[leaf][0]
+            assert bool(layer.self_attn.q_proj._forward_pre_hooks) is not leaf and layer._forward_pre_hooks
+        before = weights(engines[True])
+        batch = make_batch(16)
+        stats = {leaf: engine.train_step(batch) for leaf, engine in engines.items()}
+        after = {leaf: weights(engine) for leaf, engine in engines.items()}
+    finally:
+        for engine in engines.values():
+            engine.close()
+    adapted = {name for name in before if any(target in name for target in LORA_TARGETS)}
+    assert changed(before, after[True]) == (adapted if lora else set(before))
+    assert stats[True]["loss"] == stats[False]["loss"]  # the same forward
+    assert stats[True]["grad_norm"] == pytest.approx(stats[False]["grad_norm"], rel=1e-6)
+    # measured <= 4.3e-6 (AdamW's first step, see MICRO_BATCH_ATOL); a lost gradient moves ~lr
+    for name, weight in after[True].items():
+        torch.testing.assert_close(weight, after[False][name], rtol=0, atol=MICRO_BATCH_ATOL, msg=name)
+
+
 def test_a_zero3_step_prints_no_deprecation_notice_of_deepspeeds_collectives(zero3):
     """DeepSpeed's ZeRO-3 gathers and reduce-scatters through collectives this torch deprecates;
     their FutureWarnings are nothing a user can act on, so a step must show none of them."""

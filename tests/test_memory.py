@@ -161,6 +161,7 @@ def test_parameter_count_matches_transformers(tied):
     shape = shape_from_config(config.to_dict(), "test")
     assert shape.num_params == model.num_parameters()
     assert shape.largest_layer_params == max(p.numel() for p in model.parameters())
+    assert shape.decoder_layer_params == sum(p.numel() for p in model.model.layers[0].parameters())
 
 
 @pytest.mark.parametrize("hub_id,architecture", [("meta-llama/Meta-Llama-3-8B-Instruct", "LlamaForCausalLM"),
@@ -181,6 +182,10 @@ def test_known_architectures_match_transformers(hub_id, architecture):
         model = model_class(config)
     assert shape.num_params == model.num_parameters()
     assert shape.largest_layer_params == max(p.numel() for p in model.parameters())
+    layer = dict(model.model.layers[0].named_parameters())
+    # what a leaf layer gathers, less Qwen's q, k, v biases (a few thousand)
+    weights = sum(p.numel() for name, p in layer.items() if not name.endswith("bias"))
+    assert shape.decoder_layer_params == weights
 
 
 def test_lora_params_match_peft():

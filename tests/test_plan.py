@@ -165,6 +165,17 @@ def test_a_local_model_is_counted_from_its_weight_files(tiny_model_path):
     assert replace(spec, source="") == replace(shape, source="")
 
 
+@pytest.mark.parametrize("leaf", [True, False])
+def test_zero3_gathers_a_whole_decoder_layer_with_leaf_layers(compose_cfg, tiny_model_path, leaf):
+    """The tiny model's decoder layer (147,712 parameters) outweighs its largest tensor (the
+    embedding, 131,072): gathered whole with leaf layers, the embedding is the most without."""
+    plan, _ = _plan(compose_cfg, [f"model.name_or_path={tiny_model_path}", "deepspeed=zero3",
+                                  "model.lora.enabled=false", f"deepspeed.stage3_leaf_layers={leaf}"])
+    assert (plan.shape.decoder_layer_params, plan.shape.largest_layer_params) == (147_712, 131_072)
+    gathered = next(t for t in plan.terms if t.name == "ZeRO-3 gathered layer")
+    assert gathered.bytes == (147_712 if leaf else 131_072) * 4 * 2  # float32 weight and gradient
+
+
 def test_plan_values_are_validated(compose_cfg):
     for override, key in (("plan.margin=1.5", "plan.margin"), ("plan.world_size=0", "plan.world_size"),
                           ("plan.device_memory_gib=-1", "plan.device_memory_gib")):

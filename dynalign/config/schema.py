@@ -365,6 +365,9 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
+    # ZeRO-3 fetches and releases each decoder layer's parameters together, with one pair of hooks
+    # per layer instead of one per linear and norm (see dynalign.zero.leaf_layers)
+    stage3_leaf_layers: bool = True
     extra: Dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed JSON config
 
     def validate(self, key: str) -> None:

@@ -59,7 +59,7 @@ from dynalign.models import export_config, load_causal_lm, load_tokenizer, resol
 from dynalign.onednn import onednn_linears
 from dynalign.packing import Packing, packing_for
 from dynalign.runtime import seed_everything
-from dynalign.zero import copy_into, destroy_engine, hf_zero3_init, release_hf_config
+from dynalign.zero import copy_into, destroy_engine, hf_zero3_init, leaf_layers, release_hf_config
 
 ensure_ds_accelerator()  # DS_ACCELERATOR must be set before anything imports deepspeed
 
@@ -97,7 +97,7 @@ class PolicyEngine:
         self.tokenizer = load_tokenizer(self.model_path, model)
         with hf_zero3_init(self.config) as hf_config:
             self._hf_config = hf_config  # kept alive: transformers holds it by weak reference
-            policy = load_causal_lm(self.model_path, model, for_training=True)
+            policy = self._load()
             if model.gradient_checkpointing:
                 policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             policy = self.adaptation.wrap(policy)
@@ -106,9 +106,19 @@ class PolicyEngine:
                                                    lr_scheduler=warmup_scheduler(optimizer, grpo),
                                                    config=self.config, dist_init_required=False)
             if grpo.beta > 0:
-                self.adaptation.build_reference(
-                    lambda: load_causal_lm(self.model_path, model, for_training=True), self.config)
+                self.adaptation.build_reference(self._load, self.config)
         self.packing = self._packing()
+
+    def _load(self) -> torch.nn.Module:
+        """The model as it trains (policy) or scores (reference), its decoder layers one ZeRO-3
+        unit each with ``deepspeed.stage3_leaf_layers``."""
+        lm = load_causal_lm(self.model_path, self.model_config, for_training=True)
+        if self.zero3 and self.ds_config.stage3_leaf_layers and leaf_layers(lm):
+            # DeepSpeed's backward hooks of a leaf layer hang on its input, which must require
+            # grad; with a frozen embedding (LoRA) the first layer's would not, and the step
+            # fails in the backward (a released adapter weight)
+            lm.enable_input_require_grads()
+        return lm
 
     def _packing(self) -> Packing | None:
         """How training forwards pack each prompt's answers into one row; None: padded rows."""
