@@ -4,8 +4,9 @@ Under ZeRO-3 a parameter holds only its rank's shard (DeepSpeed marks it with ``
 :func:`gathered` makes the full tensors visible inside a block. Every helper is a no-op on
 ordinary tensors, so the same code runs on whole models and on stages 0-2.
 
-DeepSpeed also hangs forward hooks on every submodule of a ZeRO-3 engine's model: they fetch
-and release each module's parameters around its call and record the order for prefetching;
+DeepSpeed also hangs forward hooks on every submodule of a ZeRO-3 engine's model (on each
+decoder layer as a whole, not inside it, once :func:`leaf_layers` made the layers leaves): they
+fetch and release each module's parameters around its call and record the order for prefetching;
 the engine adds two on the root that walk every submodule at each call; and ZeRO-3 replaces
 torch's ``F.linear`` process-wide with an autograd function that re-gathers the weight for
 backward. :func:`unhooked` takes all of that off for a block (generation), with everything
