@@ -176,17 +176,14 @@ def main() -> None:
         rollouts = sampler.sample(prompts, args.samples, params)
         return int(rollouts.completion_mask.sum())
 
-    @torch.no_grad()
-    def run_generate(seed: int) -> int:
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        return out.sequences[:, ids.shape[1]:].numel()
-
-    @torch.no_grad()
-    def run_compiled(seed: int) -> int:
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=compiled_config)
-        return out.sequences[:, ids.shape[1]:].numel()
+    def generating(generation_config: GenerationConfig) -> Callable[[int], int]:
+        """A way that runs transformers ``generate`` with ``generation_config``."""
+        @torch.no_grad()
+        def run(seed: int) -> int:
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
+            return out.sequences[:, ids.shape[1]:].numel()
+        return run
 
     @torch.no_grad()
     def run_forward_loop(seed: int) -> int:
@@ -240,7 +237,8 @@ def main() -> None:
                  f"drew {compiled_drawn} of generate's tokens at seed 0")
     ways: list[tuple[str, Callable[[int], int]]] = [
         ("sampler", run_sampler), ("sampler, multinomial", run_sampler_multinomial),
-        ("generate", run_generate), ("forward loop", run_forward_loop), ("compiled", run_compiled)]
+        ("generate", generating(config)), ("forward loop", run_forward_loop),
+        ("compiled", generating(compiled_config))]
     config_of = model.config
     if config_of.model_type == "llama" and not (config_of.attention_bias or config_of.mlp_bias):
         ways.append(("hand-written", run_handwritten))

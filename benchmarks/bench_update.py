@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -48,7 +48,7 @@ def on(engine, block: Block = nullcontext) -> Block:
     return run
 
 
-def layout_variants(engine, _cfg) -> list[Variant]:
+def layout_variants(engine, _cfg, _stack) -> list[Variant]:
     """Padded rows (the baseline), then packed rows."""
     packing = engine.packing
 
@@ -61,7 +61,7 @@ def layout_variants(engine, _cfg) -> list[Variant]:
     return [("padded", layout(None)), ("packed", layout(packing))]
 
 
-def kernel_variants(engine, _cfg) -> list[Variant]:
+def kernel_variants(engine, _cfg, _stack) -> list[Variant]:
     """Every linear through ``F.linear`` (the baseline), then as dynalign runs them."""
     from dynalign.engine import policy
 
@@ -71,15 +71,16 @@ def kernel_variants(engine, _cfg) -> list[Variant]:
     return [("torch's linears", on(engine, torch_linears)), ("dynalign's", on(engine))]
 
 
-def leaf_variants(engine, cfg) -> list[Variant]:
-    """A second engine with DeepSpeed's hooks on every module (the baseline), then the engine
-    with each decoder layer one ZeRO-3 unit."""
+def leaf_variants(engine, cfg, stack: ExitStack) -> list[Variant]:
+    """A second engine with DeepSpeed's hooks on every module (the baseline; closed by ``stack``),
+    then the engine with each decoder layer one ZeRO-3 unit."""
     from dynalign.engine import PolicyEngine
 
     if not (engine.zero3 and cfg.deepspeed.stage3_leaf_layers):
         raise SystemExit("bench_update --compare leaf: needs ZeRO-3 with deepspeed.stage3_leaf_layers")
     per_module = PolicyEngine.from_config(
         replace(cfg, deepspeed=replace(cfg.deepspeed, stage3_leaf_layers=False)))
+    stack.callback(per_module.close)
     per_module.packing = engine.packing
 
     def hooks(module) -> int:
@@ -170,22 +171,23 @@ def main() -> None:
     print(f"LM head: packed {len(torch.unique(packed.source))} positions (kept columns: {packed.num_rows} x "
           f"{len(packed.kept)}), padded {int(answers.clamp(min=1).sum())} (kept columns: {rows} x "
           f"{batch.completion_length + 1})")
-    variants = VARIANTS[args.compare](engine, cfg)
-    times: dict[str, list[float]] = {name: [] for name, _ in variants}
-    for repeat in range(args.repeats + 1):  # the first round warms both up
-        for name, block in variants:
-            with block() as stepped:
-                start = time.perf_counter()
-                stepped.train_step(batch)
-                if repeat:
-                    times[name].append(time.perf_counter() - start)
-    (base, base_times), (other, other_times) = times.items()
-    base_median, other_median = statistics.median(base_times), statistics.median(other_times)
-    print(f"update:  {base} {base_median:.4f} s, {other} {other_median:.4f} s (medians of {args.repeats}, "
-          f"alternating); {base} / {other} = {base_median / other_median:.2f}x")
-    if args.profile:
-        profile(lambda: engine.train_step(batch))
-    engine.close()
+    with ExitStack() as stack:  # closes the engines, a variant's own first
+        stack.callback(engine.close)
+        variants = VARIANTS[args.compare](engine, cfg, stack)
+        times: dict[str, list[float]] = {name: [] for name, _ in variants}
+        for repeat in range(args.repeats + 1):  # the first round warms both up
+            for name, block in variants:
+                with block() as stepped:
+                    start = time.perf_counter()
+                    stepped.train_step(batch)
+                    if repeat:
+                        times[name].append(time.perf_counter() - start)
+        (base, base_times), (other, other_times) = times.items()
+        base_median, other_median = statistics.median(base_times), statistics.median(other_times)
+        print(f"update:  {base} {base_median:.4f} s, {other} {other_median:.4f} s (medians of "
+              f"{args.repeats}, alternating); {base} / {other} = {base_median / other_median:.2f}x")
+        if args.profile:
+            profile(lambda: engine.train_step(batch))
 
 
 if __name__ == "__main__":
