@@ -10,6 +10,8 @@ logs in its summary: how much host (and GPU) memory it held, to size the next la
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import resource
 import sys
@@ -42,14 +44,30 @@ def device_free_gib() -> float | None:
 
 
 def release_memory() -> None:
-    """Give the memory of the objects a job let go of back (Python's cycles, the CUDA cache) and
-    restart the peaks :func:`memory_metrics` reads, so the next job's are its own."""
+    """Give the memory of the objects a job let go of back (Python's cycles, the free pages of the C
+    heap, the CUDA cache) and restart the peaks :func:`memory_metrics` reads, so the next job's
+    are its own."""
     gc.collect()
+    trim_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with contextlib.suppress(OSError):  # not Linux, or a kernel without it: the peak stays the process's
         PROC_CLEAR_REFS.write_text("5")
+
+
+def trim_heap() -> bool:
+    """Hand the free pages of glibc's heap back to the OS (``malloc_trim``); whether it did.
+
+    glibc returns the free top of its heap by itself, but not free blocks below a block still in
+    use: a job's freed tensors between the few objects that outlive it stay resident, and where
+    they fall differs from job to job. Other C libraries: nothing to do (False).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def _peak_rss() -> float:

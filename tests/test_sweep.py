@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import platform
 import random
 import re
 import socket
@@ -382,10 +383,38 @@ def test_release_memory_restarts_the_peak():
     assert after["mem/peak_rss_gib"] == pytest.approx(after["mem/rss_gib"], abs=16 / 1024)
 
 
+TRIM_PROBE = """
+import json, torch
+from dynalign.teardown import memory_metrics, release_memory
+blocks = [torch.ones(16 * 2**10) for _ in range(4096)]  # 4,096 x 64 KiB from the C heap, touched
+kept = blocks[::8]  # one in eight outlives the rest, so no freed run reaches the heap's top
+del blocks
+before = memory_metrics()["mem/rss_gib"]
+release_memory()
+print(json.dumps([before, memory_metrics()["mem/rss_gib"], len(kept)]))
+"""
+
+
+def test_release_memory_gives_back_freed_blocks_below_one_still_in_use():
+    # a fresh process, as above; glibc keeps these 224 MiB resident by itself (measured: the
+    # resident size does not move without the trim)
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    proc = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    before, after, kept = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert kept == 512
+    assert before - after > 180 / 1024, (before, after)
+
+
 @pytest.mark.slow
 def test_a_sweep_gives_each_job_the_memory_of_the_first(tmp_path, cache_dir):
     # 15 M parameters: a job's model, ZeRO-3 partitions and AdamW state are ~0.4 GiB, which every
-    # job used to leave behind; now the third job ends where the first did (RSS at each job's end)
+    # job used to leave behind (0.8 GiB more by the third job's end). What still grows, measured
+    # after each job's release: no tensor, ~1,900 Python objects (OmegaConf nodes among them), and
+    # +0.02 to +0.19 GiB of RSS by the third job's end (RSS at each job's end, runs alone and in
+    # the whole suite), so the bound sits between those and one job's state
     model = ["model.tiny.hidden_size=512", "model.tiny.intermediate_size=2048",
              "model.tiny.num_hidden_layers=4", "model.tiny.num_attention_heads=8"]
     cmd = [sys.executable, "-m", "dynalign.train", "-m", *QUICK, "export_each_iteration=false", *model,
@@ -398,7 +427,7 @@ def test_a_sweep_gives_each_job_the_memory_of_the_first(tmp_path, cache_dir):
     assert [s["global_step"] for s in summaries] == [1, 1, 1]
     rss = [s["mem/rss_gib"] for s in summaries]
     assert all(s["mem/peak_rss_gib"] >= s["mem/rss_gib"] for s in summaries)
-    assert rss[2] == pytest.approx(rss[0], rel=0.10), rss
+    assert rss[2] - rss[0] < 0.3, rss
 
 
 def test_a_stale_deepspeed_build_lock_is_named_while_deepspeed_waits_for_it(tmp_path, monkeypatch):
