@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import gc
 import resource
 import sys
@@ -56,18 +55,15 @@ def release_memory() -> None:
         PROC_CLEAR_REFS.write_text("5")
 
 
-def trim_heap() -> bool:
-    """Hand the free pages of glibc's heap back to the OS (``malloc_trim``); whether it did.
+def trim_heap() -> None:
+    """Hand the free pages of glibc's heap back to the OS (``malloc_trim``).
 
     glibc returns the free top of its heap by itself, but not free blocks below a block still in
     use: a job's freed tensors between the few objects that outlive it stay resident, and where
-    they fall differs from job to job. Other C libraries: nothing to do (False).
+    they fall differs from job to job. Under another C library (no ``malloc_trim``) nothing.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    with contextlib.suppress(AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: the C library it runs on
 
 
 def _peak_rss() -> float:
