@@ -276,9 +276,24 @@ def init_distributed(timeout: timedelta | None = None) -> DistInfo:
         atexit.register(close_process_group)
     if timeout is not None:
         set_collective_timeout(timeout)
+    name_local_size(dist.get_world_size())
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
                     backend=str(dist.get_backend()), device=device)
+
+
+def name_local_size(world_size: int) -> None:
+    """Export ``LOCAL_SIZE`` (this node's ranks) for DeepSpeed's CPU accelerator.
+
+    Without it, its ``device_count()`` runs ``numactl --hardware`` in a subprocess, and ZeRO-3
+    asks at every gradient reduce-scatter: a fork and exec each time, for a count the launch
+    knows. ``LOCAL_WORLD_SIZE`` (torchrun, srun) or a world of one replaces what the process
+    inherited (a parent's count is not its children's); otherwise ``LOCAL_SIZE`` stays as it is
+    (the ``deepspeed`` launcher sets it), or unset when nothing tells.
+    """
+    local = os.environ.get("LOCAL_WORLD_SIZE") or ("1" if world_size == 1 else "")
+    if local and os.environ.get("DS_ACCELERATOR") == "cpu":
+        os.environ["LOCAL_SIZE"] = local
 
 
 def set_collective_timeout(timeout: timedelta) -> None:

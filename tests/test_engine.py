@@ -299,6 +299,21 @@ def test_a_zero3_step_prints_no_deprecation_notice_of_deepspeeds_collectives(zer
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
 
 
+def test_a_zero3_step_starts_no_process(zero3):
+    """DeepSpeed's CPU accelerator counts a node's ranks with a ``numactl`` subprocess at every
+    ZeRO-3 gradient reduce-scatter unless ``LOCAL_SIZE`` names them; ``init_distributed`` does."""
+    assert os.environ["LOCAL_SIZE"] == "1"
+    started: list[object] = []
+    recording = [True]
+    sys.addaudithook(lambda event, args: started.append(args[0]) if event == "subprocess.Popen" and recording
+                     else None)  # a hook stays for the process: it records only within this test
+    try:
+        zero3.train_step(make_batch(16))
+    finally:
+        recording.clear()
+    assert not started, started
+
+
 def test_nan_loss_skips_the_step_and_leaves_weights_bitwise(zero3):
     bad = make_batch(16, seed=1)
     bad.advantages[3] = float("nan")

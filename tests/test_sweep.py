@@ -30,6 +30,7 @@ from dynalign.distributed import (
     SLURM_PORT_SPAN,
     first_slurm_host,
     free_port,
+    name_local_size,
     slurm_launch,
     slurm_tasks_per_node,
 )
@@ -133,6 +134,24 @@ def test_slurm_leaves_other_launches_alone():
     assert slurm_launch(batch_script) == {}  # sbatch --ntasks 4 runs the script once, not 4 times
     assert slurm_launch(_slurm_task(0, job_id=7, tasks=1)) == {}  # one task: a world of one
     assert slurm_launch({}) == {}
+
+
+@pytest.mark.parametrize("env, world, local_size", [
+    ({"DS_ACCELERATOR": "cpu"}, 1, "1"),  # a plain process
+    ({"DS_ACCELERATOR": "cpu", "LOCAL_WORLD_SIZE": "4"}, 8, "4"),  # torchrun, srun: this node's ranks
+    ({"DS_ACCELERATOR": "cpu", "LOCAL_WORLD_SIZE": "4", "LOCAL_SIZE": "1"}, 8, "4"),  # not the parent's
+    ({"DS_ACCELERATOR": "cpu", "LOCAL_SIZE": "1"}, 1, "1"),
+    ({"DS_ACCELERATOR": "cpu", "LOCAL_SIZE": "2"}, 8, "2"),  # the deepspeed launcher's
+    ({"DS_ACCELERATOR": "cpu"}, 8, None),  # nothing says how many ranks share this node
+    ({"DS_ACCELERATOR": "cuda", "LOCAL_WORLD_SIZE": "4"}, 8, None),  # the CUDA accelerator counts devices
+])
+def test_cpu_ranks_name_their_node_s_ranks_for_deepspeed(monkeypatch, env, world, local_size):
+    for name in ("DS_ACCELERATOR", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    name_local_size(world)
+    assert os.environ.get("LOCAL_SIZE") == local_size
 
 
 def test_a_slurm_step_without_ranks_is_refused_by_name():
