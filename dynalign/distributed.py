@@ -225,6 +225,26 @@ def naming_stale_build_lock(poll_s: float = 5.0) -> Iterator[None]:
         done.set()
 
 
+@contextmanager
+def quiet_compiler_probe() -> Iterator[None]:
+    """Within the block (DeepSpeed's comm init), no INFO lines from the C compiler.
+
+    DeepSpeed probes which of its ops this machine can build by compiling test programs (libaio's
+    ``io_submit``), and setuptools logs each ``gcc`` command at INFO: through its ``compilers``
+    logger, or the root logger in older setuptools (vLLM's pinned one). Under Hydra's job
+    logging they reach the console of every run. Records at WARNING and above still pass.
+    """
+    loggers = [logging.getLogger(), logging.getLogger("compilers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def quiet_collective_deprecations() -> None:
     """Silence torch.distributed's deprecation notices for the collectives DeepSpeed calls.
 
@@ -265,7 +285,7 @@ def init_distributed(timeout: timedelta | None = None) -> DistInfo:
 
     quiet_collective_deprecations()
     limit: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-    with naming_stale_build_lock():
+    with naming_stale_build_lock(), quiet_compiler_probe():
         if existed or launched:
             deepspeed.init_distributed(verbose=False, **limit)
         else:
