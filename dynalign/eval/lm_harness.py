@@ -322,7 +322,7 @@ def _vllm_backend(cfg: TrainConfig, model_path: str, loaded: Any) -> Iterator[Ru
     sized by ``rollout.vllm`` (GPU share, tensor parallelism, context length, CPU KV cache)."""
     import torch
 
-    from dynalign.rollout._vllm_compat import preserve_process_state
+    from dynalign.rollout._vllm_compat import preserve_process_state, quiet_vllm_logging
 
     v = cfg.rollout.vllm
     if v.tensor_parallel_size == 1:
@@ -331,6 +331,7 @@ def _vllm_backend(cfg: TrainConfig, model_path: str, loaded: Any) -> Iterator[Ru
     if not torch.cuda.is_available():  # vLLM's CPU build (the vLLM test lane): its KV cache size,
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(v.kv_cache_space_gib)))
         extra.update(enable_chunked_prefill=False, enforce_eager=True)  # whole prompts, no compile warm-up
+    quiet_vllm_logging()
     with preserve_process_state():
         from lm_eval.models.vllm_causallms import VLLM
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import gc
 import io
+import logging
 import math
 import os
 import random
@@ -218,6 +219,38 @@ def _dumps(chunk: list[tuple[str, torch.Tensor]]) -> bytes:
     return buffer.getvalue()
 
 
+def quiet_vllm_logging() -> None:
+    """Keep vLLM's INFO lines off a run's console: ``VLLM_LOGGING_LEVEL=WARNING`` unless it is set.
+
+    vLLM logs at INFO each weight reload and each reset of its prefix cache, three lines at
+    every training step, besides thirty at start-up. vLLM reads the variable when it is first
+    imported, and its worker processes inherit it; ``VLLM_LOGGING_LEVEL=INFO`` brings them back.
+    Its ``vllm`` logger gets the level now too: a few modules log while vLLM is being imported,
+    before it configures its logging.
+    """
+    level = logging.getLevelName(os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING").upper())
+    if isinstance(level, int):
+        logging.getLogger("vllm").setLevel(level)
+    reload_log = logging.getLogger(RELOAD_LOGGER)
+    if not any(isinstance(f, _RotaryReloadFilter) for f in reload_log.filters):
+        reload_log.addFilter(_RotaryReloadFilter())
+
+
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights", logged at every weight reload.
+
+    The rotary embedding's cos/sin cache counts as loadable, yet no checkpoint holds it (it is
+    computed from the config), so vLLM puts back the cache it had: the right one (the vLLM tests
+    hold the engine to the trainer after a sync). Any other layer's failure is still logged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
 class VLLMEngine:
     """A colocated ``vllm.LLM`` with the few operations the sampler needs.
 
@@ -238,6 +271,7 @@ class VLLMEngine:
         if not torch.cuda.is_available():
             # CPU builds size the KV cache from this variable (whole GiB), not from RAM x utilization.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cfg.kv_cache_space_gib)))
+        quiet_vllm_logging()
         with preserve_process_state():
             from vllm import LLM
             from vllm.platforms import current_platform
