@@ -219,6 +219,21 @@ def _dumps(chunk: list[tuple[str, torch.Tensor]]) -> bytes:
     return buffer.getvalue()
 
 
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights", logged at every weight reload.
+
+    The rotary embedding's cos/sin cache counts as loadable, yet no checkpoint holds it (it is
+    computed from the config), so vLLM puts back the cache it had: the right one (the vLLM tests
+    hold the engine to the trainer after a sync). Any other layer's failure is still logged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
 def quiet_vllm_logging() -> None:
     """Keep vLLM's INFO lines off a run's console: ``VLLM_LOGGING_LEVEL=WARNING`` unless it is set.
 
@@ -234,21 +249,6 @@ def quiet_vllm_logging() -> None:
     reload_log = logging.getLogger(RELOAD_LOGGER)
     if not any(isinstance(f, _RotaryReloadFilter) for f in reload_log.filters):
         reload_log.addFilter(_RotaryReloadFilter())
-
-
-RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
-
-
-class _RotaryReloadFilter(logging.Filter):
-    """Drops vLLM's "RotaryEmbedding: Failed to load weights", logged at every weight reload.
-
-    The rotary embedding's cos/sin cache counts as loadable, yet no checkpoint holds it (it is
-    computed from the config), so vLLM puts back the cache it had: the right one (the vLLM tests
-    hold the engine to the trainer after a sync). Any other layer's failure is still logged.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
 
 
 class VLLMEngine:
